@@ -1,0 +1,225 @@
+"""Flax linen ResNet50 in the two published layouts, plus the classification head.
+
+- ``v1``: the Keras ``keras.applications.ResNet50`` layout: the stride of a downsampling block sits
+  in its first 1x1 conv, every conv has a bias, BatchNorm epsilon is 1.001e-5.
+- ``v1.5``: the torchvision ``resnet50`` layout: the stride sits in the 3x3 conv, convs have no
+  bias, BatchNorm epsilon is 1e-5.
+
+Parameter paths are part of the public interface (optim.py selects groups by regex over them,
+pretrained.py fills them from the published files) and must stay stable::
+
+    stem/conv, stem/bn
+    stage{1..4}/block{1..}/conv{1,2,3}, .../bn{1,2,3}, .../proj_conv, .../proj_bn
+    head/hidden{1..}, head/out
+
+Inputs are already-normalised float NHWC images (see preprocessing.py); the model does no
+preprocessing of its own, so the same module serves every weight source.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Collection, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+LAYOUTS = ("v1", "v1.5")
+STAGE_SIZES = (3, 4, 6, 3)
+BACKBONE_MODULES = ("stem", "stage1", "stage2", "stage3", "stage4")
+FEATURE_DIM = 2048
+_EPSILON = {"v1": 1.001e-5, "v1.5": 1e-5}
+
+
+def _bn(layout: str, dtype: Any, name: str, use_running_average: bool) -> nn.BatchNorm:
+    return nn.BatchNorm(
+        use_running_average=use_running_average,
+        momentum=0.9,
+        epsilon=_EPSILON[layout],
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+def _conv(layout: str, dtype: Any, features: int, kernel: int, stride: int, name: str) -> nn.Conv:
+    pad = (kernel - 1) // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=layout == "v1",
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+        name=name,
+    )
+
+
+class Stem(nn.Module):
+    """7x7/2 conv, BatchNorm, ReLU, 3x3/2 max pool (both layouts)."""
+
+    layout: str = "v1.5"
+    dtype: Any = jnp.float32
+    width: int = 64
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        x = _conv(self.layout, self.dtype, self.width, 7, 2, "conv")(x)
+        x = nn.relu(_bn(self.layout, self.dtype, "bn", not train)(x))
+        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 -> 1x1 (x4 expansion) residual block; projection shortcut when shapes change."""
+
+    width: int
+    stride: int = 1
+    project: bool = False
+    layout: str = "v1.5"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        s1, s2 = (self.stride, 1) if self.layout == "v1" else (1, self.stride)
+        conv = lambda f, k, s, n: _conv(self.layout, self.dtype, f, k, s, n)  # noqa: E731
+        bn = lambda n: _bn(self.layout, self.dtype, n, not train)  # noqa: E731
+        y = nn.relu(bn("bn1")(conv(self.width, 1, s1, "conv1")(x)))
+        y = nn.relu(bn("bn2")(conv(self.width, 3, s2, "conv2")(y)))
+        y = bn("bn3")(conv(4 * self.width, 1, 1, "conv3")(y))
+        if self.project:
+            x = bn("proj_bn")(conv(4 * self.width, 1, self.stride, "proj_conv")(x))
+        return nn.relu(x + y)
+
+
+class Stage(nn.Module):
+    """A run of bottleneck blocks; the first one downsamples (except in stage 1) and projects."""
+
+    num_blocks: int
+    width: int
+    stride: int
+    layout: str = "v1.5"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        for i in range(self.num_blocks):
+            x = Bottleneck(
+                self.width,
+                stride=self.stride if i == 0 else 1,
+                project=i == 0,
+                layout=self.layout,
+                dtype=self.dtype,
+                name=f"block{i + 1}",
+            )(x, train)
+        return x
+
+
+class Head(nn.Module):
+    """Pooled features -> optional hidden Dense+ReLU+Dropout layers -> Dense(num_classes).
+
+    The seed notebook's "custom dense layers with dropout" are ``hidden=(256,)``, ``dropout=0.5``.
+    Dropout (before every Dense) is active only when ``train`` is true.
+    """
+
+    num_classes: int
+    hidden: Sequence[int] = ()
+    dropout: float = 0.0
+    zero_init: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        x = features
+        for i, width in enumerate(self.hidden):
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+            x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"hidden{i + 1}")(x))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        init = nn.initializers.zeros if self.zero_init else nn.initializers.lecun_normal()
+        x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=init, name="out")(x)
+        return x.astype(jnp.float32)
+
+
+class ResNet50(nn.Module):
+    """ResNet50 backbone + classification head.
+
+    ``stage_sizes`` and ``base_width`` exist for tests and smoke runs (a tiny network of the same
+    structure and parameter paths); the pretrained weights need the defaults, ResNet50's.
+
+    ``train`` switches dropout and BatchNorm to training mode. ``bn_train_modules`` narrows the
+    BatchNorm part: only the named top-level modules (of ``BACKBONE_MODULES``) update and use batch
+    statistics, the rest run in inference mode; ``None`` means all of them. Frozen groups use it
+    so that their BatchNorm statistics stay the pretrained ones.
+    """
+
+    num_classes: int = 10
+    layout: str = "v1.5"
+    head_hidden: Sequence[int] = ()
+    head_dropout: float = 0.0
+    zero_init_head: bool = True
+    dtype: Any = jnp.float32
+    stage_sizes: Sequence[int] = STAGE_SIZES
+    base_width: int = 64
+
+    def setup(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"model.layout must be one of {LAYOUTS}, got {self.layout!r}.")
+        if len(self.stage_sizes) != 4:
+            raise ValueError(f"model.stage_sizes must have 4 entries, got {self.stage_sizes!r}.")
+        self.stem = Stem(self.layout, self.dtype, self.base_width)
+        for i, n in enumerate(self.stage_sizes):
+            w = self.base_width * 2**i
+            stage = Stage(n, w, 1 if i == 0 else 2, self.layout, self.dtype)
+            setattr(self, f"stage{i + 1}", stage)
+        self.head = Head(
+            self.num_classes, tuple(self.head_hidden), self.head_dropout, self.zero_init_head,
+            self.dtype,
+        )
+
+    def features(
+        self,
+        x: jnp.ndarray,
+        train: bool = False,
+        bn_train_modules: Collection[str] | None = None,
+    ) -> jnp.ndarray:
+        """Globally average-pooled backbone features, (N, 2048) for ResNet50, float32."""
+        x = jnp.asarray(x, self.dtype)
+        for name in BACKBONE_MODULES:
+            bn_train = train and (bn_train_modules is None or name in bn_train_modules)
+            x = getattr(self, name)(x, bn_train)
+        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+    def classify(self, features: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        """Logits from pooled features (the head alone; used for cached-feature training)."""
+        return self.head(features, train)
+
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        train: bool = False,
+        bn_train_modules: Collection[str] | None = None,
+    ) -> jnp.ndarray:
+        return self.classify(self.features(x, train, bn_train_modules), train)
+
+
+def create_model(
+    num_classes: int,
+    layout: str = "v1.5",
+    head_hidden: Sequence[int] = (),
+    head_dropout: float = 0.0,
+    zero_init_head: bool = True,
+    dtype: str | Any = "float32",
+    stage_sizes: Sequence[int] = STAGE_SIZES,
+    base_width: int = 64,
+) -> ResNet50:
+    """Build the model from plain values (as they come from a config)."""
+    return ResNet50(
+        stage_sizes=tuple(stage_sizes),
+        base_width=base_width,
+        num_classes=num_classes,
+        layout=layout,
+        head_hidden=tuple(head_hidden),
+        head_dropout=head_dropout,
+        zero_init_head=zero_init_head,
+        dtype=jnp.dtype(dtype),
+    )

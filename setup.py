@@ -1,0 +1,35 @@
+"""Install cifar_flax: `pip install -e .` (add `[test,torch]` for the test suite)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="cifar_flax",
+    version="0.1.0",
+    description="Transfer learning with a pretrained Flax ResNet50 on CIFAR-10 and your own images.",
+    packages=find_packages(include=["cifar_flax", "cifar_flax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10,<0.13",
+        "flax>=0.12,<0.14",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "tensorflow-cpu>=2.18,<2.23; platform_machine == 'x86_64'",
+        "tensorflow>=2.18,<2.23; platform_machine != 'x86_64'",
+        "tensorflow-datasets>=4.9.7,<5",
+        "ml-collections>=1.0,<2",
+        "numpy>=1.26,<3",
+        "absl-py>=2.1,<3",
+        "h5py>=3.10,<4",
+        "safetensors>=0.4,<1",
+        "pillow>=10,<14",
+        "matplotlib>=3.8,<4",
+        "scikit-learn>=1.4,<2",
+        "tqdm>=4.66,<5",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10", "keras>=3.5,<4"],
+        # 2.13.0 is the CPU build on this project's machines; any recent torch works.
+        "torch": ["torch>=2.4,<2.15"],
+        "gpu": ["jax[cuda12]>=0.10,<0.13"],
+    },
+)
