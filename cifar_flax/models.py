@@ -30,9 +30,12 @@ FEATURE_DIM = 2048
 _EPSILON = {"v1": 1.001e-5, "v1.5": 1e-5}
 
 
-def _bn(layout: str, dtype: Any, name: str, use_running_average: bool) -> nn.BatchNorm:
+def _bn(
+    layout: str, dtype: Any, name: str, use_running_average: bool, axis_name: str | None = None
+) -> nn.BatchNorm:
     return nn.BatchNorm(
         use_running_average=use_running_average,
+        axis_name=None if use_running_average else axis_name,
         momentum=0.9,
         epsilon=_EPSILON[layout],
         dtype=dtype,
@@ -62,11 +65,12 @@ class Stem(nn.Module):
     layout: str = "v1.5"
     dtype: Any = jnp.float32
     width: int = 64
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         x = _conv(self.layout, self.dtype, self.width, 7, 2, "conv")(x)
-        x = nn.relu(_bn(self.layout, self.dtype, "bn", not train)(x))
+        x = nn.relu(_bn(self.layout, self.dtype, "bn", not train, self.bn_axis_name)(x))
         return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
@@ -78,12 +82,13 @@ class Bottleneck(nn.Module):
     project: bool = False
     layout: str = "v1.5"
     dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         s1, s2 = (self.stride, 1) if self.layout == "v1" else (1, self.stride)
         conv = lambda f, k, s, n: _conv(self.layout, self.dtype, f, k, s, n)  # noqa: E731
-        bn = lambda n: _bn(self.layout, self.dtype, n, not train)  # noqa: E731
+        bn = lambda n: _bn(self.layout, self.dtype, n, not train, self.bn_axis_name)  # noqa: E731
         y = nn.relu(bn("bn1")(conv(self.width, 1, s1, "conv1")(x)))
         y = nn.relu(bn("bn2")(conv(self.width, 3, s2, "conv2")(y)))
         y = bn("bn3")(conv(4 * self.width, 1, 1, "conv3")(y))
@@ -100,6 +105,7 @@ class Stage(nn.Module):
     stride: int
     layout: str = "v1.5"
     dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -110,6 +116,7 @@ class Stage(nn.Module):
                 project=i == 0,
                 layout=self.layout,
                 dtype=self.dtype,
+                bn_axis_name=self.bn_axis_name,
                 name=f"block{i + 1}",
             )(x, train)
         return x
@@ -146,6 +153,9 @@ class ResNet50(nn.Module):
     ``stage_sizes`` and ``base_width`` exist for tests and smoke runs (a tiny network of the same
     structure and parameter paths); the pretrained weights need the defaults, ResNet50's.
 
+    ``bn_axis_name`` names the mapped device axis over which training-mode BatchNorm averages its
+    batch statistics (synchronised BatchNorm: the step gives the same result on any device count).
+
     ``train`` switches dropout and BatchNorm to training mode. ``bn_train_modules`` narrows the
     BatchNorm part: only the named top-level modules (of ``BACKBONE_MODULES``) update and use batch
     statistics, the rest run in inference mode; ``None`` means all of them. Frozen groups use it
@@ -160,16 +170,17 @@ class ResNet50(nn.Module):
     dtype: Any = jnp.float32
     stage_sizes: Sequence[int] = STAGE_SIZES
     base_width: int = 64
+    bn_axis_name: str | None = None
 
     def setup(self) -> None:
         if self.layout not in LAYOUTS:
             raise ValueError(f"model.layout must be one of {LAYOUTS}, got {self.layout!r}.")
         if len(self.stage_sizes) != 4:
             raise ValueError(f"model.stage_sizes must have 4 entries, got {self.stage_sizes!r}.")
-        self.stem = Stem(self.layout, self.dtype, self.base_width)
+        self.stem = Stem(self.layout, self.dtype, self.base_width, self.bn_axis_name)
         for i, n in enumerate(self.stage_sizes):
             w = self.base_width * 2**i
-            stage = Stage(n, w, 1 if i == 0 else 2, self.layout, self.dtype)
+            stage = Stage(n, w, 1 if i == 0 else 2, self.layout, self.dtype, self.bn_axis_name)
             setattr(self, f"stage{i + 1}", stage)
         self.head = Head(
             self.num_classes, tuple(self.head_hidden), self.head_dropout, self.zero_init_head,
@@ -211,11 +222,13 @@ def create_model(
     dtype: str | Any = "float32",
     stage_sizes: Sequence[int] = STAGE_SIZES,
     base_width: int = 64,
+    bn_axis_name: str | None = None,
 ) -> ResNet50:
     """Build the model from plain values (as they come from a config)."""
     return ResNet50(
         stage_sizes=tuple(stage_sizes),
         base_width=base_width,
+        bn_axis_name=bn_axis_name,
         num_classes=num_classes,
         layout=layout,
         head_hidden=tuple(head_hidden),
