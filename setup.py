@@ -16,6 +16,7 @@ setup(
         "tensorflow-cpu>=2.18,<2.23; platform_machine == 'x86_64'",
         "tensorflow>=2.18,<2.23; platform_machine != 'x86_64'",
         "tensorflow-datasets>=4.9.7,<5",
+        "importlib-resources>=6",  # tfds download_and_prepare needs it but does not declare it
         "ml-collections>=1.0,<2",
         "numpy>=1.26,<3",
         "absl-py>=2.1,<3",

@@ -1,0 +1,96 @@
+"""EDA: exact counts and pixel statistics on a generated tree; the CLI writes real PNGs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifar_flax import input_pipeline
+
+# Per class: (colour of its images, train count, test count). Known values -> known statistics.
+CLASSES = {"blue": ((0, 0, 200), 3, 1), "grey": ((100, 100, 100), 2, 2), "red": ((250, 10, 0), 5, 1)}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_caches():
+    input_pipeline.clear_caches()
+    yield
+    input_pipeline.clear_caches()
+
+
+def _tree(root):
+    for name, (colour, n_train, n_test) in CLASSES.items():
+        for split, n in (("train", n_train), ("test", n_test)):
+            os.makedirs(root / split / name)
+            for j in range(n):
+                pixels = np.zeros((4, 5, 3), np.uint8) + np.array(colour, np.uint8)
+                pixels[0, 0] = 255 - pixels[0, 0]  # one odd pixel per image: non-trivial min/max
+                Image.fromarray(pixels).save(root / split / name / f"{j}.png")
+
+
+def _expected(split_index):
+    images = []
+    for colour, *counts in CLASSES.values():
+        img = np.zeros((4, 5, 3)) + colour
+        img[0, 0] = 255 - img[0, 0]
+        images += [img] * counts[split_index]
+    return np.stack(images)
+
+
+def _config_file(tmp_path, dataset):
+    path = tmp_path / "eda_config.py"
+    path.write_text(
+        "from cifar_flax.config import default_config\n\n"
+        "def get_config():\n"
+        "    c = default_config()\n"
+        f"    c.dataset = {dataset!r}\n"
+        "    c.val_fraction = 0.0\n"
+        "    return c\n"
+    )
+    return str(path)
+
+
+def _run_cli(tmp_path, dataset, out):
+    cmd = [sys.executable, "-m", "cifar_flax.eda", "--config", _config_file(tmp_path, dataset),
+           f"--workdir={out}", "--samples_per_class=2"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_eda_cli_exact_stats_and_pngs(tmp_path):
+    _tree(tmp_path / "data")
+    out = tmp_path / "out"
+    result = _run_cli(tmp_path, f"imagefolder:{tmp_path / 'data'}", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["image_shape"] == [4, 5, 3] and stats["dtype"] == "uint8"
+    assert stats["uniform_size"] is True and stats["class_names"] == ["blue", "grey", "red"]
+    assert set(stats["splits"]) == {"train", "test"}
+    for split_index, split in enumerate(("train", "test")):
+        s, ref = stats["splits"][split], _expected(split_index)
+        assert s["images_per_class"] == {k: v[1 + split_index] for k, v in CLASSES.items()}
+        assert s["num_images"] == len(ref) and s["non_finite"] == 0
+        np.testing.assert_allclose(s["channel_mean"], ref.mean((0, 1, 2)), rtol=1e-12)
+        np.testing.assert_allclose(s["channel_std"], ref.std((0, 1, 2)), rtol=1e-9)
+        assert s["channel_min"] == ref.min((0, 1, 2)).tolist()
+        assert s["channel_max"] == ref.max((0, 1, 2)).tolist()
+        np.testing.assert_allclose([s["mean"], s["std"]], [ref.mean(), ref.std()], rtol=1e-9)
+    for png in ("class_distribution.png", "samples.png", "pixel_histograms.png"):
+        with Image.open(out / png) as im:
+            im.verify()
+        with Image.open(out / png) as im:
+            assert im.size[0] > 100 and im.size[1] > 100
+            assert np.asarray(im.convert("L")).std() > 1  # not a blank canvas
+    md = (out / "eda.md").read_text()
+    assert all(f"]({png})" in md for png in ("class_distribution.png", "samples.png"))
+
+
+def test_eda_cli_missing_folder_is_one_line(tmp_path):
+    result = _run_cli(tmp_path, f"imagefolder:{tmp_path / 'missing'}", tmp_path / "out")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ImageFolder directory") and "missing" in last
+    assert "Traceback" not in result.stderr
