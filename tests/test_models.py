@@ -1,0 +1,116 @@
+"""The Flax ResNet50's head (hidden layers, dropout, zero init, output shape) and its two layouts.
+
+Tiny networks of the same structure (``stage_sizes=(1, 1, 1, 1)``, ``base_width=8``, so 256
+features) keep this fast; the full-size network is checked against Keras and PyTorch in
+test_pretrained_keras.py / test_pretrained_torch.py.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cifar_flax import models
+
+TINY = dict(stage_sizes=(1, 1, 1, 1), base_width=8)
+FEATURES = 8 * 8 * 4
+
+
+def _abstract(model, size=32):
+    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+
+
+def _random_variables(model, size=32):
+    """Random parameters (unit BatchNorm variances) without running ``init``, which is slow on
+    CPU (compiling the random initialisers); enough for shape and mode tests."""
+    rng = np.random.default_rng(0)
+    abstract = _abstract(model, size)
+    params = jax.tree.map(lambda s: 0.1 * rng.standard_normal(s.shape, np.float32),
+                          abstract["params"])
+    stats = jax.tree_util.tree_map_with_path(
+        lambda p, s: np.full(s.shape, 1.0 if p[-1].key == "var" else 0.0, np.float32),
+        abstract["batch_stats"],
+    )
+    return {"params": params, "batch_stats": stats}
+
+
+def _head_variables(model):
+    """Real ``init`` of the head alone (fast): ``classify`` only touches the head."""
+    return model.init(jax.random.key(0), jnp.zeros((1, FEATURES)), method=model.classify)
+
+
+def test_hidden_layers_have_the_right_shapes():
+    model = models.create_model(num_classes=5, head_hidden=(32, 16), **TINY)
+    shapes = jax.tree.map(lambda a: a.shape, _abstract(model)["params"]["head"])
+    assert shapes == {
+        "hidden1": {"kernel": (FEATURES, 32), "bias": (32,)},
+        "hidden2": {"kernel": (32, 16), "bias": (16,)},
+        "out": {"kernel": (16, 5), "bias": (5,)},
+    }
+
+
+@pytest.mark.parametrize("layout", models.LAYOUTS)
+def test_output_shape_in_train_and_eval(layout):
+    model = models.create_model(num_classes=7, layout=layout, head_hidden=(16,),
+                                 head_dropout=0.5, **TINY)
+    variables = _random_variables(model)
+    x = jax.random.normal(jax.random.key(1), (3, 40, 40, 3))
+    logits = model.apply(variables, x)
+    assert logits.shape == (3, 7) and logits.dtype == jnp.float32
+    logits, updates = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)},
+                                  mutable=["batch_stats"])
+    assert logits.shape == (3, 7)
+    # Training mode updates the BatchNorm statistics; inference mode does not touch them.
+    before, after = jax.tree.leaves(variables["batch_stats"]), jax.tree.leaves(updates)
+    assert any(not np.allclose(a, b) for a, b in zip(before, after))
+    assert model.apply(variables, x, method=model.features).shape == (3, FEATURES)
+
+
+def test_dropout_is_active_only_in_training():
+    model = models.create_model(num_classes=4, head_hidden=(32,), head_dropout=0.5,
+                                zero_init_head=False, **TINY)
+    variables = _head_variables(model)
+    feats = jax.random.normal(jax.random.key(3), (8, FEATURES))
+
+    def classify(train, key):
+        return np.asarray(model.apply(variables, feats, train, method=model.classify,
+                                      rngs={"dropout": key}))
+
+    k1, k2 = jax.random.key(10), jax.random.key(11)
+    assert not np.allclose(classify(True, k1), classify(True, k2))  # different masks
+    np.testing.assert_array_equal(classify(True, k1), classify(True, k1))  # same key, same mask
+    eval1, eval2 = classify(False, k1), classify(False, k2)
+    np.testing.assert_array_equal(eval1, eval2)
+    # In eval the head is exactly the dropout-free head with the same parameters.
+    no_dropout = models.create_model(num_classes=4, head_hidden=(32,), head_dropout=0.0,
+                                     zero_init_head=False, **TINY)
+    np.testing.assert_allclose(
+        eval1, no_dropout.apply(variables, feats, True, method=no_dropout.classify), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("zero_init", [True, False])
+def test_zero_init_head_gives_zero_logits(zero_init):
+    model = models.create_model(num_classes=3, head_hidden=(8,), zero_init_head=zero_init, **TINY)
+    variables = _head_variables(model)
+    feats = jax.random.normal(jax.random.key(4), (2, FEATURES))
+    logits = model.apply(variables, feats, method=model.classify)
+    assert np.all(np.asarray(logits) == 0) == zero_init
+
+
+@pytest.mark.parametrize("layout, conv1_stride, conv2_stride", [("v1", 2, 1), ("v1.5", 1, 2)])
+def test_stride_placement_and_biases(layout, conv1_stride, conv2_stride):
+    """v1 (Keras) downsamples in the first 1x1 conv, v1.5 (torchvision) in the 3x3 conv."""
+    model = models.create_model(num_classes=2, layout=layout, **TINY)
+    variables = _random_variables(model, 64)
+    _, state = model.apply(variables, jnp.ones((1, 64, 64, 3)), capture_intermediates=True)
+    block = state["intermediates"]["stage2"]["block1"]
+    size_in = 64 // 4  # after the stem: conv /2, max pool /2
+    h = lambda name: block[name]["__call__"][0].shape[1]  # noqa: E731
+    assert h("conv1") == size_in // conv1_stride
+    assert h("conv2") == size_in // (conv1_stride * conv2_stride) == size_in // 2
+    assert h("proj_conv") == size_in // 2
+    conv = variables["params"]["stage2"]["block1"]["conv1"]
+    assert ("bias" in conv) == (layout == "v1")

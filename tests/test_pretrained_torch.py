@@ -1,0 +1,123 @@
+"""torchvision ResNet50 -> Flax: the conversion computes exactly what PyTorch computes.
+
+The reference is ``cifar_flax.torch_resnet.ResNet50`` (torchvision's layout and state-dict keys)
+with random weights and BatchNorm statistics, saved with ``torch.save``; the Flax side goes through
+the ``convert`` and ``features`` CLIs. The same state dict as .safetensors / .npz (no torch needed
+to read) must convert to identical parameters.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from cifar_flax import pretrained
+
+torch = pytest.importorskip("torch")
+
+SIZES = (32, 64, 224)
+# torchvision's normalisation, written out here so the reference does not share our code.
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+@pytest.fixture(scope="module")
+def torch_model():
+    from cifar_flax.torch_resnet import ResNet50
+
+    torch.manual_seed(0)
+    model = ResNet50()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                # Variances down to 1e-6 (below epsilon) make the features sensitive to the
+                # BatchNorm epsilon; gamma ~ sqrt(var) keeps the activations O(1).
+                c = m.num_features
+                m.running_var.copy_(10 ** torch.empty(c).uniform_(-6.0, 0.3))
+                m.weight.copy_(m.running_var.sqrt() * torch.empty(c).uniform_(0.5, 1.5))
+                m.bias.normal_(0.0, 0.2)
+                m.running_mean.normal_(0.0, 0.2)
+                m.num_batches_tracked.fill_(c)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def converted(torch_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("torch")
+    torch.save(torch_model.state_dict(), tmp / "resnet50.pth")
+    assert pretrained.main(
+        ["convert", "--source", "torchvision", "--input", str(tmp / "resnet50.pth"), "--output",
+         str(tmp / "converted")]
+    ) == 0
+    return tmp
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_features_match_torch(torch_model, converted, size):
+    rng = np.random.default_rng(size)
+    images = rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8)  # 2 batches, 1 padded
+    np.save(converted / f"images{size}.npy", images)
+    out = converted / f"feats{size}.npy"
+    assert pretrained.main(
+        ["features", "--weights", str(converted / "converted"), "--images",
+         str(converted / f"images{size}.npy"), "--output", str(out), "--batch-size", "2"]
+    ) == 0
+    ours = np.load(out)
+    x = (images.astype(np.float32) / 255.0 - MEAN) / STD
+    with torch.no_grad():
+        ref = torch_model.features(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    assert ours.shape == ref.shape == (3, 2048) and ours.dtype == np.float32
+    diff, scale = float(np.abs(ours - ref).max()), float(np.abs(ref).max())
+    print(f"\ntorchvision {size}x{size}: max abs diff {diff:.3g}, max abs feature {scale:.3g}, "
+          f"ratio {diff / scale:.3g}")
+    assert scale > 0 and diff <= 1e-4 * scale
+
+
+def test_spec_of_converted_weights(converted):
+    weights = pretrained.load_weights(str(converted / "converted"))
+    assert weights.spec.source == "torchvision" and weights.spec.layout == "v1.5"
+    assert weights.spec.preprocessing.name == "torch"
+    assert weights.spec.file_sha256 == pretrained.file_hash(str(converted / "resnet50.pth"),
+                                                            "sha256")
+    assert weights.params["stem"]["conv"]["kernel"].shape == (7, 7, 3, 64)
+    assert "bias" not in weights.params["stem"]["conv"]
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "npz"])
+def test_safetensors_and_npz_convert_identically(torch_model, converted, tmp_path, fmt):
+    state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+    path = tmp_path / f"resnet50.{fmt}"
+    if fmt == "npz":
+        np.savez(path, **state)
+    else:
+        from safetensors.numpy import save_file
+
+        save_file(state, str(path))
+    ref = pretrained.load_weights(str(converted / "converted"))
+    got = pretrained.convert_file("torchvision", str(path))
+    ref_leaves = jax.tree_util.tree_leaves_with_path((ref.params, ref.batch_stats))
+    got_leaves = jax.tree_util.tree_leaves_with_path((got.params, got.batch_stats))
+    assert [p for p, _ in ref_leaves] == [p for p, _ in got_leaves]
+    for (_, a), (_, b) in zip(ref_leaves, got_leaves):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_full_model_with_head_from_merged_weights(torch_model, converted):
+    """merge_into puts the converted backbone into a full model's variables: torch's features."""
+    from cifar_flax import models, preprocessing
+
+    model = models.create_model(num_classes=10, layout="v1.5", head_hidden=(16,))
+    images = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    # Stand-in variables with the model's structure (``init`` itself is slow to compile on CPU).
+    abstract = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+    variables = jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype), abstract)
+    merged = pretrained.merge_into(variables, pretrained.load_weights(str(converted / "converted")))
+    np.testing.assert_array_equal(merged["params"]["head"]["hidden1"]["kernel"],
+                                  variables["params"]["head"]["hidden1"]["kernel"])
+    x = preprocessing.normalize(images, preprocessing.TORCH)
+    ours = np.asarray(jax.jit(lambda v, x: model.apply(v, x, method=model.features))(merged, x))
+    x = (images.astype(np.float32) / 255.0 - MEAN) / STD
+    with torch.no_grad():
+        ref = torch_model.features(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
