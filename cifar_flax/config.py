@@ -17,21 +17,21 @@ def default_config() -> ml_collections.ConfigDict:
     # ---- data (input_pipeline.py) ----
     c.dataset = "cifar10"  # tfds name, "imagefolder:<dir>" (<dir>/<split>/<class>/*.jpg|png) or "synthetic".
     c.data_dir = ""  # tfds data_dir ("" = tfds default, ~/tensorflow_datasets).
-    c.train_split = "train"
-    c.test_split = "test"
+    c.train_split = "train"  # Split (tfds name or ImageFolder sub-folder) to train on.
+    c.test_split = "test"  # Split for the final test evaluation (every example exactly once).
     c.val_split = ""  # A named validation split; "" = hold out val_fraction of train_split.
     c.val_fraction = 0.1  # Fraction of train held out (seeded) for early stopping; 0 = no validation.
     c.image_size = 0  # Host-side resize to this square size when image sizes vary; 0 = keep (must be uniform).
     c.skip_bad_files = False  # ImageFolder: skip undecodable files (and report how many) instead of failing.
-    c.shuffle_buffer = 50_000
+    c.shuffle_buffer = 50_000  # Per-host shuffle buffer; >= the shard size gives a full shuffle.
     c.cache = True  # tf.data cache of decoded uint8 images after the first epoch.
     c.batch_size = 128  # Global batch (over all devices and hosts); must divide by the device count.
     c.eval_batch_size = 256  # Global eval batch; the last batch is padded and masked.
     c.synthetic = ml_collections.ConfigDict()  # Only for dataset="synthetic" (smoke tests, no files).
-    c.synthetic.num_classes = 4
-    c.synthetic.num_train = 256
-    c.synthetic.num_test = 64
-    c.synthetic.size = 32
+    c.synthetic.num_classes = 4  # Classes (colour + stripe pattern + noise, from config.seed).
+    c.synthetic.num_train = 256  # Examples of the "train" split.
+    c.synthetic.num_test = 64  # Examples of the "test" split.
+    c.synthetic.size = 32  # Image height = width.
 
     # ---- augmentation (augment.py, on device) ----
     c.augment = ml_collections.ConfigDict()
@@ -40,6 +40,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.augment.flip = True  # Random horizontal flip.
     c.augment.random_resized_crop = False  # Inception-style crop (replaces padded crop when on).
     c.augment.rrc_scale = (0.35, 1.0)  # Area range of random_resized_crop.
+    c.augment.rrc_ratio = (3 / 4, 4 / 3)  # Aspect-ratio range (log-uniform) of random_resized_crop.
     c.augment.mixup_alpha = 0.0  # > 0 enables mixup with Beta(alpha, alpha).
     c.augment.cutmix_alpha = 0.0  # > 0 enables cutmix with Beta(alpha, alpha).
 
@@ -55,7 +56,202 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.pretrained = ml_collections.ConfigDict()
     c.pretrained.source = "torchvision"  # "torchvision", "keras" or "" (random init).
-    c.pretrained.variant = "IMAGENET1K_V2"  # torchvision: IMAGENET1K_V1 / IMAGENET1K_V2.
-    c.pretrained.file = ""  # Local weight file instead of downloading (.pth/.safetensors/.npz/.h5).
+    c.pretrained.variant = ""  # "" = the source's default: IMAGENET1K_V2 (torchvision), notop (keras); or IMAGENET1K_V1.
+    c.pretrained.file = ""  # Local weight file instead of downloading (.pth/.safetensors/.npz/.h5), or a `convert` output dir.
     c.pretrained.cache_dir = ""  # "" = $CIFAR_FLAX_CACHE or ~/.cache/cifar_flax.
+
+    # ---- training: parameter groups, phases, early stopping (optim.py, train.py) ----
+    # Groups: name -> regex searched in '/'-joined param paths ("stage4/block1/conv1/kernel");
+    # every parameter must match exactly one group.
+    c.groups = ml_collections.ConfigDict(DEFAULT_GROUPS)
+    c.phases = [phase("finetune")]  # Run in order; see phase() below for every phase field.
+    c.frozen_bn_inference = True  # BatchNorm of modules with no trainable group uses running stats.
+    c.sync_batchnorm = True  # Average BatchNorm batch statistics over all devices (device-count independent).
+    c.eval_every_steps = 0  # Validation every N steps; 0 = at the end of every epoch.
+    c.early_stopping = ml_collections.ConfigDict()
+    c.early_stopping.enabled = True  # Stop a phase when the metric stops improving (moves on to the next phase).
+    c.early_stopping.metric = "val_accuracy"  # "val_accuracy" (higher is better) or "val_loss" (lower).
+    c.early_stopping.patience = 3  # Evaluations (epochs) without improvement before the phase ends.
+    c.early_stopping.min_delta = 0.0  # An improvement must exceed this to reset the patience.
+    c.early_stopping.restore_best = True  # Test the best checkpoint (by metric) instead of the last weights.
+
+    # ---- checkpoints, logging, devices (train.py) ----
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000  # Also save every N steps (0 = only at epoch ends / phase ends / exit).
+    c.checkpoint.at_epoch_end = True  # Save after every epoch's validation.
+    c.checkpoint.keep = 2  # Latest checkpoints kept in <workdir>/checkpoints/latest (the best is kept apart).
+    c.checkpoint.async_save = True  # Write in the background (the run waits for it before exiting).
+    c.log_every_steps = 50  # Train metrics to metrics.jsonl / TensorBoard (and a log line off-TTY).
+    c.progress_bar = True  # tqdm bar with ETA when stderr is a terminal; plain log lines otherwise.
+    c.distributed = False  # Call jax.distributed.initialize() (multi-host: TPU pods, SLURM, ...).
     return c
+
+
+DEFAULT_GROUPS = {
+    "stem": r"^stem/",
+    "stage1": r"^stage1/",
+    "stage2": r"^stage2/",
+    "stage3": r"^stage3/",
+    "stage4": r"^stage4/",
+    "head": r"^head/",
+}
+
+
+def phase(name: str, **overrides) -> ml_collections.ConfigDict:
+    """One training phase with its defaults; ``overrides`` set any of the fields below."""
+    p = ml_collections.ConfigDict()
+    p.name = name  # Shown in logs, metrics and the curves' phase markers.
+    p.epochs = 1.0  # Length in epochs (fractions allowed); used when steps == 0.
+    p.steps = 0  # Length in steps; > 0 overrides epochs.
+    p.trainable = ("stem", "stage1", "stage2", "stage3", "stage4", "head")  # Groups trained; others frozen.
+    p.lr = 0.01  # Peak learning rate of every trainable group ...
+    p.group_lr = ml_collections.ConfigDict()  # ... unless set here per group, e.g. {"head": 0.1}.
+    p.schedule = "cosine"  # "cosine" (linear warmup, then cosine decay to 0) or "constant" (after warmup).
+    p.warmup_epochs = 0.0  # Linear warmup from 0 to lr over this many epochs.
+    p.optimizer = "sgd"  # "sgd" (momentum) or "adamw".
+    p.momentum = 0.9  # SGD momentum (0 = plain SGD); for adamw it is b1.
+    p.nesterov = True  # SGD: Nesterov momentum.
+    p.weight_decay = 0.0  # L2 (sgd) / decoupled (adamw) decay on kernels only (not BN or biases).
+    p.update(overrides)
+    return p
+
+
+class ConfigError(ValueError):
+    """An invalid config value; the message names the field and the fix (one line per problem)."""
+
+
+_SOURCE_LAYOUT = {"keras": "v1", "torchvision": "v1.5"}
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Check a config before any work starts; raise ConfigError with one line per invalid field.
+
+    ``num_devices`` (default: ``jax.device_count()``) is what the global batch must divide by.
+    Checks needing the parameters (orphan or doubly matched parameters) live in optim.py.
+    """
+    errors = (
+        _data_errors(config, num_devices)
+        + _model_errors(config)
+        + _group_phase_errors(config)
+        + _loop_errors(config)
+    )
+    if errors:
+        raise ConfigError("\n".join(errors))
+
+
+def _data_errors(c: ml_collections.ConfigDict, num_devices: int | None) -> list[str]:
+    import os
+
+    import jax
+
+    errors = []
+    n = jax.device_count() if num_devices is None else num_devices
+    dataset = str(c.get("dataset", ""))
+    if not dataset:
+        errors.append("dataset is empty: set --config.dataset=cifar10, imagefolder:<dir> or synthetic.")
+    elif dataset.startswith("imagefolder:") and not os.path.isdir(dataset.split(":", 1)[1]):
+        errors.append(
+            f"dataset={dataset!r}: folder {dataset.split(':', 1)[1]!r} does not exist "
+            "(expected <dir>/<split>/<class>/*.jpg)."
+        )
+    for field in ("batch_size", "eval_batch_size"):
+        b = c.get(field, 0)
+        if not isinstance(b, int) or b <= 0:
+            errors.append(f"{field}={b!r} must be a positive integer.")
+        elif b % n:
+            errors.append(
+                f"{field}={b} is not divisible by the {n} devices: use a multiple of {n}."
+            )
+    if c.get("early_stopping") and c.early_stopping.enabled and not c.get("val_split") and (
+        c.get("val_fraction", 0) <= 0
+    ):
+        errors.append(
+            "early_stopping.enabled needs validation data: set val_fraction > 0 or val_split "
+            "(or early_stopping.enabled=False)."
+        )
+    if c.augment.resolution <= 0:
+        errors.append(f"augment.resolution={c.augment.resolution} must be positive.")
+    return errors
+
+
+def _model_errors(c: ml_collections.ConfigDict) -> list[str]:
+    errors = []
+    if c.model.layout not in ("v1", "v1.5"):
+        errors.append(f"model.layout={c.model.layout!r} must be 'v1' (Keras) or 'v1.5' (torchvision).")
+    if c.dtype not in ("float32", "bfloat16"):
+        errors.append(f"dtype={c.dtype!r} must be 'float32' or 'bfloat16'.")
+    source = c.pretrained.source
+    if source and source not in _SOURCE_LAYOUT:
+        errors.append(f"pretrained.source={source!r} must be 'torchvision', 'keras' or '' (random init).")
+    elif source and c.model.layout != _SOURCE_LAYOUT[source]:
+        errors.append(
+            f"model.layout={c.model.layout!r} does not match pretrained.source={source!r}: "
+            f"set model.layout={_SOURCE_LAYOUT[source]!r}."
+        )
+    return errors
+
+
+def _group_phase_errors(c: ml_collections.ConfigDict) -> list[str]:
+    import re
+
+    errors = []
+    groups = dict(c.groups)
+    for name, pattern in groups.items():
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as e:
+            errors.append(f"groups.{name}={pattern!r} is not a valid regex ({e}).")
+    if not c.phases:
+        errors.append("phases is empty: give at least one phase (see config.phase()).")
+    for i, p in enumerate(c.phases):
+        errors += [f"phases[{i}] ({p.get('name', '?')}): {e}" for e in _phase_errors(p, groups)]
+    return errors
+
+
+def _phase_errors(p: ml_collections.ConfigDict, groups: dict) -> list[str]:
+    errors = []
+    if p.steps < 0 or p.epochs < 0 or (p.steps == 0 and p.epochs <= 0):
+        errors.append(f"steps={p.steps}, epochs={p.epochs}: set steps > 0 or epochs > 0.")
+    unknown = [g for g in p.trainable if g not in groups]
+    if unknown:
+        errors.append(f"trainable names unknown groups {unknown}; known groups: {sorted(groups)}.")
+    if not p.trainable:
+        errors.append("trainable is empty: name at least one group.")
+    for g in p.group_lr:
+        if g not in p.trainable:
+            errors.append(f"group_lr.{g} is set but {g!r} is not in trainable {tuple(p.trainable)}.")
+    if p.optimizer not in ("sgd", "adamw"):
+        errors.append(f"optimizer={p.optimizer!r} must be 'sgd' or 'adamw'.")
+    if p.schedule not in ("cosine", "constant"):
+        errors.append(f"schedule={p.schedule!r} must be 'cosine' or 'constant'.")
+    lrs = [p.lr] + list(dict(p.group_lr).values())
+    if any(lr < 0 for lr in lrs):
+        errors.append(f"lr / group_lr must be >= 0, got {lrs}.")
+    if p.warmup_epochs < 0 or p.weight_decay < 0 or not 0 <= p.momentum < 1:
+        errors.append(
+            f"warmup_epochs={p.warmup_epochs}, weight_decay={p.weight_decay} must be >= 0 "
+            f"and momentum={p.momentum} in [0, 1)."
+        )
+    return errors
+
+
+def _loop_errors(c: ml_collections.ConfigDict) -> list[str]:
+    errors = []
+    es = c.early_stopping
+    if es.metric not in ("val_accuracy", "val_loss"):
+        errors.append(f"early_stopping.metric={es.metric!r} must be 'val_accuracy' or 'val_loss'.")
+    if es.patience < 1 or es.min_delta < 0:
+        errors.append(
+            f"early_stopping.patience={es.patience} must be >= 1 and min_delta={es.min_delta} >= 0."
+        )
+    if c.checkpoint.every_steps < 0 or c.checkpoint.keep < 1:
+        errors.append(
+            f"checkpoint.every_steps={c.checkpoint.every_steps} must be >= 0 and "
+            f"checkpoint.keep={c.checkpoint.keep} >= 1."
+        )
+    if c.log_every_steps < 1 or c.eval_every_steps < 0:
+        errors.append(
+            f"log_every_steps={c.log_every_steps} must be >= 1 and "
+            f"eval_every_steps={c.eval_every_steps} >= 0."
+        )
+    return errors

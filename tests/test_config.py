@@ -1,0 +1,106 @@
+"""Config validation: every shipped config is valid; each invalid field gives one clear line."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from cifar_flax import optim
+from cifar_flax.config import ConfigError, default_config, phase, validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.parametrize("name", ["finetune", "baseline", "scratch", "smoke"])
+def test_shipped_configs_are_valid(name):
+    config = _load(name)
+    validate(config, num_devices=1)
+    assert config.phases and all(p.trainable for p in config.phases)
+
+
+def _error(config, num_devices: int = 1) -> str:
+    with pytest.raises(ConfigError) as e:
+        validate(config, num_devices=num_devices)
+    return str(e.value)
+
+
+def test_phase_naming_a_missing_group():
+    c = default_config()
+    c.phases = [phase("x", trainable=("head", "stage9"))]
+    msg = _error(c)
+    assert "\n" not in msg and "phases[0]" in msg and "stage9" in msg and "stage4" in msg
+
+
+def test_batch_not_divisible_by_device_count():
+    c = default_config()
+    c.batch_size = 100
+    msg = _error(c, num_devices=8)
+    assert "\n" not in msg and "batch_size=100" in msg and "8 devices" in msg
+
+
+def test_missing_dataset_folder_and_empty_dataset(tmp_path):
+    c = default_config()
+    c.dataset = f"imagefolder:{tmp_path}/nope"
+    msg = _error(c)
+    assert "\n" not in msg and "does not exist" in msg and "nope" in msg
+    c.dataset = ""
+    assert "dataset is empty" in _error(c)
+
+
+def test_layout_must_match_the_weights():
+    c = default_config()
+    c.pretrained.source = "keras"  # needs v1
+    msg = _error(c)
+    assert "\n" not in msg and "model.layout='v1.5'" in msg and "model.layout='v1'" in msg
+
+
+def test_several_problems_give_one_line_each():
+    c = default_config()
+    c.phases = [phase("a", optimizer="adam", schedule="linear", steps=-1)]
+    c.early_stopping.metric = "accuracy"
+    lines = _error(c).splitlines()
+    assert len(lines) == 4
+    assert any("optimizer='adam'" in ln for ln in lines)
+    assert any("schedule='linear'" in ln for ln in lines)
+    assert any("early_stopping.metric" in ln for ln in lines)
+
+
+def test_early_stopping_needs_validation_data():
+    c = default_config()
+    c.val_fraction = 0.0
+    assert "val_fraction" in _error(c)
+    c.early_stopping.enabled = False
+    validate(c, num_devices=1)
+
+
+def _params():
+    z = np.zeros(1)
+    return {"stem": {"conv": {"kernel": z}}, "stage1": {"block1": {"conv1": {"kernel": z}}},
+            "head": {"out": {"kernel": z, "bias": z}}}
+
+
+def test_overlapping_groups_list_the_doubles():
+    groups = {"stem": "^stem/", "stage1": "^stage1/", "head": "^head/", "kernels": "kernel$"}
+    with pytest.raises(ConfigError) as e:
+        optim.assign_groups(_params(), groups)
+    msg = str(e.value)
+    assert "\n" not in msg and "several" in msg and "stem/conv/kernel (stem, kernels)" in msg
+
+
+def test_orphans_are_listed_at_most_ten():
+    params = {f"extra{i}": {"w": np.zeros(1)} for i in range(15)} | _params()
+    with pytest.raises(ConfigError) as e:
+        optim.assign_groups(params, {"stem": "^stem/", "stage1": "^stage1/", "head": "^head/"})
+    msg = str(e.value)
+    assert msg.startswith("15 parameters match no entry") and msg.count("extra") == 10
+

@@ -1,0 +1,105 @@
+"""Interrupt-and-resume gives exactly the uninterrupted run; the loop's bookkeeping is right."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from cifar_flax.checkpointing import Checkpointer
+from cifar_flax.config import phase
+from cifar_flax.train import train_and_evaluate
+from train_utils import enable_compilation_cache, tiny_config
+
+enable_compilation_cache()
+
+
+def _config():
+    c = tiny_config()
+    c.augment.crop_padding = 2  # Random augmentation and dropout: the RNG must resume too.
+    c.augment.flip = True
+    c.model.head_hidden = (8,)
+    c.model.head_dropout = 0.2
+    c.phases = [  # 48 train images / 16 = 3 steps per epoch.
+        phase("head", epochs=1, trainable=("head",), lr=0.1, schedule="constant"),
+        phase("all", epochs=2, lr=0.05, warmup_epochs=0.5, weight_decay=1e-4),
+    ]
+    c.checkpoint.every_steps = 2
+    c.early_stopping.patience = 5
+    return c
+
+
+def _final_state(workdir: str) -> dict:
+    ckpt = Checkpointer(workdir)
+    step = ckpt.latest.latest_step()
+    out = ckpt.latest.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    ckpt.close()
+    return jax.device_get(out["state"])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    straight = str(tmp_path_factory.mktemp("straight"))
+    resumed = str(tmp_path_factory.mktemp("resumed"))
+    full = train_and_evaluate(_config(), straight)
+    first = train_and_evaluate(_config(), resumed, stop_after_steps=5)  # Inside phase 2.
+    second = train_and_evaluate(_config(), resumed)
+    return straight, resumed, full, first, second
+
+
+def test_resumed_run_ends_with_identical_parameters(runs):
+    straight, resumed, full, first, second = runs
+    assert first == {"interrupted": True, "step": 5}
+    a, b = _final_state(straight), _final_state(resumed)
+    assert int(a["step"]) == int(b["step"]) == full["steps"] == 9
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b) > 30
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(x, y)  # Bit for bit.
+    assert second["test_accuracy"] == full["test_accuracy"]
+    assert second["test_loss"] == full["test_loss"]
+
+
+def test_history_is_continuous_after_resume(runs):
+    straight, resumed, *_ = runs
+
+    def records(workdir, kind):
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        return [{k: v for k, v in r.items() if k != "images_per_sec"} for r in rows
+                if r["kind"] == kind]
+
+    for kind in ("train", "eval", "phase"):
+        assert records(straight, kind) == records(resumed, kind), kind
+    phases = records(straight, "phase")
+    assert [(p["step"], p["name"]) for p in phases] == [(0, "head"), (3, "all")]
+    assert [r["step"] for r in records(straight, "eval")] == [3, 6, 9]
+
+
+def test_rerun_of_a_finished_run_only_reports(runs):
+    straight, _, full, *_ = runs
+    again = train_and_evaluate(_config(), straight)
+    assert again["steps"] == full["steps"]
+    assert again["test_accuracy"] == full["test_accuracy"]
+    assert os.path.exists(os.path.join(straight, "report", "report.md"))
+
+
+def test_early_stopping_ends_the_phase_and_moves_on(tmp_path):
+    c = _config()
+    c.early_stopping.patience = 1
+    c.early_stopping.min_delta = 10.0  # Nothing counts as an improvement after the first eval.
+    c.phases[0].epochs = 3
+    c.checkpoint.every_steps = 0
+    result = train_and_evaluate(c, str(tmp_path))
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    starts = [(r["step"], r["name"]) for r in rows if r["kind"] == "phase"]
+    # Phase "head": eval at 3 (best), eval at 6 (no improvement, patience 1) -> stop at 6.
+    assert starts == [(0, "head"), (6, "all")]
+    assert result["steps"] == 12  # The second phase runs its 6 steps (eval 9: best, 12: stop).
+    assert result["tested_checkpoint"] == "best"
+    assert result["tested_step"] == result["best_step"]
