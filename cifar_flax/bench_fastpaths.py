@@ -1,0 +1,149 @@
+"""Speed of the fast paths: cached backbone features, and no backward through a frozen prefix.
+
+    python -m cifar_flax.bench_fastpaths --size 32 --batch 128 --json fastpaths.json
+
+1. Frozen backbone (the baseline phase): one epoch recomputing the backbone every step (BN in
+   inference mode, gradients w.r.t. the head only: the best an uncached step can do) against one
+   epoch of head steps on cached features, plus the one-off cost of caching the features; the
+   phase speedup for ``--epochs`` epochs counts that one-off cost.
+2. Partially frozen (stage4 + head train): images/s against all layers training, same size.
+
+Both use the real train.py step (bench_train_step.build: optim.build_phase freezing, shard_map)
+on a synthetic batch already on the device, compiled before timing; SGD momentum, ResNet50 v1.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cifar_flax import augment, bench_train_step, feature_cache
+from cifar_flax.bench_frameworks import FULL_STAGES, TINY_STAGES, time_steps
+
+
+def _time_step(fn: Callable, state: Any, batch: dict, warmup: int, steps: int) -> float:
+    """Seconds per step of a (state, batch) -> (state, metrics) step, compiled before timing."""
+    compiled = fn.lower(state, batch).compile()
+    holder = {"state": state}
+
+    def one():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        return metrics["loss"]
+
+    return time_steps(one, lambda o: o.block_until_ready(), warmup, steps)["timed_s"] / steps
+
+
+def _train_step_s(args: argparse.Namespace, trainable: Sequence[str] | None, **kw) -> float:
+    """The real train.py step (bench_train_step.build) with ``trainable`` groups."""
+    config = bench_train_step.bench_config(args.size, args.batch, "float32", _stages(args),
+                                           trainable, **kw)
+    fn, state, batch, _ = bench_train_step.build(config)
+    return _time_step(fn, state, batch, args.warmup, args.steps)
+
+
+def _stages(args: argparse.Namespace) -> Sequence[int]:
+    return TINY_STAGES if args.tiny else FULL_STAGES
+
+
+def measure_frozen_backbone(args: argparse.Namespace) -> dict[str, Any]:
+    """Baseline phase (head only, seed's 256-unit head with dropout 0.5, no augmentation):
+    train.py's step every epoch vs features cached once + feature_cache's head step."""
+    head = {"head_hidden": (256,), "head_dropout": 0.5, "augment": False}
+    uncached_s = _train_step_s(args, ("head",), **head)
+    config = bench_train_step.bench_config(args.size, args.batch, "float32", _stages(args),
+                                           ("head",), **head)
+    _, _, batch, parts = bench_train_step.build(config)
+    model, variables, plan = parts["model"], parts["variables"], parts["plan"]
+    images = np.asarray(batch["image"])
+    labels = np.asarray(batch["label"])
+    feat_fn = feature_cache.make_feature_fn(
+        model, lambda im: augment.eval_preprocess(im, config.augment, parts["prep"]))
+    key = jax.random.PRNGKey(0)
+    compiled = jax.jit(feat_fn).lower(variables, images, key).compile()
+    t = time_steps(lambda: compiled(variables, images, key), jax.block_until_ready,
+                   args.warmup, args.steps)
+    extract_s = t["timed_s"] / args.steps
+    feats = np.asarray(compiled(variables, images, key))
+    head_step = feature_cache.make_head_train_step(model, plan.tx)
+    hs = {"p": jax.tree.map(jnp.copy, variables["params"])}
+    hs["o"] = plan.tx.init(hs["p"])
+
+    def head_one():
+        hs["p"], hs["o"], m = head_step(hs["p"], hs["o"], feats, labels, key)
+        return m["loss"]
+
+    head_s = time_steps(head_one, lambda o: o.block_until_ready(), 5,
+                        args.head_steps)["timed_s"] / args.head_steps
+    spe = args.train_examples // args.batch
+    epoch_unc, epoch_cached = spe * uncached_s, spe * head_s
+    extraction = math.ceil(args.train_examples / args.batch) * extract_s
+    phase_unc, phase_cached = args.epochs * epoch_unc, extraction + args.epochs * epoch_cached
+    return {
+        "uncached_step_s": uncached_s, "extract_batch_s": extract_s, "cached_head_step_s": head_s,
+        "steps_per_epoch": spe, "epoch_uncached_s": epoch_unc, "epoch_cached_s": epoch_cached,
+        "feature_extraction_s": extraction, "epoch_speedup": epoch_unc / epoch_cached,
+        "epochs": args.epochs, "phase_uncached_s": phase_unc, "phase_cached_s": phase_cached,
+        "phase_speedup": phase_unc / phase_cached,
+    }
+
+
+def measure_partial_freeze(args: argparse.Namespace) -> dict[str, Any]:
+    """train.py's step training all layers vs stage4 + head (no backward through stem..stage3)."""
+    rows: dict[str, Any] = {}
+    for name, trainable in (("all_layers", None), ("stage4_head", ("stage4", "head"))):
+        s = _train_step_s(args, trainable)
+        rows[name] = {"images_per_s": args.batch / s, "s_per_step": s}
+    rows["speedup"] = rows["stage4_head"]["images_per_s"] / rows["all_layers"]["images_per_s"]
+    return rows
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Both fast-path comparisons; returns the JSON-ready report."""
+    return {"config": vars(args), "frozen_backbone": measure_frozen_backbone(args),
+            "partial_freeze": measure_partial_freeze(args)}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=5, help="timed backbone steps per measurement")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--head-steps", type=int, default=200, help="timed cached head steps")
+    p.add_argument("--train-examples", type=int, default=45_000, help="epoch size (CIFAR-10 "
+                   "train minus the 10%% validation hold-out)")
+    p.add_argument("--epochs", type=int, default=10, help="length of the frozen phase")
+    p.add_argument("--tiny", action="store_true", help="stage_sizes (1,1,1,1) (tests only)")
+    p.add_argument("--json", default="")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    r = measure(args)
+    f, pf = r["frozen_backbone"], r["partial_freeze"]
+    print(f"frozen backbone, {args.size}x{args.size} batch {args.batch}, "
+          f"{args.train_examples} examples/epoch:\n"
+          f"  uncached epoch {f['epoch_uncached_s']:.1f} s | cached epoch "
+          f"{f['epoch_cached_s']:.2f} s ({f['epoch_speedup']:.0f}x) | one-off feature "
+          f"extraction {f['feature_extraction_s']:.1f} s"
+          f"\n  {args.epochs}-epoch phase: {f['phase_uncached_s']:.0f} s -> "
+          f"{f['phase_cached_s']:.0f} s ({f['phase_speedup']:.1f}x)")
+    print(f"partially frozen: all layers {pf['all_layers']['images_per_s']:.1f} images/s, "
+          f"stage4+head {pf['stage4_head']['images_per_s']:.1f} images/s "
+          f"({pf['speedup']:.2f}x)")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(r, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

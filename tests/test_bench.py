@@ -1,0 +1,123 @@
+"""The throughput benchmark CLI: valid JSON, skipped frameworks, like-for-like models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from cifar_flax import bench, models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_cli(tmp_path, *extra: str, env: dict | None = None) -> dict:
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "cifar_flax.bench", "--size", "32", "--batch", "8", "--steps",
+           "2", "--warmup", "1", "--tiny", "--input-steps", "0", "--json", str(out), *extra]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+def test_cli_measures_every_installed_framework(tmp_path):
+    report = _run_cli(tmp_path, "--frameworks", "flax,flax_bare,keras,torch",
+                      "--input-steps", "2")
+    rows = {r["framework"]: r for r in report["rows"]}
+    assert list(rows) == ["flax", "flax_bare", "keras", "torch"]
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        assert r["images_per_s"] > 0 and r["ms_per_step"] > 0 and r["peak_rss_mb"] > 0
+        assert r["images_per_s"] == pytest.approx(8 * 1000 / r["ms_per_step"])
+    assert max(r["ratio_to_fastest"] for r in rows.values()) == pytest.approx(1.0)
+    assert rows["flax_bare"]["compile_s"] > 0 and rows["flax_bare"]["gflops_per_step"] > 0
+    # Ours does the same network work (+ augmentation): FLOPs within a few percent of the bare step.
+    assert rows["flax"]["gflops_per_step"] == pytest.approx(rows["flax_bare"]["gflops_per_step"],
+                                                            rel=0.05)
+    assert rows["flax"]["ratio_to_bare"] == pytest.approx(
+        rows["flax"]["images_per_s"] / rows["flax_bare"]["images_per_s"])
+    assert report["input_pipeline"]["status"] == "ok"
+    assert report["input_pipeline"]["images_per_s"] > 0
+    m = report["machine"]
+    assert m["backend"] == jax.default_backend() and m["cpu_count"] >= 1 and "jax" in m["versions"]
+
+
+def test_missing_frameworks_are_skipped_with_the_extra(tmp_path):
+    report = _run_cli(tmp_path, "--frameworks", "keras,torch",
+                      env={"CIFAR_FLAX_BENCH_HIDE": "keras,torch"})
+    rows = {r["framework"]: r for r in report["rows"]}
+    assert rows["keras"]["status"] == rows["torch"]["status"] == "skipped"
+    assert 'pip install -e ".[test]"' in rows["keras"]["reason"]
+    assert 'pip install -e ".[torch]"' in rows["torch"]["reason"]
+    assert "skipped" in bench.format_table(report["rows"])
+
+
+def test_worker_reports_skip_when_hidden(monkeypatch):
+    """Hidden in the worker too (e.g. the import fails there): a skipped row, not a crash."""
+    from cifar_flax import bench_frameworks
+
+    monkeypatch.setenv(bench_frameworks.HIDE_ENV, "torch")
+    args = bench_frameworks.parse_args(["--framework", "torch", "--tiny"])
+    with pytest.raises(bench_frameworks.FrameworkUnavailable):
+        bench_frameworks.run_torch(args)
+
+
+def test_unknown_framework_is_one_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--frameworks", "flax,mxnet"])
+    assert "mxnet" in capsys.readouterr().err
+
+
+def _flax_param_count(stages) -> int:
+    model = models.create_model(10, "v1.5", head_hidden=(), stage_sizes=stages)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    return sum(x.size for x in jax.tree.leaves(shapes["params"]))
+
+
+def test_keras_and_torch_rows_are_the_same_network():
+    """Same layout everywhere: the trainable parameter counts of the three ResNet50s agree."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("keras")
+    from cifar_flax.bench_frameworks import FULL_STAGES, build_keras_resnet50
+    from cifar_flax.torch_resnet import ResNet50 as TorchResNet50
+
+    n_flax = _flax_param_count(FULL_STAGES)
+    n_torch = sum(p.numel() for p in TorchResNet50(10).parameters())
+    keras_model = build_keras_resnet50(32, 10)
+    n_keras = sum(int(w.numpy().size) for w in keras_model.trainable_weights)
+    assert n_flax == n_torch == n_keras
+    del torch
+
+
+def test_table_ratios():
+    rows = [{"framework": "a", "status": "ok", "images_per_s": 50.0},
+            {"framework": "flax_bare", "status": "ok", "images_per_s": 100.0},
+            {"framework": "flax", "status": "ok", "images_per_s": 96.0},
+            {"framework": "keras", "status": "skipped", "reason": "not installed"}]
+    bench.add_ratios(rows)
+    assert rows[0]["ratio_to_fastest"] == 0.5 and rows[1]["ratio_to_fastest"] == 1.0
+    assert rows[2]["ratio_to_bare"] == pytest.approx(0.96)
+    assert "ratio_to_fastest" not in rows[3]
+
+
+@pytest.mark.parametrize("hw,stride,bias", [(2, 1, False), (1, 1, True), (2, 2, False), (4, 1, True)])
+def test_small_map_conv_matches_conv(hw, stride, bias):
+    """The im2col experiment computes the same convolution with the same parameters."""
+    import flax.linen as nn
+
+    from cifar_flax.bench_im2col import SmallMapConv
+
+    kw = dict(features=6, kernel_size=(3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
+              use_bias=bias)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, hw, hw, 5))
+    ref, fast = nn.Conv(**kw), SmallMapConv(**kw)
+    variables = ref.init(jax.random.PRNGKey(1), x)
+    variables = jax.tree.map(lambda a: a + 0.1, variables)  # non-zero bias
+    assert jax.tree.structure(fast.init(jax.random.PRNGKey(1), x)) == jax.tree.structure(variables)
+    assert jnp.allclose(fast.apply(variables, x), ref.apply(variables, x), atol=1e-5)
