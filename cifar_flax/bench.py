@@ -53,7 +53,7 @@ def run_worker(framework: str, args: argparse.Namespace, env: dict | None = None
     """Run one framework's timed step in a fresh Python process and return its result dict."""
     cmd = [sys.executable, "-m", "cifar_flax.bench_frameworks", "--framework", framework,
            "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--dtype", args.dtype]
+           "--warmup", str(args.warmup), "--dtype", args.dtype, "--conv-impl", args.conv_impl]
     if args.tiny:
         cmd.append("--tiny")
     full_env = {**os.environ, **(env or {})}
@@ -179,6 +179,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="batches timed for the input-pipeline row; 0 = skip it")
     p.add_argument("--tiny", action="store_true",
                    help="stage_sizes (1,1,1,1) instead of ResNet50's (tests only)")
+    p.add_argument("--conv-impl", default="auto", choices=["auto", "xla", "im2col"],
+                   help="the flax rows' model.conv_impl (auto = im2col for tiny maps on CPU)")
     p.add_argument("--json", default="", help="write the report here")
     args = p.parse_args(argv)
     args.frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]

@@ -152,13 +152,9 @@ def run_flax_bare(args: argparse.Namespace) -> dict:
 
     from cifar_flax import models
 
-    if os.environ.get("CIFAR_FLAX_BENCH_IM2COL") == "1":  # experiment, see bench_im2col.py
-        from cifar_flax import bench_im2col
-
-        bench_im2col.patch_models()
     model = models.create_model(
         NUM_CLASSES, "v1.5", head_hidden=(), head_dropout=0.0, zero_init_head=False,
-        dtype=args.dtype, stage_sizes=args.stage_sizes,
+        dtype=args.dtype, stage_sizes=args.stage_sizes, conv_impl=args.conv_impl,
     )
     x, y = _jax_inputs(args.batch, args.size)
     variables = jax.jit(model.init)(jax.random.PRNGKey(1), x[:1])
@@ -322,6 +318,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--tiny", action="store_true", help="stage_sizes (1,1,1,1) (tests only)")
+    p.add_argument("--conv-impl", default="auto", choices=["auto", "xla", "im2col"])
     args = p.parse_args(argv)
     args.stage_sizes = TINY_STAGES if args.tiny else FULL_STAGES
     return args

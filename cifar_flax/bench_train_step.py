@@ -21,7 +21,8 @@ from cifar_flax.bench_frameworks import LR, MOMENTUM, NUM_CLASSES, FrameworkUnav
 
 def bench_config(size: int, batch: int, dtype: str, stage_sizes: Sequence[int],
                  trainable: Sequence[str] | None = None, head_hidden: Sequence[int] = (),
-                 head_dropout: float = 0.0, augment: bool = True) -> Any:
+                 head_dropout: float = 0.0, augment: bool = True,
+                 conv_impl: str = "auto") -> Any:
     """A config whose phase 0 trains ``trainable`` groups (default all) like the bare step;
     ``augment=False`` turns crop and flip off."""
     from cifar_flax import config as config_lib
@@ -34,6 +35,7 @@ def bench_config(size: int, batch: int, dtype: str, stage_sizes: Sequence[int],
         c.augment.crop_padding, c.augment.flip = 0, False
     c.model.zero_init_head = False
     c.model.stage_sizes = tuple(stage_sizes)
+    c.model.conv_impl = conv_impl
     c.pretrained.source = ""
     groups = ("stem", "stage1", "stage2", "stage3", "stage4", "head")
     c.phases = [config_lib.phase("bench", steps=1000, trainable=tuple(trainable or groups),
@@ -75,7 +77,8 @@ def run(args: argparse.Namespace) -> dict:
         raise FrameworkUnavailable(f"cifar_flax.train / step not importable ({e})") from e
     import jax
 
-    config = bench_config(args.size, args.batch, args.dtype, args.stage_sizes)
+    config = bench_config(args.size, args.batch, args.dtype, args.stage_sizes,
+                          conv_impl=args.conv_impl)
     fn, state, batch, _ = build(config)
     t0 = time.perf_counter()
     compiled = fn.lower(state, batch).compile()

@@ -35,6 +35,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
     return create_model(
         num_classes, m.layout, m.head_hidden, m.head_dropout, m.zero_init_head, config.dtype,
         m.stage_sizes, m.base_width, step_lib.AXIS if config.sync_batchnorm else None,
+        m.conv_impl,
     )
 
 

@@ -104,20 +104,3 @@ def test_table_ratios():
     assert rows[0]["ratio_to_fastest"] == 0.5 and rows[1]["ratio_to_fastest"] == 1.0
     assert rows[2]["ratio_to_bare"] == pytest.approx(0.96)
     assert "ratio_to_fastest" not in rows[3]
-
-
-@pytest.mark.parametrize("hw,stride,bias", [(2, 1, False), (1, 1, True), (2, 2, False), (4, 1, True)])
-def test_small_map_conv_matches_conv(hw, stride, bias):
-    """The im2col experiment computes the same convolution with the same parameters."""
-    import flax.linen as nn
-
-    from cifar_flax.bench_im2col import SmallMapConv
-
-    kw = dict(features=6, kernel_size=(3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
-              use_bias=bias)
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, hw, hw, 5))
-    ref, fast = nn.Conv(**kw), SmallMapConv(**kw)
-    variables = ref.init(jax.random.PRNGKey(1), x)
-    variables = jax.tree.map(lambda a: a + 0.1, variables)  # non-zero bias
-    assert jax.tree.structure(fast.init(jax.random.PRNGKey(1), x)) == jax.tree.structure(variables)
-    assert jnp.allclose(fast.apply(variables, x), ref.apply(variables, x), atol=1e-5)

@@ -114,3 +114,37 @@ def test_stride_placement_and_biases(layout, conv1_stride, conv2_stride):
     assert h("proj_conv") == size_in // 2
     conv = variables["params"]["stage2"]["block1"]["conv1"]
     assert ("bias" in conv) == (layout == "v1")
+
+
+@pytest.mark.parametrize("hw,stride,bias", [(2, 1, False), (1, 1, True), (2, 2, False), (4, 1, True)])
+def test_small_map_conv_matches_conv(hw, stride, bias):
+    """The small-map im2col conv computes the same convolution with the same parameters."""
+    import flax.linen as nn
+
+    from cifar_flax.models import SmallMapConv
+
+    kw = dict(features=6, kernel_size=(3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
+              use_bias=bias)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, hw, hw, 5))
+    ref, fast = nn.Conv(**kw), SmallMapConv(**kw)
+    variables = ref.init(jax.random.PRNGKey(1), x)
+    variables = jax.tree.map(lambda a: a + 0.1, variables)  # non-zero bias
+    assert jax.tree.structure(fast.init(jax.random.PRNGKey(1), x)) == jax.tree.structure(variables)
+    assert jnp.allclose(fast.apply(variables, x), ref.apply(variables, x), atol=1e-5)
+
+
+def test_conv_impl_gives_the_same_model():
+    """conv_impl="im2col" and "xla" are one model: same params, same outputs and gradients."""
+    from cifar_flax.models import create_model
+
+    kw = dict(num_classes=3, layout="v1", stage_sizes=(1, 1, 1, 1), base_width=8, zero_init_head=False)
+    a, b = create_model(**kw, conv_impl="xla"), create_model(**kw, conv_impl="im2col")
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+    variables = a.init(jax.random.PRNGKey(1), x)
+    assert jax.tree.structure(b.init(jax.random.PRNGKey(1), x)) == jax.tree.structure(variables)
+    loss = lambda m: lambda p: jnp.sum(m.apply({**variables, "params": p}, x) ** 2)  # noqa: E731
+    la, ga = jax.value_and_grad(loss(a))(variables["params"])
+    lb, gb = jax.value_and_grad(loss(b))(variables["params"])
+    assert jnp.allclose(la, lb, rtol=1e-5)
+    for x1, x2 in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        assert jnp.allclose(x1, x2, rtol=1e-4, atol=1e-5)
