@@ -75,6 +75,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.early_stopping.patience = 3  # Evaluations (epochs) without improvement before the phase ends.
     c.early_stopping.min_delta = 0.0  # An improvement must exceed this to reset the patience.
     c.early_stopping.restore_best = True  # Test the best checkpoint (by metric) instead of the last weights.
+    # Cached backbone features (feature_cache.py): a phase whose whole backbone is frozen (and its
+    # BatchNorm in inference mode) trains the head on pooled features computed once per phase.
+    # Never with mixup/cutmix or on several hosts (those phases use the full step).
+    c.feature_cache = ml_collections.ConfigDict()
+    c.feature_cache.enabled = True  # Use the cache where a phase qualifies; exact when augmentation is off.
+    c.feature_cache.passes = 0  # Augmentation on: cache N augmented passes, epoch e uses e % N (approximate); 0 = no cache.
 
     # ---- checkpoints, logging, devices (train.py) ----
     c.checkpoint = ml_collections.ConfigDict()
@@ -135,6 +141,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         + _model_errors(config)
         + _group_phase_errors(config)
         + _loop_errors(config)
+        + _feature_cache_errors(config)
     )
     if errors:
         raise ConfigError("\n".join(errors))
@@ -256,5 +263,21 @@ def _loop_errors(c: ml_collections.ConfigDict) -> list[str]:
         errors.append(
             f"log_every_steps={c.log_every_steps} must be >= 1 and "
             f"eval_every_steps={c.eval_every_steps} >= 0."
+        )
+    return errors
+
+
+def _feature_cache_errors(c: ml_collections.ConfigDict) -> list[str]:
+    fc = c.get("feature_cache")
+    if fc is None:
+        return []
+    errors = []
+    if not isinstance(fc.get("enabled"), bool):
+        errors.append(f"feature_cache.enabled={fc.get('enabled')!r} must be True or False.")
+    passes = fc.get("passes")
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 0:
+        errors.append(
+            f"feature_cache.passes={passes!r} must be an integer >= 0 (0 = no cache when "
+            "augmentation is on)."
         )
     return errors

@@ -18,15 +18,29 @@ Public API (train.py wires it in)::
         -> (params, opt_state, metrics)
     evaluate_features(model, params, features, labels, batch_size) -> {"loss", "accuracy"}
 
+The training loop's side (train.py; config.feature_cache)::
+
+    cache_decision(config, plan) -> (use_cache, reason)
+    CachedPhase(config, info, model, mesh, prep, state, plan)   # extracts train + val features
+        .step(state, step) -> (state, metrics)   # the batch of global step ``step``
+        .validate(state) -> {"loss", "accuracy"}
+    train_order(config, info, epoch) -> rows in input_pipeline.train_batches' order
+    make_state_head_step(model, plan, mesh, params, num_classes) -> jitted head step
+
 Batches are dicts with ``"image"`` (uint8-valued NHWC) and ``"label"`` and optionally ``"mask"``
 (1 for real examples, 0 for padding, as eval batches are padded); a short last batch is padded to
 the first batch's size so the feature function compiles once, and padded rows are dropped.
-Single-process only (multi-host runs keep the uncached path).
+Single-process only (multi-host runs keep the uncached path). A cached phase sees the same batch
+at the same step as the full step would (the input pipeline's shuffle order) and, on one device,
+the same dropout key, so with augmentation off it is the same training, not merely a similar one
+(on several devices the full step draws one dropout mask per device shard: same distribution).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import time
 from typing import Any, Callable, Iterable, Iterator
 
 import jax
@@ -96,9 +110,23 @@ def compute_features(
     if augment_fn is not None and rng is None:
         raise ValueError("compute_features: augment_fn needs an rng.")
     fn = make_feature_fn(model, preprocess_fn, augment_fn)
+    return _features_with(fn, variables, batches, rng, sharding)
+
+
+class Interrupted(Exception):
+    """Raised when ``should_stop()`` turned true during an extraction (SIGTERM in train.py)."""
+
+
+def _features_with(fn: Callable, variables: Any, batches: Iterable[dict], rng: jax.Array | None,
+                   sharding: Any, should_stop: Callable[[], bool] = lambda: False
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """compute_features with an already built feature function (one compilation for all passes);
+    checks ``should_stop`` before every batch and raises :class:`Interrupted` when it is true."""
     rng = jax.random.PRNGKey(0) if rng is None else rng
     feats, labels, size, pending = [], [], None, None
     for i, batch in enumerate(batches):
+        if should_stop():
+            raise Interrupted(f"feature extraction stopped after {i} batches")
         size = size or len(batch["image"])
         images, lab, mask = _padded(batch, size)
         x = jax.device_put(images, sharding) if sharding is not None else images
@@ -150,14 +178,18 @@ def build_cache(
     augment_fn: AugmentFn | None = None,
     rng: jax.Array | None = None,
     sharding: Any = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> FeatureCache:
-    """Cache ``num_passes`` passes over ``make_batches(pass_index)`` (one epoch of the split)."""
+    """Cache ``num_passes`` passes over ``make_batches(pass_index)`` (one epoch of the split).
+
+    ``should_stop`` is polled before every batch; :class:`Interrupted` is raised when true."""
     if num_passes < 1:
         raise ValueError(f"feature cache: num_passes must be >= 1, got {num_passes}.")
     rng = jax.random.PRNGKey(0) if rng is None else rng
+    fn = make_feature_fn(model, preprocess_fn, augment_fn)
     passes = [
-        compute_features(model, variables, make_batches(p), preprocess_fn, augment_fn,
-                         jax.random.fold_in(rng, p), sharding)
+        _features_with(fn, variables, make_batches(p), jax.random.fold_in(rng, p), sharding,
+                       should_stop)
         for p in range(num_passes)
     ]
     n = min(len(lab) for _, lab in passes)
@@ -195,23 +227,181 @@ def make_head_train_step(model: Any, tx: optax.GradientTransformation) -> Callab
     return jax.jit(step, donate_argnums=(0, 1))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_sums(model, params, feat, lab, mask):
+    loss, logits = _head_loss(model, params, feat, lab, False, None)
+    correct = (jnp.argmax(logits, -1) == lab) * mask
+    return jnp.sum(loss * mask), jnp.sum(correct)
+
+
 def evaluate_features(
     model: Any, params: Any, features: np.ndarray, labels: np.ndarray, batch_size: int = 1024
 ) -> dict[str, float]:
-    """Mean loss and accuracy of the head on cached features (the last batch padded, masked)."""
+    """Mean loss and accuracy of the head on cached features (the last batch padded, masked).
 
-    @jax.jit
-    def sums(params, feat, lab, mask):
-        loss, logits = _head_loss(model, params, feat, lab, False, None)
-        correct = (jnp.argmax(logits, -1) == lab) * mask
-        return jnp.sum(loss * mask), jnp.sum(correct)
-
+    ``params`` may be the full tree or just ``{"head": ...}`` (only the head runs).
+    """
     total_loss = total_correct = 0.0
     for start in range(0, len(labels), batch_size):
         f, lab, m = _padded({"image": features[start:start + batch_size],
                              "label": labels[start:start + batch_size]}, batch_size)
-        loss, correct = sums(params, f, lab, m.astype(np.float32))
+        loss, correct = _eval_sums(model, params, f, lab, m.astype(np.float32))
         total_loss += float(loss)
         total_correct += float(correct)
     n = max(len(labels), 1)
     return {"loss": total_loss / n, "accuracy": total_correct / n}
+
+
+# ---- The training loop's cached phase (train.py) ----------------------------------------------
+
+
+def augmented(aug_config: Any) -> bool:
+    """True when the training step draws random crops or flips (the features differ per epoch)."""
+    return bool(aug_config.crop_padding > 0 or aug_config.flip or aug_config.random_resized_crop)
+
+
+def cache_decision(config: Any, plan: Any) -> tuple[bool, str]:
+    """(train phase ``plan`` on cached features?, why) from ``config.feature_cache`` and the phase.
+
+    Qualifies: the cache is enabled, no backbone parameter trains and no BatchNorm runs in
+    training mode, no mixup/cutmix (they mix images before the backbone), augmentation off
+    (exact) or ``feature_cache.passes > 0`` (approximate), and a single process.
+    """
+    fc, aug = config.feature_cache, config.augment
+    if not fc.enabled:
+        return False, "feature_cache.enabled=False"
+    if not backbone_frozen(plan.trainable, plan.bn_train_modules):
+        return False, "backbone parameters or BatchNorm statistics train in this phase"
+    if aug.mixup_alpha > 0 or aug.cutmix_alpha > 0:
+        return False, "mixup/cutmix mix images before the backbone"
+    if augmented(aug) and fc.passes == 0:
+        return False, "augmentation is on and feature_cache.passes=0"
+    if jax.process_count() > 1:
+        return False, "multi-host run (the cache is single-process)"
+    if augmented(aug):
+        return True, f"{fc.passes} augmented passes, cycled per epoch (an approximation)"
+    return True, "exact: augmentation is off"
+
+
+def train_order(config: Any, info: Any, epoch: int) -> np.ndarray:
+    """Row order of ``epoch`` as input_pipeline.train_batches shuffles it (single host).
+
+    Rows index the train split in ``eval_batches(..., "train")`` order. tf.data's shuffle draws
+    its order from (seed, buffer size, length) only, so shuffling ``range(n)`` the same way gives
+    the permutation train_batches applies to the images: cached and uncached phases see the same
+    batch at the same step (tests/test_train_cached.py checks it against train_batches).
+    """
+    import tensorflow as tf
+
+    from cifar_flax import input_pipeline
+
+    n = len(input_pipeline.host_indices(config, "train"))
+    buffer = max(1, min(config.shuffle_buffer, n))
+    seed = input_pipeline._epoch_seed(config.seed, epoch)  # noqa: SLF001 (the pipeline's seed)
+    ds = tf.data.Dataset.range(n).shuffle(buffer, seed=seed, reshuffle_each_iteration=False)
+    return next(iter(ds.batch(n).as_numpy_iterator()))
+
+
+def make_state_head_step(model: Any, plan: Any, mesh: Any, params: Any, num_classes: int):
+    """jit ``(head, opt_state, step, rng, features, labels) -> (head, opt_state, step, metrics)``.
+
+    The head-only counterpart of step.make_train_step for a TrainState: the same loss (soft
+    one-hot cross-entropy), the same dropout key (device 0's key of step ``step``), ``plan.tx``
+    on the full param tree (the backbone enters as zeros that only ``set_to_zero`` sees, so XLA
+    drops them) and trainable head leaves updated as ``p + u``. Inputs and outputs are replicated
+    on ``mesh`` (what the checkpoints and the next phase expect); head and opt_state are donated.
+    """
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    trainable = plan.trainable["head"]
+    frozen = {k: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), v)
+              for k, v in params.items() if k != "head"}
+
+    def zeros():
+        return jax.tree.map(lambda sd: jnp.zeros(sd.shape, sd.dtype), frozen)
+
+    def step(head, opt_state, step, rng, features, labels):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(rng), step), 0)
+        _, dropout_key = jax.random.split(key)
+
+        def loss_fn(h):
+            logits = model.apply({"params": {"head": h}}, features, train=True,
+                                 method="classify", rngs={"dropout": dropout_key})
+            soft = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+            return optax.softmax_cross_entropy(logits, soft).mean(), logits
+
+        (loss, logits), g = jax.value_and_grad(loss_fn, has_aux=True)(head)
+        g = jax.tree.map(lambda x, t: x if t else jnp.zeros_like(x), g, trainable)
+        updates, opt_state = plan.tx.update({**zeros(), "head": g}, opt_state,
+                                            {**zeros(), "head": head})
+        head = jax.tree.map(lambda p, u, t: p + u.astype(p.dtype) if t else p,
+                            head, updates["head"], trainable)
+        acc = jnp.mean(jnp.argmax(logits, -1) == labels)
+        return head, opt_state, step + 1, {"loss": loss, "accuracy": acc}
+
+    return jax.jit(step, in_shardings=replicated, out_shardings=replicated,
+                   donate_argnums=(0, 1))
+
+
+class CachedPhase:
+    """One phase's train step and validation on features cached at its start (and on resume).
+
+    ``step(state, s)`` trains the head on the batch of global step ``s`` (the rows
+    train_batches would give at ``s``, from pass ``epoch % passes``); ``validate(state)`` gives
+    {"loss", "accuracy"} on the cached validation features. The backbone is frozen for the whole
+    phase, so the features are a deterministic function of the weights: a resumed phase rebuilds
+    the same cache. ``should_stop`` (SIGTERM) is polled per batch during the extraction, which
+    raises :class:`Interrupted`.
+    """
+
+    def __init__(self, config, info, model, mesh, prep, state, plan,
+                 should_stop: Callable[[], bool] = lambda: False) -> None:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from cifar_flax import augment, input_pipeline
+
+        t0 = time.perf_counter()
+        self.config, self.info, self.model = config, info, model
+        self.batch, self.spe = config.batch_size, input_pipeline.steps_per_epoch(config, info)
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        sharding = NamedSharding(mesh, PartitionSpec("data"))
+        labels0 = lambda im: jnp.zeros(im.shape[:1], jnp.int32)  # noqa: E731 (unused by features)
+        train_aug = lambda rng, im: augment.train_augment(  # noqa: E731 (the step's geometry)
+            im, labels0(im), rng, config.augment, info.num_classes, prep)[0]
+        self.cache = build_cache(
+            model, variables, lambda p: input_pipeline.eval_batches(config, info, "train"),
+            lambda x: x, max(1, config.feature_cache.passes) if augmented(config.augment) else 1,
+            train_aug, jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xFCACE), sharding,
+            should_stop)
+        self.val = None
+        if info.split_sizes.get("validation", 0) > 0:
+            val_fn = make_feature_fn(
+                model, lambda im: augment.eval_preprocess(im, config.augment, prep))
+            self.val = _features_with(
+                val_fn, variables, input_pipeline.eval_batches(config, info, "validation"), None,
+                sharding, should_stop)
+        self.fn = make_state_head_step(model, plan, mesh, state.params, info.num_classes)
+        self._epoch, self._order = -1, None
+        self.extract_seconds = time.perf_counter() - t0
+
+    def _rows(self, s: int) -> tuple[np.ndarray, np.ndarray]:
+        epoch, i = divmod(int(s), self.spe)
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, train_order(self.config, self.info, epoch)
+        rows = self._order[i * self.batch:(i + 1) * self.batch]
+        p = epoch % self.cache.num_passes
+        return self.cache.features[p, rows], self.cache.labels[p, rows]
+
+    def step(self, state: Any, s: int) -> tuple[Any, dict]:
+        """One head step on the cached batch of global step ``s``; the state keeps its type."""
+        features, labels = self._rows(s)
+        head, opt_state, step, metrics = self.fn(
+            state.params["head"], state.opt_state, state.step, state.rng, features, labels)
+        params = {**state.params, "head": head}
+        return state.replace(params=params, opt_state=opt_state, step=step), metrics
+
+    def validate(self, state: Any) -> dict[str, float]:
+        """Validation loss/accuracy of the current head on the cached validation features."""
+        return evaluate_features(self.model, {"head": state.params["head"]}, *self.val,
+                                 self.config.eval_batch_size)

@@ -2,9 +2,12 @@
 
 Phases run in order (optim.py); each has a fresh optimizer state. After every epoch (or
 ``eval_every_steps``) the validation split is evaluated, early stopping may end the phase, and
-checkpoints are written (checkpointing.py). A rerun with the same workdir resumes from the latest
-checkpoint. SIGTERM finishes the current step, saves and returns. At the end the best checkpoint
-(by the validation metric) is evaluated on the test split and report.py writes the report.
+checkpoints are written (checkpointing.py). A phase whose whole backbone is frozen trains its head
+on backbone features cached at the phase start (feature_cache.py, ``config.feature_cache``); the
+loop around the step (logging, evaluation cadence, checkpoints, stopping) is the same. A rerun
+with the same workdir resumes from the latest checkpoint. SIGTERM finishes the current step,
+saves and returns. At the end the best checkpoint (by the validation metric) is evaluated on the
+test split (full model) and report.py writes the report.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cifar_flax import input_pipeline, optim, pretrained, report, step as step_lib
+from cifar_flax import feature_cache, input_pipeline, optim, pretrained, report, step as step_lib
 from cifar_flax.checkpointing import Checkpointer
 from cifar_flax.config import validate
 from cifar_flax.early_stopping import EarlyStopping
@@ -103,6 +106,20 @@ class Evaluator:
             "logits": logits,
             "labels": labels,
         }
+
+
+class _TrainBatches:
+    """train_batches at a given step; reopened at the step asked for when the position moved
+    (after a cached phase, which does not read images)."""
+
+    def __init__(self, config, info) -> None:
+        self.config, self.info, self.it, self.next_step = config, info, None, -1
+
+    def at(self, step: int) -> dict[str, np.ndarray]:
+        if self.it is None or step != self.next_step:
+            self.it = input_pipeline.train_batches(self.config, self.info, start_step=step)
+        self.next_step = step + 1
+        return next(self.it)
 
 
 class _Throughput:
@@ -230,14 +247,14 @@ class _Loop:
         total = sum(
             optim.phase_steps(p, self.spe) for p in self.config.phases
         )  # Planned steps (early stopping can shorten phases; the bar's ETA is an upper bound).
-        batches = input_pipeline.train_batches(self.config, self.info, start_step=self.step)
+        self.batches = _TrainBatches(self.config, self.info)
         progress = Progress(total, min(self.step, total), self.config.progress_bar)
         if self.fresh:
             state = self._start_phase(state, self._plan(state.params))
         try:
             with _Stop() as stop:
                 while self.phase_index < len(self.config.phases):
-                    state, finished = self._run_phase(state, batches, progress, stop)
+                    state, finished = self._run_phase(state, progress, stop)
                     if not finished:
                         return False
                     self.phase_index += 1
@@ -253,30 +270,79 @@ class _Loop:
         self.phase_start = self.step
         self.es.start_phase()
         opt_state = step_lib.replicate(self.mesh, plan.tx.init(state.params))
-        self.writer.write(self.step, "phase", {"index": plan.index, "name": plan.name})
+        cached = feature_cache.cache_decision(self.config, plan)[0]
+        self.writer.write(self.step, "phase",
+                          {"index": plan.index, "name": plan.name, "feature_cache": cached})
         logging.info("Phase %d (%s): %d steps, training %s", plan.index, plan.name, plan.steps,
                      list(self.config.phases[plan.index].trainable))
         return state.replace(opt_state=opt_state)
 
-    def _run_phase(self, state, batches, progress, stop) -> tuple[Any, bool]:
-        """Steps of the current phase until its end or early stop; False if interrupted."""
+    def _run_phase(self, state, progress, stop) -> tuple[Any, bool]:
+        """The current phase on cached features or the full step; False if interrupted."""
         plan = self._plan(state.params)
+        if self.config.early_stopping.enabled and self.es.bad_evals >= self.es.patience:
+            return state, True  # Killed between early stopping and the phase-boundary save.
+        use_cache, why = feature_cache.cache_decision(self.config, plan)
+        if use_cache:
+            try:
+                step_fn, validate = self._cached_fns(state, plan, why, stop)
+            except feature_cache.Interrupted:  # SIGTERM while extracting: save and return.
+                self._stop_requested(stop, state)
+                return state, False
+        else:
+            logging.info("Phase %d (%s): full train step (feature cache not used: %s)",
+                         plan.index, plan.name, why)
+            step_fn, validate = self._full_fns(plan)
+        return self._train_steps(state, plan, step_fn, validate, progress, stop)
+
+    def _full_fns(self, plan):
+        """(step_fn, validate) of the full model: images through the data-parallel step."""
         train_step = step_lib.make_train_step(
             self.model, plan, self.mesh, self.config.augment, self.prep, self.info.num_classes,
             self.config.sync_batchnorm,
         )
+
+        def step_fn(state, step):
+            return train_step(state, step_lib.shard_batch(self.mesh, self.batches.at(step)))
+
+        def validate(state):
+            variables = {"params": state.params, "batch_stats": state.batch_stats}
+            return self.evaluator(variables, "validation")
+
+        return step_fn, validate
+
+    def _cached_fns(self, state, plan, why, stop):
+        """(step_fn, validate) on backbone features extracted now (feature_cache.CachedPhase)."""
+        cached = feature_cache.CachedPhase(self.config, self.info, self.model, self.mesh,
+                                           self.prep, state, plan, lambda: stop.requested)
+        n, passes = cached.cache.num_examples, cached.cache.num_passes
+        logging.info("Phase %d (%s) trains on cached backbone features (%s): %d train examples "
+                     "x %d passes extracted in %.1f s", plan.index, plan.name, why, n, passes,
+                     cached.extract_seconds)
+        self.writer.write(self.step, "feature_cache", {
+            "phase": plan.index, "extract_seconds": cached.extract_seconds,
+            "train_examples": n, "passes": passes})
+        return cached.step, cached.validate
+
+    def _stop_requested(self, stop, state) -> bool:
+        """SIGTERM or stop_after_steps: save and say so; True when the run must return."""
+        if not (stop.requested or (self.stop_after is not None and self.step >= self.stop_after)):
+            return False
+        self._save(state)
+        logging.warning("Stopped at step %d (SIGTERM or stop request); checkpoint saved in %s.",
+                        self.step, self.workdir)
+        print(f"Interrupted at step {self.step}; checkpoint saved. "
+              "Rerun the same command to resume.", flush=True)
+        return True
+
+    def _train_steps(self, state, plan, step_fn, validate, progress, stop) -> tuple[Any, bool]:
+        """Steps ``step_fn(state, step) -> (state, metrics)`` until the phase ends or stops early,
+        with logging, evaluation (``validate(state)``), checkpoints and stop requests."""
         end, pending, first = self.phase_start + plan.steps, [], True
-        if self.config.early_stopping.enabled and self.es.bad_evals >= self.es.patience:
-            return state, True  # Killed between early stopping and the phase-boundary save.
         while self.step < end:
-            if stop.requested or (self.stop_after is not None and self.step >= self.stop_after):
-                self._save(state)
-                logging.warning("Stopped at step %d (SIGTERM or stop request); checkpoint saved "
-                                "in %s.", self.step, self.workdir)
-                print(f"Interrupted at step {self.step}; checkpoint saved. "
-                      "Rerun the same command to resume.", flush=True)
+            if self._stop_requested(stop, state):
                 return state, False
-            state, metrics = train_step(state, step_lib.shard_batch(self.mesh, next(batches)))
+            state, metrics = step_fn(state, self.step)
             self.step += 1
             progress.update()
             pending.append(metrics)
@@ -290,7 +356,7 @@ class _Loop:
                 self._log_train(plan, pending, progress)
                 pending = []
             if self.step % self.eval_every == 0 or self.step == end:
-                if self._evaluate(state, progress):
+                if self._evaluate(state, progress, validate):
                     logging.info("Early stopping ends phase %d (%s) at step %d", plan.index,
                                  plan.name, self.step)
                     break
@@ -316,12 +382,11 @@ class _Loop:
             self.step, f"loss {record['loss']:.4f} acc {record['accuracy']:.4f} {rate:.1f} img/s"
         )
 
-    def _evaluate(self, state, progress) -> bool:
+    def _evaluate(self, state, progress, validate) -> bool:
         """Validation, early stopping, best/epoch checkpoints; True when the phase should end."""
         stop_phase = False
         if self.has_val:
-            variables = {"params": state.params, "batch_stats": state.batch_stats}
-            r = self.evaluator(variables, "validation")
+            r = validate(state)
             self.writer.write(self.step, "eval", {"val_loss": r["loss"], "val_accuracy": r["accuracy"]})
             progress.log(self.step, f"val_loss {r['loss']:.4f} val_acc {r['accuracy']:.4f}")
             value = r["accuracy"] if self.es.metric == "val_accuracy" else r["loss"]

@@ -1,7 +1,9 @@
 """The seed notebook's baseline: Keras ImageNet ResNet50, frozen, with a dense head + dropout.
 
 Only the head trains (the backbone's BatchNorm stays in inference mode, as Keras' frozen layers
-do); no augmentation. Compare with configs/finetune.py to see what unfreezing and augmentation add.
+do); no augmentation. The backbone features are therefore computed once and the head trains on
+them (config.feature_cache; the same result as running the backbone every step, much faster).
+Compare with configs/finetune.py to see what unfreezing and augmentation add.
 
     python -m cifar_flax.main --config configs/baseline.py --workdir runs/baseline
 """
@@ -26,4 +28,5 @@ def get_config() -> ml_collections.ConfigDict:
               schedule="constant", momentum=0.9),
     ]
     c.early_stopping.patience = 3
+    c.feature_cache.enabled = True  # Head only, no augmentation: train on cached backbone features (exact).
     return c
