@@ -10,6 +10,8 @@
 
 Both use the real train.py step (bench_train_step.build: optim.build_phase freezing, shard_map)
 on a synthetic batch already on the device, compiled before timing; SGD momentum, ResNet50 v1.5.
+The cached side uses what train.py's cached phase (feature_cache.CachedPhase) runs: its feature
+function (make_feature_fn + train_augment_fn) and its head step (make_state_head_step).
 """
 
 from __future__ import annotations
@@ -21,11 +23,10 @@ import sys
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from cifar_flax import augment, bench_train_step, feature_cache
-from cifar_flax.bench_frameworks import FULL_STAGES, TINY_STAGES, time_steps
+from cifar_flax import bench_train_step, feature_cache
+from cifar_flax.bench_frameworks import FULL_STAGES, NUM_CLASSES, TINY_STAGES, time_steps
 
 
 def _time_step(fn: Callable, state: Any, batch: dict, warmup: int, steps: int) -> float:
@@ -54,29 +55,30 @@ def _stages(args: argparse.Namespace) -> Sequence[int]:
 
 def measure_frozen_backbone(args: argparse.Namespace) -> dict[str, Any]:
     """Baseline phase (head only, seed's 256-unit head with dropout 0.5, no augmentation):
-    train.py's step every epoch vs features cached once + feature_cache's head step."""
+    train.py's step every epoch vs features cached once + the cached phase's head step."""
     head = {"head_hidden": (256,), "head_dropout": 0.5, "augment": False}
     uncached_s = _train_step_s(args, ("head",), **head)
     config = bench_train_step.bench_config(args.size, args.batch, "float32", _stages(args),
                                            ("head",), **head)
-    _, _, batch, parts = bench_train_step.build(config)
+    _, state, batch, parts = bench_train_step.build(config)
     model, variables, plan = parts["model"], parts["variables"], parts["plan"]
     images = np.asarray(batch["image"])
     labels = np.asarray(batch["label"])
-    feat_fn = feature_cache.make_feature_fn(
-        model, lambda im: augment.eval_preprocess(im, config.augment, parts["prep"]))
+    feat_fn = feature_cache.make_feature_fn(  # CachedPhase's train-cache feature function
+        model, lambda x: x, feature_cache.train_augment_fn(config, NUM_CLASSES, parts["prep"]))
     key = jax.random.PRNGKey(0)
-    compiled = jax.jit(feat_fn).lower(variables, images, key).compile()
+    compiled = feat_fn.lower(variables, images, key).compile()
     t = time_steps(lambda: compiled(variables, images, key), jax.block_until_ready,
                    args.warmup, args.steps)
     extract_s = t["timed_s"] / args.steps
     feats = np.asarray(compiled(variables, images, key))
-    head_step = feature_cache.make_head_train_step(model, plan.tx)
-    hs = {"p": jax.tree.map(jnp.copy, variables["params"])}
-    hs["o"] = plan.tx.init(hs["p"])
+    head_step = feature_cache.make_state_head_step(model, plan, parts["mesh"], state.params,
+                                                   NUM_CLASSES)
+    hs = {"head": state.params["head"], "opt": state.opt_state, "step": state.step}
 
-    def head_one():
-        hs["p"], hs["o"], m = head_step(hs["p"], hs["o"], feats, labels, key)
+    def head_one():  # CachedPhase.step without the host-side row gather
+        hs["head"], hs["opt"], hs["step"], m = head_step(
+            hs["head"], hs["opt"], hs["step"], state.rng, feats, labels)
         return m["loss"]
 
     head_s = time_steps(head_one, lambda o: o.block_until_ready(), 5,

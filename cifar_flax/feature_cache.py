@@ -7,25 +7,25 @@ gives exactly the same training (with augmentation off) at the cost of the head 
 augmentation on, ``num_passes`` augmented copies of the training set are cached and epoch ``e``
 uses pass ``e % num_passes`` (an approximation: a fixed set of augmentations instead of fresh ones).
 
-Public API (train.py wires it in)::
-
-    backbone_frozen(trainable, bn_train_modules) -> bool
-    compute_features(model, variables, batches, preprocess_fn, augment_fn=None, rng=None)
-        -> (features [N, D] float32, labels [N] int32)
-    build_cache(model, variables, make_batches, preprocess_fn, num_passes=1, augment_fn=None,
-                rng=None) -> FeatureCache
-    make_head_train_step(model, tx) -> step(params, opt_state, features, labels, rng)
-        -> (params, opt_state, metrics)
-    evaluate_features(model, params, features, labels, batch_size) -> {"loss", "accuracy"}
-
-The training loop's side (train.py; config.feature_cache)::
+Public API (train.py uses CachedPhase and cache_decision; config.feature_cache)::
 
     cache_decision(config, plan) -> (use_cache, reason)
     CachedPhase(config, info, model, mesh, prep, state, plan)   # extracts train + val features
         .step(state, step) -> (state, metrics)   # the batch of global step ``step``
         .validate(state) -> {"loss", "accuracy"}
-    train_order(config, info, epoch) -> rows in input_pipeline.train_batches' order
+
+and the parts it is built from (tests and bench_fastpaths use them directly)::
+
+    backbone_frozen(trainable, bn_train_modules) -> bool
+    make_feature_fn(model, preprocess_fn, augment_fn=None) -> jitted (variables, images, rng)
+    train_augment_fn(config, num_classes, prep) -> the train cache's augment_fn
+    build_cache(model, variables, make_batches, preprocess_fn, num_passes=1, augment_fn=None,
+                rng=None, sharding=None, should_stop=...) -> FeatureCache
+    FeatureCache.take(epoch, rows) -> (features, labels) of pass ``epoch % num_passes``
     make_state_head_step(model, plan, mesh, params, num_classes) -> jitted head step
+    evaluate_features(model, params, features, labels, batch_size) -> {"loss", "accuracy"}
+
+The batch order is input_pipeline.epoch_order's (the one train_batches shuffles with).
 
 Batches are dicts with ``"image"`` (uint8-valued NHWC) and ``"label"`` and optionally ``"mask"``
 (1 for real examples, 0 for padding, as eval batches are padded); a short last batch is padded to
@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -93,36 +93,16 @@ def _padded(batch: dict, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return images, labels, mask
 
 
-def compute_features(
-    model: Any,
-    variables: Any,
-    batches: Iterable[dict],
-    preprocess_fn: PreprocessFn,
-    augment_fn: AugmentFn | None = None,
-    rng: jax.Array | None = None,
-    sharding: Any = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Backbone features of every real example in ``batches``, in order, on the host.
-
-    ``sharding`` (e.g. a NamedSharding over the data axis) places each batch across devices.
-    ``augment_fn`` needs ``rng``; each batch gets its own fold of it.
-    """
-    if augment_fn is not None and rng is None:
-        raise ValueError("compute_features: augment_fn needs an rng.")
-    fn = make_feature_fn(model, preprocess_fn, augment_fn)
-    return _features_with(fn, variables, batches, rng, sharding)
-
-
 class Interrupted(Exception):
     """Raised when ``should_stop()`` turned true during an extraction (SIGTERM in train.py)."""
 
 
-def _features_with(fn: Callable, variables: Any, batches: Iterable[dict], rng: jax.Array | None,
-                   sharding: Any, should_stop: Callable[[], bool] = lambda: False
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """compute_features with an already built feature function (one compilation for all passes);
-    checks ``should_stop`` before every batch and raises :class:`Interrupted` when it is true."""
-    rng = jax.random.PRNGKey(0) if rng is None else rng
+def _one_pass(fn: Callable, variables: Any, batches: Iterable[dict], rng: jax.Array,
+              sharding: Any, should_stop: Callable[[], bool]) -> tuple[np.ndarray, np.ndarray]:
+    """(features, labels) of every real example of one pass over ``batches``, in order, on the
+    host (``fn`` built once for all passes: one compilation); ``sharding`` places each batch,
+    each batch gets its own fold of ``rng``; checks ``should_stop`` before every batch and raises
+    :class:`Interrupted` when it is true."""
     feats, labels, size, pending = [], [], None, None
     for i, batch in enumerate(batches):
         if should_stop():
@@ -138,7 +118,7 @@ def _features_with(fn: Callable, variables: Any, batches: Iterable[dict], rng: j
     if pending is not None:
         feats.append(np.asarray(pending[0])[pending[1]])
     if not feats:
-        raise ValueError("compute_features: the batch iterator was empty.")
+        raise ValueError("feature cache: the batch iterator was empty.")
     return np.concatenate(feats).astype(np.float32), np.concatenate(labels).astype(np.int32)
 
 
@@ -157,16 +137,11 @@ class FeatureCache:
     def num_examples(self) -> int:
         return self.features.shape[1]
 
-    def batches(self, epoch: int, batch_size: int, seed: int = 0,
-                shuffle: bool = True) -> Iterator[dict[str, np.ndarray]]:
-        """One epoch of full batches from pass ``epoch % num_passes`` (remainder dropped, like
-        the training input pipeline), shuffled with ``(seed, epoch)``; ``index`` gives the rows."""
+    def take(self, epoch: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels) of ``rows`` in the pass of ``epoch``: ``epoch % num_passes``, so
+        augmented passes cycle over the epochs."""
         p = epoch % self.num_passes
-        n = self.num_examples
-        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-        for start in range(0, n - batch_size + 1, batch_size):
-            idx = order[start:start + batch_size]
-            yield {"features": self.features[p, idx], "label": self.labels[p, idx], "index": idx}
+        return self.features[p, rows], self.labels[p, rows]
 
 
 def build_cache(
@@ -182,14 +157,16 @@ def build_cache(
 ) -> FeatureCache:
     """Cache ``num_passes`` passes over ``make_batches(pass_index)`` (one epoch of the split).
 
-    ``should_stop`` is polled before every batch; :class:`Interrupted` is raised when true."""
+    Batches are padded to the first one's size (one compilation) and their masked rows dropped;
+    ``augment_fn`` draws from pass ``p``'s fold of ``rng``. ``should_stop`` is polled before
+    every batch; :class:`Interrupted` is raised when true."""
     if num_passes < 1:
         raise ValueError(f"feature cache: num_passes must be >= 1, got {num_passes}.")
     rng = jax.random.PRNGKey(0) if rng is None else rng
     fn = make_feature_fn(model, preprocess_fn, augment_fn)
     passes = [
-        _features_with(fn, variables, make_batches(p), jax.random.fold_in(rng, p), sharding,
-                       should_stop)
+        _one_pass(fn, variables, make_batches(p), jax.random.fold_in(rng, p), sharding,
+                  should_stop)
         for p in range(num_passes)
     ]
     n = min(len(lab) for _, lab in passes)
@@ -197,39 +174,10 @@ def build_cache(
                         np.stack([lab[:n] for _, lab in passes]))
 
 
-def _head_loss(model, params, features, labels, train, rng):
-    logits = model.apply({"params": params}, features, train=train, method="classify",
-                         rngs={"dropout": rng} if train else None)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return loss, logits
-
-
-def make_head_train_step(model: Any, tx: optax.GradientTransformation) -> Callable:
-    """jit step training ``params["head"]`` on feature batches; other params pass through.
-
-    ``params`` is the full param tree and ``tx`` any optimizer over it (e.g. optim.PhasePlan.tx,
-    whose frozen groups are ``set_to_zero``): gradients are taken w.r.t. the head only and zeros
-    are fed for the rest. params and opt_state are donated.
-    """
-
-    def step(params, opt_state, features, labels, rng):
-        def loss_fn(head):
-            loss, logits = _head_loss(model, {**params, "head": head}, features, labels, True, rng)
-            return loss.mean(), logits
-
-        (loss, logits), g_head = jax.value_and_grad(loss_fn, has_aux=True)(params["head"])
-        grads = {k: (g_head if k == "head" else jax.tree.map(jnp.zeros_like, v))
-                 for k, v in params.items()}
-        updates, opt_state = tx.update(grads, opt_state, params)
-        acc = jnp.mean(jnp.argmax(logits, -1) == labels)
-        return optax.apply_updates(params, updates), opt_state, {"loss": loss, "accuracy": acc}
-
-    return jax.jit(step, donate_argnums=(0, 1))
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _eval_sums(model, params, feat, lab, mask):
-    loss, logits = _head_loss(model, params, feat, lab, False, None)
+    logits = model.apply({"params": params}, feat, train=False, method="classify")
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, lab)
     correct = (jnp.argmax(logits, -1) == lab) * mask
     return jnp.sum(loss * mask), jnp.sum(correct)
 
@@ -260,6 +208,18 @@ def augmented(aug_config: Any) -> bool:
     return bool(aug_config.crop_padding > 0 or aug_config.flip or aug_config.random_resized_crop)
 
 
+def train_augment_fn(config: Any, num_classes: int, prep: Any) -> AugmentFn:
+    """The train cache's ``augment_fn``: the train step's augmentation and preprocessing
+    (augment.train_augment: crops/flips when on, resize, normalise); labels are not needed."""
+    from cifar_flax import augment
+
+    def fn(rng, images):
+        labels = jnp.zeros(images.shape[:1], jnp.int32)
+        return augment.train_augment(images, labels, rng, config.augment, num_classes, prep)[0]
+
+    return fn
+
+
 def cache_decision(config: Any, plan: Any) -> tuple[bool, str]:
     """(train phase ``plan`` on cached features?, why) from ``config.feature_cache`` and the phase.
 
@@ -281,25 +241,6 @@ def cache_decision(config: Any, plan: Any) -> tuple[bool, str]:
     if augmented(aug):
         return True, f"{fc.passes} augmented passes, cycled per epoch (an approximation)"
     return True, "exact: augmentation is off"
-
-
-def train_order(config: Any, info: Any, epoch: int) -> np.ndarray:
-    """Row order of ``epoch`` as input_pipeline.train_batches shuffles it (single host).
-
-    Rows index the train split in ``eval_batches(..., "train")`` order. tf.data's shuffle draws
-    its order from (seed, buffer size, length) only, so shuffling ``range(n)`` the same way gives
-    the permutation train_batches applies to the images: cached and uncached phases see the same
-    batch at the same step (tests/test_train_cached.py checks it against train_batches).
-    """
-    import tensorflow as tf
-
-    from cifar_flax import input_pipeline
-
-    n = len(input_pipeline.host_indices(config, "train"))
-    buffer = max(1, min(config.shuffle_buffer, n))
-    seed = input_pipeline._epoch_seed(config.seed, epoch)  # noqa: SLF001 (the pipeline's seed)
-    ds = tf.data.Dataset.range(n).shuffle(buffer, seed=seed, reshuffle_each_iteration=False)
-    return next(iter(ds.batch(n).as_numpy_iterator()))
 
 
 def make_state_head_step(model: Any, plan: Any, mesh: Any, params: Any, num_classes: int):
@@ -362,25 +303,21 @@ class CachedPhase:
         from cifar_flax import augment, input_pipeline
 
         t0 = time.perf_counter()
-        self.config, self.info, self.model = config, info, model
+        self.config, self.model = config, model
         self.batch, self.spe = config.batch_size, input_pipeline.steps_per_epoch(config, info)
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         sharding = NamedSharding(mesh, PartitionSpec("data"))
-        labels0 = lambda im: jnp.zeros(im.shape[:1], jnp.int32)  # noqa: E731 (unused by features)
-        train_aug = lambda rng, im: augment.train_augment(  # noqa: E731 (the step's geometry)
-            im, labels0(im), rng, config.augment, info.num_classes, prep)[0]
         self.cache = build_cache(
             model, variables, lambda p: input_pipeline.eval_batches(config, info, "train"),
             lambda x: x, max(1, config.feature_cache.passes) if augmented(config.augment) else 1,
-            train_aug, jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xFCACE), sharding,
-            should_stop)
+            train_augment_fn(config, info.num_classes, prep),
+            jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xFCACE), sharding, should_stop)
         self.val = None
         if info.split_sizes.get("validation", 0) > 0:
-            val_fn = make_feature_fn(
-                model, lambda im: augment.eval_preprocess(im, config.augment, prep))
-            self.val = _features_with(
-                val_fn, variables, input_pipeline.eval_batches(config, info, "validation"), None,
-                sharding, should_stop)
+            self.val = build_cache(
+                model, variables, lambda p: input_pipeline.eval_batches(config, info, "validation"),
+                lambda im: augment.eval_preprocess(im, config.augment, prep), sharding=sharding,
+                should_stop=should_stop)
         self.fn = make_state_head_step(model, plan, mesh, state.params, info.num_classes)
         self._epoch, self._order = -1, None
         self.extract_seconds = time.perf_counter() - t0
@@ -388,10 +325,10 @@ class CachedPhase:
     def _rows(self, s: int) -> tuple[np.ndarray, np.ndarray]:
         epoch, i = divmod(int(s), self.spe)
         if epoch != self._epoch:
-            self._epoch, self._order = epoch, train_order(self.config, self.info, epoch)
-        rows = self._order[i * self.batch:(i + 1) * self.batch]
-        p = epoch % self.cache.num_passes
-        return self.cache.features[p, rows], self.cache.labels[p, rows]
+            from cifar_flax import input_pipeline
+
+            self._epoch, self._order = epoch, input_pipeline.epoch_order(self.config, epoch)
+        return self.cache.take(epoch, self._order[i * self.batch:(i + 1) * self.batch])
 
     def step(self, state: Any, s: int) -> tuple[Any, dict]:
         """One head step on the cached batch of global step ``s``; the state keeps its type."""
@@ -403,5 +340,6 @@ class CachedPhase:
 
     def validate(self, state: Any) -> dict[str, float]:
         """Validation loss/accuracy of the current head on the cached validation features."""
-        return evaluate_features(self.model, {"head": state.params["head"]}, *self.val,
+        return evaluate_features(self.model, {"head": state.params["head"]},
+                                 self.val.features[0], self.val.labels[0],
                                  self.config.eval_batch_size)

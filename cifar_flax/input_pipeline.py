@@ -29,6 +29,7 @@ from cifar_flax.datasets import DataError, DatasetInfo, SplitSource, source_for_
 __all__ = [
     "DataError", "DatasetInfo", "get_info", "local_batch_size", "train_batches", "eval_batches",
     "steps_per_epoch", "num_eval_batches", "host_indices", "host_dataset", "clear_caches",
+    "epoch_order",
 ]
 
 SPLITS = ("train", "validation", "test")
@@ -170,6 +171,28 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, 0x5F]).generate_state(1)[0])
 
 
+def _epoch_shuffle(ds: tf.data.Dataset, config: Any, epoch: int, n: int) -> tf.data.Dataset:
+    """``ds`` (``n`` examples) shuffled as train_batches shuffles epoch ``epoch``.
+
+    The one place of the rule: a buffer of ``min(config.shuffle_buffer, n)`` and a seed drawn
+    from ``(config.seed, epoch)``. tf.data draws the order from (seed, buffer, length) only, so
+    any dataset of ``n`` elements is permuted the same way (epoch_order relies on it).
+    """
+    buffer = max(1, min(config.shuffle_buffer, n))
+    seed = _epoch_seed(config.seed, epoch)
+    return ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=False)
+
+
+def epoch_order(config: Any, epoch: int, shard: Shard | None = None) -> np.ndarray:
+    """Positions in ``host_dataset(config, info, "train", shard)`` in the order train_batches
+    yields them in epoch ``epoch`` (all of them; its batches use the first
+    ``steps_per_epoch * batch``). For consumers of the same batches without the images, such
+    as the feature cache."""
+    n = len(host_indices(config, "train", shard))
+    ds = _epoch_shuffle(tf.data.Dataset.range(n), config, epoch, n)
+    return next(iter(ds.batch(n).as_numpy_iterator()))
+
+
 def train_batches(
     config: Any, info: DatasetInfo, start_step: int = 0, *, shard: Shard | None = None
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -183,11 +206,10 @@ def train_batches(
             f"config.batch_size={config.batch_size}; lower --config.batch_size."
         )
     base = host_dataset(config, info, "train", shard)
-    buffer = max(1, min(config.shuffle_buffer, len(host_indices(config, "train", shard))))
+    n = len(host_indices(config, "train", shard))
     epoch, skip = divmod(int(start_step), spe)
     while True:
-        seed = _epoch_seed(config.seed, epoch)
-        ds = base.shuffle(buffer, seed=seed, reshuffle_each_iteration=False)
+        ds = _epoch_shuffle(base, config, epoch, n)
         # take(spe): every host yields the same number of steps even if its shard is larger.
         ds = ds.batch(batch, drop_remainder=True).take(spe).skip(skip)
         yield from ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()

@@ -1,4 +1,9 @@
-"""Cached-feature head training matches recomputing the frozen backbone every step."""
+"""Cached-feature head training matches recomputing the frozen backbone every step.
+
+These use the parts CachedPhase (the training loop's cached phase) is built from: build_cache,
+FeatureCache.take, make_state_head_step and evaluate_features; tests/test_train_cached.py checks
+CachedPhase itself inside train_and_evaluate.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from cifar_flax import feature_cache, models, preprocessing
+from cifar_flax import feature_cache, models, optim, preprocessing, step as step_lib
 
 NUM_CLASSES, N, SIZE, BATCH, EPOCHS = 4, 96, 16, 16, 12
 
@@ -31,28 +36,34 @@ def setup():
     return model, variables, images, labels.astype(np.int32)
 
 
-def _tx(params):
-    labels = {k: ("head" if k == "head" else "frozen") for k in params}
-    return optax.multi_transform({"head": optax.sgd(0.05, momentum=0.9),
-                                  "frozen": optax.set_to_zero()}, labels)
-
-
 def _batches(images, labels, bs):
     for s in range(0, len(images), bs):
         yield {"image": images[s:s + bs], "label": labels[s:s + bs]}
 
 
-def test_compute_features_pads_and_masks_last_batch(setup):
+def _head_plan(params):
+    """An optim.PhasePlan training only the head (SGD momentum; frozen groups set_to_zero)."""
+    labels = {k: jax.tree.map(lambda _: "head" if k == "head" else optim.FROZEN, v)
+              for k, v in params.items()}
+    tx = optax.multi_transform({"head": optax.sgd(0.05, momentum=0.9),
+                                optim.FROZEN: optax.set_to_zero()}, labels)
+    return optim.PhasePlan(index=0, name="head", steps=0, tx=tx, labels=labels,
+                           trainable=jax.tree.map(lambda g: g == "head", labels), schedules={},
+                           bn_train_modules=())
+
+
+def test_build_cache_pads_and_masks_last_batch(setup):
     model, variables, images, labels = setup
-    feats, labs = feature_cache.compute_features(
-        model, variables, _batches(images[:40], labels[:40], 16), _preprocess)
+    cache = feature_cache.build_cache(
+        model, variables, lambda p: _batches(images[:40], labels[:40], 16), _preprocess)
+    feats, labs = cache.features[0], cache.labels[0]
     direct = model.apply(variables, _preprocess(images[:40]), train=False, method="features")
     assert feats.shape == (40, 8 * 8 * 4) and labs.tolist() == labels[:40].tolist()
     np.testing.assert_allclose(feats, np.asarray(direct), rtol=1e-4, atol=1e-5)
     # An explicit mask (padded eval batches) drops the masked rows.
     masked = [{"image": images[:16], "label": labels[:16], "mask": np.arange(16) < 10}]
-    f2, l2 = feature_cache.compute_features(model, variables, masked, _preprocess)
-    assert len(f2) == len(l2) == 10
+    c2 = feature_cache.build_cache(model, variables, lambda p: masked, _preprocess)
+    assert c2.features.shape[:2] == c2.labels.shape == (1, 10)
 
 
 def test_cached_head_training_matches_uncached(setup):
@@ -60,7 +71,8 @@ def test_cached_head_training_matches_uncached(setup):
     params, batch_stats = variables["params"], variables["batch_stats"]
     cache = feature_cache.build_cache(
         model, variables, lambda p: _batches(images, labels, BATCH), _preprocess)
-    tx = _tx(params)
+    plan = _head_plan(params)
+    tx = plan.tx
 
     @jax.jit
     def uncached_step(params, opt_state, x, y):  # train.py's frozen path: BN in inference mode
@@ -75,24 +87,32 @@ def test_cached_head_training_matches_uncached(setup):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    head_step = feature_cache.make_head_train_step(model, tx)
-    p_c, s_c = jax.tree.map(jnp.copy, params), tx.init(params)
+    head_step = feature_cache.make_state_head_step(model, plan, step_lib.make_mesh(), params,
+                                                   NUM_CLASSES)
+    h_c, s_c, step = jax.tree.map(jnp.copy, params["head"]), tx.init(params), jnp.int32(0)
     p_u, s_u = params, tx.init(params)
-    rng = jax.random.PRNGKey(1)
+    rng = jax.random.key_data(jax.random.key(1))
     for epoch in range(EPOCHS):
-        for b in cache.batches(epoch, BATCH, seed=0):
-            p_c, s_c, metrics = head_step(p_c, s_c, b["features"], b["label"], rng)
-            p_u, s_u = uncached_step(p_u, s_u, images[b["index"]], labels[b["index"]])
-    acc_c = feature_cache.evaluate_features(model, p_c, cache.features[0], cache.labels[0])
+        order = np.random.default_rng([0, epoch]).permutation(N)
+        for start in range(0, N - BATCH + 1, BATCH):
+            rows = order[start:start + BATCH]
+            h_c, s_c, step, metrics = head_step(h_c, s_c, step, rng, *cache.take(epoch, rows))
+            p_u, s_u = uncached_step(p_u, s_u, images[rows], labels[rows])
+    assert int(step) == EPOCHS * (N // BATCH)
+    # batch_size 40: two full batches and a padded, masked one of 16 examples.
+    acc_c = feature_cache.evaluate_features(model, {"head": h_c}, cache.features[0],
+                                            cache.labels[0], batch_size=40)
     logits = model.apply({"params": p_u, "batch_stats": batch_stats}, _preprocess(images))
     acc_u = float(np.mean(np.argmax(logits, -1) == labels))
     assert acc_c["accuracy"] > 0.6, "the head did not learn; the comparison would be vacuous"
     assert abs(acc_c["accuracy"] - acc_u) <= 0.03
-    np.testing.assert_allclose(p_c["head"]["out"]["kernel"], p_u["head"]["out"]["kernel"],
+    np.testing.assert_allclose(h_c["out"]["kernel"], p_u["head"]["out"]["kernel"],
                                rtol=2e-3, atol=2e-4)
-    for k in models.BACKBONE_MODULES:  # the backbone is untouched
+    # The cached step returns the head alone: the backbone it stands for stays bit-identical in
+    # the full path too (frozen groups get set_to_zero updates), so the comparison is exact.
+    for k in models.BACKBONE_MODULES:
         assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.all(a == b)),
-                                                p_c[k], params[k])))
+                                                p_u[k], params[k])))
 
 
 def test_augmented_passes_cycle(setup):
@@ -107,8 +127,11 @@ def test_augmented_passes_cycle(setup):
     assert cache.features.shape[:2] == (3, 32) and cache.num_passes == 3
     differs = [not np.allclose(cache.features[0], cache.features[p]) for p in (1, 2)]
     assert any(differs), "augmented passes should not all be identical"
-    b3 = next(cache.batches(3, 8, shuffle=False))  # epoch 3 -> pass 0
-    np.testing.assert_array_equal(b3["features"], cache.features[0, :8])
+    rows = np.arange(8)
+    for epoch, p in ((3, 0), (4, 1), (5, 2)):  # epoch e -> pass e % 3
+        f, lab = cache.take(epoch, rows)
+        np.testing.assert_array_equal(f, cache.features[p, :8])
+        np.testing.assert_array_equal(lab, labels[:8])
 
 
 def test_backbone_frozen():

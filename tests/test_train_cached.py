@@ -143,7 +143,7 @@ def test_cached_batches_follow_the_input_pipeline_order():
     spe = input_pipeline.steps_per_epoch(c, info)
     stream = input_pipeline.train_batches(c, info)
     for epoch in range(2):
-        order = feature_cache.train_order(c, info, epoch)
+        order = input_pipeline.epoch_order(c, epoch)
         assert sorted(order.tolist()) == list(range(len(images)))
         for i in range(spe):
             rows = order[i * c.batch_size:(i + 1) * c.batch_size]
@@ -193,7 +193,7 @@ def test_augmented_passes_cycle_per_epoch():
     same = np.all(np.isclose(feats[0], feats[1], rtol=1e-5, atol=1e-6), axis=1)
     assert 0 < same.sum() < 48, "flip should change some examples' features and not others"
     for s, p in ((0, 0), (3, 1), (6, 0)):  # Epochs 0, 1, 2 -> passes 0, 1, 0.
-        rows = feature_cache.train_order(c, info, s // 3)[:16]
+        rows = input_pipeline.epoch_order(c, s // 3)[:16]
         np.testing.assert_array_equal(cached._rows(s)[0], feats[p, rows])
     new_state, metrics = cached.step(state, 0)
     assert type(new_state) is type(state) and int(new_state.step) == 1
