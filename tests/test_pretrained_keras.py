@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cifar_flax import pretrained
+from weights_utils import assert_features_match, features_via_cli, random_images
 
 keras = pytest.importorskip("keras")
 
@@ -80,22 +81,10 @@ def test_published_file_layout_is_what_keras_itself_reads(keras_model, converted
 
 @pytest.mark.parametrize("size", SIZES)
 def test_features_match_keras(keras_model, converted, size):
-    rng = np.random.default_rng(size)
-    images = rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8)  # 2 batches, 1 padded
-    np.save(converted / f"images{size}.npy", images)
-    out = converted / f"feats{size}.npy"
-    assert pretrained.main(
-        ["features", "--weights", str(converted / "converted"), "--images",
-         str(converted / f"images{size}.npy"), "--output", str(out), "--batch-size", "2"]
-    ) == 0
-    ours = np.load(out)
+    images = random_images(size)
+    ours = features_via_cli(converted, images)
     x = keras.applications.resnet.preprocess_input(images.astype(np.float32))
-    ref = np.asarray(keras_model(x, training=False))
-    assert ours.shape == ref.shape == (3, 2048) and ours.dtype == np.float32
-    diff, scale = float(np.abs(ours - ref).max()), float(np.abs(ref).max())
-    print(f"\nkeras {size}x{size}: max abs diff {diff:.3g}, max abs feature {scale:.3g}, "
-          f"ratio {diff / scale:.3g}")
-    assert scale > 0 and diff <= 1e-4 * scale
+    assert_features_match(ours, np.asarray(keras_model(x, training=False)), f"keras {size}x{size}")
 
 
 def test_keras3_names_without_suffix_convert_identically(keras_model, converted, tmp_path):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cifar_flax import pretrained
+from weights_utils import assert_features_match, features_via_cli, random_images
 
 torch = pytest.importorskip("torch")
 
@@ -55,23 +56,12 @@ def converted(torch_model, tmp_path_factory):
 
 @pytest.mark.parametrize("size", SIZES)
 def test_features_match_torch(torch_model, converted, size):
-    rng = np.random.default_rng(size)
-    images = rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8)  # 2 batches, 1 padded
-    np.save(converted / f"images{size}.npy", images)
-    out = converted / f"feats{size}.npy"
-    assert pretrained.main(
-        ["features", "--weights", str(converted / "converted"), "--images",
-         str(converted / f"images{size}.npy"), "--output", str(out), "--batch-size", "2"]
-    ) == 0
-    ours = np.load(out)
+    images = random_images(size)
+    ours = features_via_cli(converted, images)
     x = (images.astype(np.float32) / 255.0 - MEAN) / STD
     with torch.no_grad():
         ref = torch_model.features(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-    assert ours.shape == ref.shape == (3, 2048) and ours.dtype == np.float32
-    diff, scale = float(np.abs(ours - ref).max()), float(np.abs(ref).max())
-    print(f"\ntorchvision {size}x{size}: max abs diff {diff:.3g}, max abs feature {scale:.3g}, "
-          f"ratio {diff / scale:.3g}")
-    assert scale > 0 and diff <= 1e-4 * scale
+    assert_features_match(ours, ref, f"torchvision {size}x{size}")
 
 
 def test_spec_of_converted_weights(converted):
