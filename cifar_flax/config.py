@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from cifar_flax.models import CONV_IMPLS, LAYOUTS
+
 
 def default_config() -> ml_collections.ConfigDict:
     """All fields with their defaults (a CIFAR-10 fine-tune from torchvision V2 weights)."""
@@ -184,10 +186,10 @@ def _data_errors(c: ml_collections.ConfigDict, num_devices: int | None) -> list[
 
 def _model_errors(c: ml_collections.ConfigDict) -> list[str]:
     errors = []
-    if c.model.layout not in ("v1", "v1.5"):
+    if c.model.layout not in LAYOUTS:
         errors.append(f"model.layout={c.model.layout!r} must be 'v1' (Keras) or 'v1.5' (torchvision).")
-    if c.model.conv_impl not in ("auto", "xla", "im2col"):
-        errors.append(f"model.conv_impl={c.model.conv_impl!r} must be 'auto', 'xla' or 'im2col'.")
+    if c.model.conv_impl not in CONV_IMPLS:
+        errors.append(f"model.conv_impl={c.model.conv_impl!r} must be one of {CONV_IMPLS}.")
     if c.dtype not in ("float32", "bfloat16"):
         errors.append(f"dtype={c.dtype!r} must be 'float32' or 'bfloat16'.")
     source = c.pretrained.source

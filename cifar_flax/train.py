@@ -52,13 +52,19 @@ def init_variables(config: ml_collections.ConfigDict, model: Any, load_weights: 
         jax.random.key(config.seed), jnp.zeros((1, res, res, 3), jnp.float32), train=False
     )
     source = config.pretrained.source
-    spec = pretrained.source_spec(source, config.pretrained.variant, config.model.layout)
     if source and load_weights:
         weights = pretrained.load_pretrained(
             source, config.pretrained.variant, config.pretrained.file, config.pretrained.cache_dir
         )
         variables = pretrained.merge_into(variables, weights)
-    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}, spec.preprocessing
+    variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    return variables, input_preprocessing(config)
+
+
+def input_preprocessing(config: ml_collections.ConfigDict) -> Any:
+    """The normalisation the configured weights expect (SIMPLE for random init)."""
+    p = config.pretrained
+    return pretrained.source_spec(p.source, p.variant, config.model.layout).preprocessing
 
 
 class _Stop:
@@ -163,7 +169,11 @@ def train_and_evaluate(
     model = build_model(config, info.num_classes)
     ckpt = Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
     meta = ckpt.latest_meta()
-    variables, prep = init_variables(config, model, load_weights=meta is None)
+    if meta is None:
+        variables, prep = init_variables(config, model)
+    else:  # Resuming: every value comes from the checkpoint, so shapes are enough.
+        variables = jax.eval_shape(lambda: init_variables(config, model, load_weights=False)[0])
+        prep = input_preprocessing(config)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
