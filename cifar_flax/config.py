@@ -9,6 +9,8 @@ from __future__ import annotations
 import ml_collections
 
 from cifar_flax.models import CONV_IMPLS, LAYOUTS
+from cifar_flax.train import distributed
+from cifar_flax.weights.registry import SOURCE_LAYOUT
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -54,7 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.zero_init_head = True  # Zero-init the final Dense layer.
     c.model.stage_sizes = (3, 4, 6, 3)  # Blocks per stage; ResNet50's. Smaller only for tests/smoke.
     c.model.base_width = 64  # Stem width; stage widths are 1x..8x it. 64 = ResNet50.
-    c.model.conv_impl = "auto"  # 3x3 convs on <=2x2 maps: "auto" (patches @ kernel on CPU, ~2.9x faster step at 32px), "xla" or "im2col".
+    c.model.conv_impl = "auto"  # Convs slow on XLA:CPU (1x1; 3x3 onto <=2x2 maps) as matmuls: "auto" (on CPU only), "xla" or "im2col" (always).
     c.dtype = "float32"  # Compute dtype: "float32" or "bfloat16" (params stay float32).
 
     c.pretrained = ml_collections.ConfigDict()
@@ -62,6 +64,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.pretrained.variant = ""  # "" = the source's default: IMAGENET1K_V2 (torchvision), notop (keras); or IMAGENET1K_V1.
     c.pretrained.file = ""  # Local weight file instead of downloading (.pth/.safetensors/.npz/.h5), or a `convert` output dir.
     c.pretrained.cache_dir = ""  # "" = $CIFAR_FLAX_CACHE or ~/.cache/cifar_flax.
+    # Start from an earlier run instead of the pretrained weights: its workdir or a checkpoint
+    # folder (best checkpoint, else its last). The backbone always; the head only when its shapes
+    # (class count, head_hidden) match, else it is freshly initialised (train/initialize.py).
+    c.init_from = ""
 
     # ---- training: parameter groups, phases, early stopping (optim.py, train.py) ----
     # Groups: name -> regex searched in '/'-joined param paths ("stage4/block1/conv1/kernel");
@@ -76,7 +82,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.early_stopping.metric = "val_accuracy"  # "val_accuracy" (higher is better) or "val_loss" (lower).
     c.early_stopping.patience = 3  # Evaluations (epochs) without improvement before the phase ends.
     c.early_stopping.min_delta = 0.0  # An improvement must exceed this to reset the patience.
-    c.early_stopping.restore_best = True  # Test the best checkpoint (by metric) instead of the last weights.
+    c.early_stopping.restore_best = True  # Test the best checkpoint (by metric), not the last weights; a phase that early stopping ends continues from its best weights.
     # Cached backbone features (feature_cache.py): a phase whose whole backbone is frozen (and its
     # BatchNorm in inference mode) trains the head on pooled features computed once per phase.
     # Never with mixup/cutmix or on several hosts (those phases use the full step).
@@ -91,8 +97,19 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 2  # Latest checkpoints kept in <workdir>/checkpoints/latest (the best is kept apart).
     c.checkpoint.async_save = True  # Write in the background (the run waits for it before exiting).
     c.log_every_steps = 50  # Train metrics to metrics.jsonl / TensorBoard (and a log line off-TTY).
+    c.tensorboard = True  # Also write TensorBoard event files (<workdir>/tensorboard).
     c.progress_bar = True  # tqdm bar with ETA when stderr is a terminal; plain log lines otherwise.
-    c.distributed = False  # Call jax.distributed.initialize() (multi-host: TPU pods, SLURM, ...).
+    # A rerun of a workdir resumes only a run with the same fingerprint (train/fingerprint.py):
+    # "auto" stops with the differing fields otherwise; "replace" moves such a different run to
+    # <workdir>/previous/<time>/ and starts this config (a run with the same fingerprint resumes).
+    c.resume = "auto"
+    c.distributed = ml_collections.ConfigDict()  # Several processes/hosts (train/distributed.py).
+    c.distributed.enabled = False  # Call jax.distributed.initialize() before anything else.
+    c.distributed.coordinator_address = ""  # Process 0's "host:port"; "" = detect (TPU pods, SLURM).
+    c.distributed.num_processes = -1  # Number of processes; -1 = detect.
+    c.distributed.process_id = -1  # This process's index in [0, num_processes); -1 = detect.
+    c.distributed.timeout_seconds = 300  # How long to wait for all processes to join.
+    c.distributed.heartbeat_timeout_seconds = 100  # A silent (dead) process stops the others after this.
     return c
 
 
@@ -129,9 +146,6 @@ class ConfigError(ValueError):
     """An invalid config value; the message names the field and the fix (one line per problem)."""
 
 
-_SOURCE_LAYOUT = {"keras": "v1", "torchvision": "v1.5"}
-
-
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Check a config before any work starts; raise ConfigError with one line per invalid field.
 
@@ -144,7 +158,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         + _group_phase_errors(config)
         + _loop_errors(config)
         + _feature_cache_errors(config)
+        + _init_from_errors(config)
+        + _slip_errors(config)
+        + distributed.config_errors(config.distributed)
     )
+    if errors:
+        raise ConfigError("\n".join(errors))
+
+
+def validate_distributed(config: ml_collections.ConfigDict) -> None:
+    """Check the ``distributed`` group alone (before jax.distributed.initialize; the rest of the
+    config needs the global device count, known only after it)."""
+    errors = distributed.config_errors(config.distributed)
     if errors:
         raise ConfigError("\n".join(errors))
 
@@ -193,12 +218,12 @@ def _model_errors(c: ml_collections.ConfigDict) -> list[str]:
     if c.dtype not in ("float32", "bfloat16"):
         errors.append(f"dtype={c.dtype!r} must be 'float32' or 'bfloat16'.")
     source = c.pretrained.source
-    if source and source not in _SOURCE_LAYOUT:
+    if source and source not in SOURCE_LAYOUT:
         errors.append(f"pretrained.source={source!r} must be 'torchvision', 'keras' or '' (random init).")
-    elif source and c.model.layout != _SOURCE_LAYOUT[source]:
+    elif source and c.model.layout != SOURCE_LAYOUT[source]:
         errors.append(
             f"model.layout={c.model.layout!r} does not match pretrained.source={source!r}: "
-            f"set model.layout={_SOURCE_LAYOUT[source]!r}."
+            f"set model.layout={SOURCE_LAYOUT[source]!r}."
         )
     return errors
 
@@ -283,3 +308,75 @@ def _feature_cache_errors(c: ml_collections.ConfigDict) -> list[str]:
             "augmentation is on)."
         )
     return errors
+
+
+RESUME_MODES = ("auto", "replace")
+
+
+def _slip_errors(c: ml_collections.ConfigDict) -> list[str]:
+    """Slips caught before any data or weights are read: the resume mode, a weight variant of
+    another source, a class with no training images; a warmup longer than its phase warns."""
+    from cifar_flax.weights.registry import RELEASES
+
+    errors = []
+    if c.get("resume", "auto") not in RESUME_MODES:
+        errors.append(f"resume={c.resume!r} must be one of {RESUME_MODES} (see config.py).")
+    p = c.pretrained
+    if p.source in RELEASES and p.variant and not p.file and p.variant not in RELEASES[p.source]:
+        errors.append(
+            f"pretrained.variant={p.variant!r} is not a {p.source} variant (known: "
+            f"{sorted(RELEASES[p.source])}): set --config.pretrained.variant='' (the default) "
+            "or one of those."
+        )
+    for i, ph in enumerate(c.phases):
+        if ph.steps == 0 and 0 < ph.epochs < ph.warmup_epochs:
+            _warn_once(f"phases[{i}] ({ph.name}): warmup_epochs={ph.warmup_epochs} is longer "
+                       f"than the phase (epochs={ph.epochs}): its learning rate never reaches "
+                       f"lr={ph.lr}.")
+    return errors + _empty_class_errors(c)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """validate() runs in main.py and again in the loop: each warning is logged once."""
+    from absl import logging
+
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logging.warning(message)
+
+
+def _empty_class_errors(c: ml_collections.ConfigDict) -> list[str]:
+    """imagefolder: a class folder of the train split with no files (the model would be tested
+    on a class it never saw)."""
+    import os
+
+    dataset = str(c.get("dataset", ""))
+    if not dataset.startswith("imagefolder:"):
+        return []
+    split_dir = os.path.join(dataset.split(":", 1)[1], c.train_split)
+    if not os.path.isdir(split_dir):
+        return []  # The data check names a missing split folder.
+    empty = sorted(
+        name for name in os.listdir(split_dir)
+        if not name.startswith(".") and os.path.isdir(os.path.join(split_dir, name))
+        and not any(not f.startswith(".") for f in os.listdir(os.path.join(split_dir, name)))
+    )
+    if not empty:
+        return []
+    return [f"class folder {os.path.join(split_dir, empty[0])} has no training images"
+            + (f" (nor {len(empty) - 1} more: {empty[1:4]})" if len(empty) > 1 else "")
+            + ": add images, or delete that class's folder from every split."]
+
+
+def _init_from_errors(c: ml_collections.ConfigDict) -> list[str]:
+    """init_from must name an existing run folder (gs:// paths are checked when read)."""
+    from etils import epath
+
+    path = c.get("init_from", "")
+    if not path or str(path).startswith("gs://") or epath.Path(path).exists():
+        return []
+    return [f"init_from={path!r} does not exist: give the workdir (or a checkpoint folder) of "
+            "an earlier run, or '' for the pretrained weights."]

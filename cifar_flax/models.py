@@ -18,6 +18,7 @@ preprocessing of its own, so the same module serves every weight source.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Collection, Sequence
 
 import flax.linen as nn
@@ -30,7 +31,21 @@ BACKBONE_MODULES = ("stem", "stage1", "stage2", "stage3", "stage4")
 FEATURE_DIM = 2048
 _EPSILON = {"v1": 1.001e-5, "v1.5": 1e-5}
 CONV_IMPLS = ("auto", "xla", "im2col")
-SMALL_MAP = 2  # Largest input map (HxW) that SmallMapConv computes as patches @ kernel.
+SMALL_MAP = 2  # Largest output map (HxW) on which MatmulConv computes a 3x3 conv as patches @ kernel.
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulRules:
+    """Which convolutions MatmulConv computes as matmuls (experiments/conv_levers.py turns them
+    off one at a time to measure each; the defaults are the ones that paid on XLA:CPU)."""
+
+    small_map: bool = True  # 3x3 convs on small maps as patches @ kernel ...
+    small_map_on: str = "output"  # ... judged by the "output" map, or the "input" map (as before)
+    one_by_one: bool = True  # 1x1 convs as (strided) activations @ kernel.
+    patches: str = "slices"  # Patches as 9 strided slices ("slices") or XLA's "op".
+
+
+MATMUL_RULES = MatmulRules()
 
 
 def _bn(
@@ -47,37 +62,84 @@ def _bn(
     )
 
 
-class SmallMapConv(nn.Conv):
-    """``nn.Conv`` that computes 3x3 convolutions on <= 2x2 input maps as patches @ kernel.
+class MatmulConv(nn.Conv):
+    """``nn.Conv`` that computes the convolutions XLA:CPU runs slowly as plain matmuls.
 
-    XLA:CPU runs a 3x3 convolution on a 2x2 or 1x1 map 20-40x slower per FLOP than on 4x4 (stage3
-    and stage4 of ResNet50 at 32x32 inputs); the same arithmetic as patch extraction + one matmul
-    makes the whole CPU train step ~2.9x faster at 32x32 (benchmark in the README). Same
-    parameters, same results to float rounding (tests/test_models.py).
+    - 3x3 convs whose output map is <= 2x2 (stage3/stage4 at 32x32 inputs, and the stride-2
+      first block of stage4 at 64x64) as patches @ kernel: XLA:CPU runs a 3x3 convolution on a
+      2x2 or 1x1 map, and the input gradient of a stride-2 one, 20-40x slower per FLOP. The
+      patches are 9 strided slices, so their gradient is pads and adds (XLA's patches op has a
+      small-map convolution as its gradient).
+    - 1x1 convs as activations @ kernel (``x[:, ::s, ::s]`` for stride s): XLA:CPU computes a
+      convolution's weight gradient as another convolution over transposed copies of the
+      activations, which cost more than the convolutions themselves; a matmul's gradients are
+      matmuls on the activations as they are.
+
+    Same parameters, same results to float rounding (tests/test_models.py); README "Levers".
     """
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        if self.kernel_size != (3, 3) or max(x.shape[1:3]) > SMALL_MAP:
+        rule = _matmul_rule(self.kernel_size, self.strides, self.padding, x.shape[1:3])
+        if rule is None:
             return super().__call__(x)
         cin = x.shape[-1]
+        kh, kw = self.kernel_size
         kernel = self.param(
-            "kernel", self.kernel_init, (3, 3, cin, self.features), self.param_dtype
+            "kernel", self.kernel_init, (kh, kw, cin, self.features), self.param_dtype
         )
         x, kernel = jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype)
-        patches = jax.lax.conv_general_dilated_patches(  # features ordered (cin, kh, kw)
-            x, (3, 3), tuple(self.strides), self.padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
-        y = patches @ jnp.transpose(kernel, (2, 0, 1, 3)).reshape(9 * cin, self.features)
+        if rule == "one_by_one":
+            s = tuple(self.strides)
+            y = x[:, :: s[0], :: s[1]] @ kernel.reshape(cin, self.features)
+        else:
+            y = _patches_3x3(x, tuple(self.strides), self.padding) @ kernel.reshape(
+                9 * cin, self.features)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             y = y + jnp.asarray(bias, self.dtype)
         return y
 
 
+def _patches_3x3(x: jnp.ndarray, strides: tuple, padding: Any) -> jnp.ndarray:
+    """(N, H', W', 9 * C) patches ordered (kh, kw, C), as the HWIO kernel flattens.
+
+    As 9 strided slices of the padded input ("slices"), whose gradient is pads and adds, rather
+    than XLA's patches op, whose gradient is another small-map convolution on XLA:CPU.
+    """
+    if MATMUL_RULES.patches == "op":
+        p = jax.lax.conv_general_dilated_patches(  # features ordered (C, kh, kw)
+            x, (3, 3), strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        n, h, w, _ = p.shape
+        return p.reshape(n, h, w, -1, 9).swapaxes(-1, -2).reshape(n, h, w, -1)
+    (pt, pb), (pl, pr) = padding
+    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    oh = (xp.shape[1] - 3) // strides[0] + 1
+    ow = (xp.shape[2] - 3) // strides[1] + 1
+    cols = [xp[:, i:i + strides[0] * (oh - 1) + 1:strides[0], j:j + strides[1] * (ow - 1) + 1:
+               strides[1]] for i in range(3) for j in range(3)]
+    return jnp.concatenate(cols, axis=-1)
+
+
+def _matmul_rule(kernel_size, strides, padding, hw) -> str | None:
+    """"small_map", "one_by_one" or None (XLA's convolution) for one convolution."""
+    rules = MATMUL_RULES
+    if tuple(kernel_size) == (1, 1) and rules.one_by_one and _no_padding(padding):
+        return "one_by_one"
+    out = max(-(-int(n) // int(s)) for n, s in zip(hw, strides))
+    size = out if rules.small_map_on == "output" else max(int(n) for n in hw)
+    if tuple(kernel_size) == (3, 3) and rules.small_map and size <= SMALL_MAP:
+        return "small_map"
+    return None
+
+
+def _no_padding(padding: Any) -> bool:
+    return padding == "VALID" or (
+        not isinstance(padding, str) and all(tuple(p) == (0, 0) for p in padding))
+
+
 def use_im2col(conv_impl: str) -> bool:
-    """Whether ``conv_impl`` ("auto": on the CPU backend only) selects SmallMapConv."""
+    """Whether ``conv_impl`` ("auto": on the CPU backend only) selects MatmulConv."""
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f"model.conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.")
     return conv_impl == "im2col" or (conv_impl == "auto" and jax.default_backend() == "cpu")
@@ -88,7 +150,7 @@ def _conv(
     im2col: bool = False,
 ) -> nn.Conv:
     pad = (kernel - 1) // 2
-    return (SmallMapConv if im2col else nn.Conv)(
+    return (MatmulConv if im2col else nn.Conv)(
         features,
         (kernel, kernel),
         strides=(stride, stride),
@@ -203,8 +265,9 @@ class ResNet50(nn.Module):
     ``bn_axis_name`` names the mapped device axis over which training-mode BatchNorm averages its
     batch statistics (synchronised BatchNorm: the step gives the same result on any device count).
 
-    ``conv_impl`` picks how 3x3 convs on tiny maps run: "auto" (patches @ kernel on CPU, XLA's
-    convolution elsewhere), "xla" or "im2col"; parameters are the same either way.
+    ``conv_impl`` picks how the convolutions XLA:CPU runs slowly are computed (MatmulConv: 1x1
+    convs and 3x3 convs onto <= 2x2 maps as matmuls): "auto" (as matmuls on CPU, XLA's
+    convolution elsewhere), "xla" or "im2col" (always as matmuls); same parameters either way.
 
     ``train`` switches dropout and BatchNorm to training mode. ``bn_train_modules`` narrows the
     BatchNorm part: only the named top-level modules (of ``BACKBONE_MODULES``) update and use batch

@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from cifar_flax import augment, input_pipeline, preprocessing
+from cifar_flax.data import augment, input_pipeline, preprocessing
 from cifar_flax.config import default_config
 
 

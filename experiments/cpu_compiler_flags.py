@@ -2,7 +2,7 @@
 
 The candidate flags are the XLA:CPU options that jaxlib 0.10.2 actually lists (dump them with
 ``XLA_FLAGS=--help python -c "import jax; jax.numpy.ones(1)"``). Each variant runs the bare jit
-step (bench_frameworks.run_flax_bare) in its own process with that ``XLA_FLAGS``; the first-step
+step (cifar_flax.bench.bare_step) in its own process with that ``XLA_FLAGS``; the first-step
 loss (forward only, same init and batch) and the loss after the last step are compared with the
 default run to check that results stay within tolerance. A flag is worth making the CPU default
 only if it is >= 10% faster than the default and within tolerance.
@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
-from cifar_flax import bench  # noqa: E402
+from cifar_flax.bench import cli as bench
 
 # (name, XLA_FLAGS or "conv_impl=..."). Only flags in jaxlib 0.10.2's --help output. Every flag
 # variant runs with model.conv_impl="xla" (XLA's own convolutions), so the flags are measured
@@ -40,7 +38,7 @@ FLAG_VARIANTS = [
     ("vector_width_512", "--xla_cpu_prefer_vector_width=512"),
     ("no_fusion_emitters", "--xla_cpu_use_fusion_emitters=false"),
     ("opt_preset_fast_runtime", "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME"),
-    # Not a flag: 3x3 convs on <= 2x2 maps as patches @ kernel (models.SmallMapConv).
+    # Not a flag: slow convolutions as matmuls (models.MatmulConv).
     ("im2col_small_maps", "conv_impl=im2col"),
 ]
 FIRST_LOSS_RTOL = 1e-4  # forward pass only: should agree closely

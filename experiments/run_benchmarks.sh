@@ -22,7 +22,6 @@ DTYPE=${DTYPE:-float32}
 if [[ -z "${DATASET:-}" ]]; then
   if [[ -d /tmp/cifar10-jpeg/train ]]; then DATASET=imagefolder:/tmp/cifar10-jpeg; else DATASET=synthetic; fi
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 MD="$OUT/benchmark.md"
 {
@@ -41,7 +40,7 @@ done
 for size in $SIZES; do
   echo "== fast paths, ${size}x${size}" >&2
   { echo; echo "## Fast paths, ${size}x${size}, batch $BATCH"; echo; echo '```'; } >> "$MD"
-  "$PYTHON" -m cifar_flax.bench_fastpaths --size "$size" --batch "$BATCH" --steps "$STEPS" \
+  "$PYTHON" -m cifar_flax.bench.fastpaths --size "$size" --batch "$BATCH" --steps "$STEPS" \
     --warmup "$WARMUP" --json "$OUT/fastpaths_${size}.json" | tee -a "$MD"
   echo '```' >> "$MD"
 done

@@ -1,11 +1,10 @@
 """On-device augmentation: shapes, determinism, flip, crop bounds, mixing, normalisation."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cifar_flax import augment, preprocessing
+from cifar_flax.data import augment, preprocessing
 from cifar_flax.config import default_config
 
 K = 5

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from cifar_flax import bench, models
+from cifar_flax.bench import cli as bench
+from cifar_flax import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,12 +61,13 @@ def test_missing_frameworks_are_skipped_with_the_extra(tmp_path):
 
 def test_worker_reports_skip_when_hidden(monkeypatch):
     """Hidden in the worker too (e.g. the import fails there): a skipped row, not a crash."""
-    from cifar_flax import bench_frameworks
+    from cifar_flax.bench import frameworks as bench_frameworks
+    from cifar_flax.bench import torch_step, workload
 
-    monkeypatch.setenv(bench_frameworks.HIDE_ENV, "torch")
+    monkeypatch.setenv(workload.HIDE_ENV, "torch")
     args = bench_frameworks.parse_args(["--framework", "torch", "--tiny"])
-    with pytest.raises(bench_frameworks.FrameworkUnavailable):
-        bench_frameworks.run_torch(args)
+    with pytest.raises(workload.FrameworkUnavailable):
+        torch_step.run(args)
 
 
 def test_unknown_framework_is_one_clear_error(capsys):
@@ -84,12 +86,12 @@ def test_keras_and_torch_rows_are_the_same_network():
     """Same layout everywhere: the trainable parameter counts of the three ResNet50s agree."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("keras")
-    from cifar_flax.bench_frameworks import FULL_STAGES, build_keras_resnet50
-    from cifar_flax.torch_resnet import ResNet50 as TorchResNet50
+    from cifar_flax.bench.keras_step import build_keras_resnet50
+    from cifar_flax.bench.torch_resnet import ResNet50 as TorchResNet50
 
-    n_flax = _flax_param_count(FULL_STAGES)
-    n_torch = sum(p.numel() for p in TorchResNet50(10).parameters())
-    keras_model = build_keras_resnet50(32, 10)
+    n_flax = _flax_param_count(models.STAGE_SIZES)
+    n_torch = sum(p.numel() for p in TorchResNet50(10, models.STAGE_SIZES).parameters())
+    keras_model = build_keras_resnet50(32, 10, models.STAGE_SIZES)
     n_keras = sum(int(w.numpy().size) for w in keras_model.trainable_weights)
     assert n_flax == n_torch == n_keras
     del torch
@@ -104,3 +106,18 @@ def test_table_ratios():
     assert rows[0]["ratio_to_fastest"] == 0.5 and rows[1]["ratio_to_fastest"] == 1.0
     assert rows[2]["ratio_to_bare"] == pytest.approx(0.96)
     assert "ratio_to_fastest" not in rows[3]
+
+
+def test_compile_then_time_carries_the_state():
+    """The one timing helper feeds each step's state to the next and reports first/last loss."""
+    from cifar_flax.bench.timing import compile_then_time
+
+    step = jax.jit(lambda s, x: (s + x, jnp.sum(s)))
+    out = compile_then_time(step, jnp.zeros(3), jnp.ones(3), warmup=2, steps=3)
+    # 5 steps in all: losses are the sums of the states 0, 1, 2, 3, 4 (x 3 elements).
+    assert out["first_loss"] == 0.0 and out["final_loss"] == 12.0
+    assert out["compile_s"] > 0 and out["timed_s"] > 0
+    assert out["s_per_step"] == pytest.approx(out["timed_s"] / 3)
+    feats = compile_then_time(jax.jit(lambda v, x: v * x), jnp.ones((2, 2)), 2.0, warmup=1,
+                              steps=2, carry=False)
+    assert "first_loss" not in feats and feats["timed_s"] > 0

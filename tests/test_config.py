@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from cifar_flax import optim
+from cifar_flax.train import optim
 from cifar_flax.config import ConfigError, default_config, phase, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,3 +104,39 @@ def test_orphans_are_listed_at_most_ten():
     msg = str(e.value)
     assert msg.startswith("15 parameters match no entry") and msg.count("extra") == 10
 
+
+
+def test_a_variant_of_another_source_is_caught_at_the_config_check():
+    c = default_config()
+    c.pretrained.source, c.model.layout = "keras", "v1"
+    c.pretrained.variant = "IMAGENET1K_V2"  # finetune.py's torchvision variant.
+    msg = _error(c)
+    assert "\n" not in msg and "pretrained.variant='IMAGENET1K_V2' is not a keras variant" in msg
+    assert "notop" in msg
+    c.pretrained.file = "/somewhere/resnet50.h5"  # A local file names its own variant.
+    validate(c, num_devices=1)
+
+
+def test_resume_mode_must_be_known():
+    c = default_config()
+    c.resume = "fresh"
+    assert "resume='fresh' must be one of ('auto', 'replace')" in _error(c)
+
+
+def test_a_class_with_no_training_images_is_an_error(tmp_path):
+    for split, cls in (("train", "cat"), ("train", "dog"), ("test", "cat"), ("test", "dog")):
+        (tmp_path / split / cls).mkdir(parents=True)
+    (tmp_path / "train" / "cat" / "1.png").write_bytes(b"x")
+    (tmp_path / "test" / "dog" / "1.png").write_bytes(b"x")
+    (tmp_path / "train" / "dog" / ".DS_Store").write_bytes(b"x")  # Hidden files do not count.
+    c = default_config()
+    c.dataset = f"imagefolder:{tmp_path}"
+    msg = _error(c)
+    assert "\n" not in msg and f"{tmp_path / 'train' / 'dog'} has no training images" in msg
+
+
+def test_a_warmup_longer_than_its_phase_warns(caplog):
+    c = default_config()
+    c.phases = [phase("short", epochs=0.5, warmup_epochs=1.0)]
+    validate(c, num_devices=1)
+    assert "phases[0] (short): warmup_epochs=1.0 is longer than the phase" in caplog.text

@@ -1,7 +1,6 @@
 """EDA: exact counts and pixel statistics on a generated tree; the CLI writes real PNGs."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -9,27 +8,24 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifar_flax import input_pipeline
+from train_utils import default_sigint, make_image_tree
 
 # Per class: (colour of its images, train count, test count). Known values -> known statistics.
 CLASSES = {"blue": ((0, 0, 200), 3, 1), "grey": ((100, 100, 100), 2, 2), "red": ((250, 10, 0), 5, 1)}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_caches():
-    input_pipeline.clear_caches()
-    yield
-    input_pipeline.clear_caches()
+pytestmark = pytest.mark.usefixtures("fresh_caches")
+
+
+def _pixels(i, split, name):
+    pixels = np.zeros((4, 5, 3), np.uint8) + np.array(CLASSES[name][0], np.uint8)
+    pixels[0, 0] = 255 - pixels[0, 0]  # one odd pixel per image: non-trivial min/max
+    return pixels
 
 
 def _tree(root):
-    for name, (colour, n_train, n_test) in CLASSES.items():
-        for split, n in (("train", n_train), ("test", n_test)):
-            os.makedirs(root / split / name)
-            for j in range(n):
-                pixels = np.zeros((4, 5, 3), np.uint8) + np.array(colour, np.uint8)
-                pixels[0, 0] = 255 - pixels[0, 0]  # one odd pixel per image: non-trivial min/max
-                Image.fromarray(pixels).save(root / split / name / f"{j}.png")
+    make_image_tree(root, {"train": {name: c[1] for name, c in CLASSES.items()},
+                           "test": {name: c[2] for name, c in CLASSES.items()}}, _pixels)
 
 
 def _expected(split_index):
@@ -94,3 +90,46 @@ def test_eda_cli_missing_folder_is_one_line(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ImageFolder directory") and "missing" in last
     assert "Traceback" not in result.stderr
+
+
+def test_samples_grid_has_no_empty_band(tmp_path):
+    from PIL import Image
+
+    from cifar_flax.analysis.eda import plot_samples
+
+    rng = np.random.default_rng(0)
+    names = tuple(f"class{i}" for i in range(10))
+    samples = [[rng.integers(0, 255, (32, 32, 3)).astype(np.uint8) for _ in range(8)]
+               for _ in names]
+    plot_samples(samples, names, str(tmp_path / "samples.png"))
+    pixels = np.asarray(Image.open(tmp_path / "samples.png").convert("L"))
+
+    def longest_blank_run(blank: np.ndarray) -> int:
+        best = run = 0
+        for b in blank:
+            run = run + 1 if b else 0
+            best = max(best, run)
+        return best
+
+    white = pixels > 250
+    assert longest_blank_run(white.all(1)) < 0.03 * pixels.shape[0]  # No white band across ...
+    assert longest_blank_run(white.all(0)) < 0.05 * pixels.shape[1]  # ... or down the image.
+
+
+def test_eda_ctrl_c_is_one_line(tmp_path):
+    import os
+    import signal
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cifar_flax.eda", "--config", "configs/smoke.py", "--workdir",
+         str(tmp_path / "eda")], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, preexec_fn=default_sigint)
+    time.sleep(3)  # Still importing TensorFlow / scanning: far from done.
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    assert [ln for ln in err.splitlines() if ln.startswith("Interrupted (Ctrl-C)")] == [
+        "Interrupted (Ctrl-C): EDA stopped; nothing was written for the unfinished scan."]

@@ -13,7 +13,9 @@ import numpy as np
 import optax
 import pytest
 
-from cifar_flax import feature_cache, models, optim, preprocessing, step as step_lib
+from cifar_flax.train import feature_cache, optim, parallel
+from cifar_flax import models
+from cifar_flax.data import preprocessing
 
 NUM_CLASSES, N, SIZE, BATCH, EPOCHS = 4, 96, 16, 16, 12
 
@@ -87,7 +89,7 @@ def test_cached_head_training_matches_uncached(setup):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    head_step = feature_cache.make_state_head_step(model, plan, step_lib.make_mesh(), params,
+    head_step = feature_cache.make_state_head_step(model, plan, parallel.make_mesh(), params,
                                                    NUM_CLASSES)
     h_c, s_c, step = jax.tree.map(jnp.copy, params["head"]), tx.init(params), jnp.int32(0)
     p_u, s_u = params, tx.init(params)

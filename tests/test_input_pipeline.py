@@ -5,36 +5,14 @@ import os
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image
 
-from cifar_flax import input_pipeline as ip
+from cifar_flax.data import input_pipeline as ip
 from cifar_flax.config import default_config
-from cifar_flax.input_pipeline import DataError
+from cifar_flax.data.types import DataError
+from train_utils import make_image_tree as make_tree
 
 
-@pytest.fixture(autouse=True)
-def _fresh_caches():
-    ip.clear_caches()
-    yield
-    ip.clear_caches()
-
-
-def make_tree(root, counts, size=(6, 6), sizes=None):
-    """<root>/<split>/<class>/<n>.png, each image one unique constant colour (its id).
-
-    ``counts = {split: {class: n}}``; returns {id: (split, class)}. Colour (id % 256, id // 256, 7).
-    """
-    ids, next_id = {}, 0
-    for split, classes in counts.items():
-        for cls, n in classes.items():
-            os.makedirs(os.path.join(root, split, cls), exist_ok=True)
-            for j in range(n):
-                hw = sizes[next_id % len(sizes)] if sizes else size
-                pixels = np.zeros((*hw, 3), np.uint8) + [next_id % 256, next_id // 256, 7]
-                Image.fromarray(pixels.astype(np.uint8)).save(f"{root}/{split}/{cls}/{j}.png")
-                ids[next_id] = (split, cls)
-                next_id += 1
-    return ids
+pytestmark = pytest.mark.usefixtures("fresh_caches")
 
 
 def cfg(dataset, **kw):

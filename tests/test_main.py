@@ -11,6 +11,9 @@ import time
 
 import numpy as np
 
+from cifar_flax.train.metrics_writer import read_metrics
+from train_utils import default_sigint
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPORT_FILES = ("curves.png", "confusion_matrix.png", "classification_report.txt",
                 "classification_report.json", "results.json", "report.md", "predictions.npz")
@@ -22,11 +25,7 @@ def _cmd(workdir, *overrides):
 
 
 def _train_steps(workdir) -> list[int]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(ln)["step"] for ln in f if ln.strip() and '"train"' in ln]
+    return [r["step"] for r in read_metrics(str(workdir), "train")]
 
 
 def test_smoke_run_survives_sigterm_resumes_and_reports(tmp_path):
@@ -71,3 +70,54 @@ def test_errors_are_one_line_with_exit_code_1(tmp_path):
         lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
         assert len(lines) == 1 and expected in lines[0], p.stderr[-2000:]
         assert "Traceback" not in p.stderr
+
+
+def _one_error_line(p: subprocess.CompletedProcess) -> str:
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, p.stderr[-2000:]
+    return lines[0]
+
+
+def test_slips_in_flags_and_config_paths_are_one_line(tmp_path):
+    """Caught while parsing flags (seconds, before JAX, data or weights are touched)."""
+    cases = [
+        (["--config.batch_sizee=3"], ROOT, "did you mean --config.batch_size?"),
+        (["--config.phases[5].lr=0.1"], ROOT, "phases[5] is out of range: phases has 2 entries"),
+        (["--config.batch_size=abc"], ROOT, "--config.batch_size=abc"),
+        (["--wrkdir=x"], ROOT, "Unknown command line flag 'wrkdir'"),
+    ]
+    for extra, cwd, expected in cases:
+        p = subprocess.run(_cmd(tmp_path / "w", *extra), cwd=cwd, capture_output=True,
+                           text=True, timeout=120)
+        assert expected in _one_error_line(p), (extra, p.stderr[-2000:])
+    nope = [sys.executable, "-m", "cifar_flax.main", "--config", "configs/nope.py",
+            "--workdir", str(tmp_path / "w")]
+    line = _one_error_line(subprocess.run(nope, cwd=ROOT, capture_output=True, text=True,
+                                          timeout=120))
+    assert f"looked for {ROOT}/configs/nope.py" in line
+    elsewhere = subprocess.run(_cmd(tmp_path / "w"), cwd=tmp_path, capture_output=True,
+                               text=True, timeout=120)  # A relative path from another folder.
+    assert f"did you mean --config={ROOT}/configs/smoke.py?" in _one_error_line(elsewhere)
+    assert not os.path.exists(tmp_path / "w")  # Nothing was created.
+
+
+def test_workdir_that_is_a_file_and_quiet_start_up(tmp_path):
+    (tmp_path / "f").write_text("")
+    p = subprocess.run(_cmd(tmp_path / "f"), cwd=ROOT, capture_output=True, text=True,
+                       timeout=180)
+    assert f"--workdir {tmp_path / 'f'} is a file" in _one_error_line(p)
+    for noise in ("oneDNN", "absl::InitializeLog", "libtpu", "cpu_feature_guard"):
+        assert noise not in p.stderr, p.stderr[-2000:]
+
+
+def test_ctrl_c_before_training_exits_130_with_one_line(tmp_path):
+    proc = subprocess.Popen(_cmd(tmp_path / "w"), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+    time.sleep(4)  # Importing JAX/TensorFlow or compiling: the loop has not started yet.
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    assert "Interrupted (Ctrl-C)" in err or "Interrupted at step" in out, (out, err[-2000:])

@@ -116,21 +116,42 @@ def test_stride_placement_and_biases(layout, conv1_stride, conv2_stride):
     assert ("bias" in conv) == (layout == "v1")
 
 
-@pytest.mark.parametrize("hw,stride,bias", [(2, 1, False), (1, 1, True), (2, 2, False), (4, 1, True)])
-def test_small_map_conv_matches_conv(hw, stride, bias):
-    """The small-map im2col conv computes the same convolution with the same parameters."""
+@pytest.mark.parametrize("k,hw,stride,bias", [
+    (3, 2, 1, False), (3, 1, 1, True), (3, 2, 2, False), (3, 4, 1, True),  # small maps (or not)
+    (3, 4, 2, False), (3, 3, 2, True),  # stride 2 onto a 2x2 output
+    (1, 5, 1, False), (1, 6, 2, True), (1, 5, 2, False),  # 1x1 as a matmul, odd sizes too
+])
+def test_matmul_conv_matches_conv(k, hw, stride, bias):
+    """MatmulConv computes the same convolution with the same parameters, and the same
+    gradients, for every rule it has and where it falls back to XLA's convolution."""
     import flax.linen as nn
 
-    from cifar_flax.models import SmallMapConv
+    from cifar_flax.models import MatmulConv
 
-    kw = dict(features=6, kernel_size=(3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
-              use_bias=bias)
+    pad = (k - 1) // 2
+    kw = dict(features=6, kernel_size=(k, k), strides=(stride, stride),
+              padding=((pad, pad), (pad, pad)), use_bias=bias)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, hw, hw, 5))
-    ref, fast = nn.Conv(**kw), SmallMapConv(**kw)
+    ref, fast = nn.Conv(**kw), MatmulConv(**kw)
     variables = ref.init(jax.random.PRNGKey(1), x)
     variables = jax.tree.map(lambda a: a + 0.1, variables)  # non-zero bias
     assert jax.tree.structure(fast.init(jax.random.PRNGKey(1), x)) == jax.tree.structure(variables)
     assert jnp.allclose(fast.apply(variables, x), ref.apply(variables, x), atol=1e-5)
+    loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))  # noqa: E731
+    g_ref = jax.grad(loss(ref), argnums=(0, 1))(variables, x)
+    g_fast = jax.grad(loss(fast), argnums=(0, 1))(variables, x)
+    for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_fast)):
+        assert jnp.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("k,hw,stride,rule", [
+    (1, 16, 1, "one_by_one"), (1, 16, 2, "one_by_one"), (3, 2, 1, "small_map"),
+    (3, 4, 2, "small_map"), (3, 4, 1, None), (3, 8, 2, None), (7, 64, 2, None),
+])
+def test_matmul_rules_pick_the_slow_convolutions(k, hw, stride, rule):
+    """Which convolutions become matmuls: 1x1s, and 3x3s onto a <= 2x2 output (README Levers)."""
+    pad = ((k - 1) // 2,) * 2
+    assert models._matmul_rule((k, k), (stride, stride), (pad, pad), (hw, hw)) == rule
 
 
 def test_conv_impl_gives_the_same_model():
@@ -148,3 +169,14 @@ def test_conv_impl_gives_the_same_model():
     assert jnp.allclose(la, lb, rtol=1e-5)
     for x1, x2 in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         assert jnp.allclose(x1, x2, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride,hw", [(1, 2), (2, 4), (2, 3)])
+def test_patches_as_slices_match_xla_patches(stride, hw, monkeypatch):
+    """The 9-slice patches (the default) equal XLA's patches op in the kernel's (kh, kw, C) order."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, hw, hw, 5))
+    args = ((stride, stride), ((1, 1), (1, 1)))
+    slices = models._patches_3x3(x, *args)
+    monkeypatch.setattr(models, "MATMUL_RULES", models.MatmulRules(patches="op"))
+    assert slices.shape == (2, -(-hw // stride), -(-hw // stride), 45)
+    assert jnp.allclose(slices, models._patches_3x3(x, *args))

@@ -14,8 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cifar_flax import models, pretrained
-from cifar_flax.pretrained import Release, WeightsError
+from cifar_flax import models
+from cifar_flax.weights import cli, convert, files, registry, store
+from cifar_flax.weights.files import WeightsError
+from cifar_flax.weights.registry import Release
 
 
 def torchvision_state_dict(layers, bottleneck: bool, seed: int = 0) -> dict[str, np.ndarray]:
@@ -62,7 +64,7 @@ def resnet50_npz(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def weights(resnet50_npz):
-    return pretrained.convert_file("torchvision", str(resnet50_npz))
+    return convert.convert_file("torchvision", str(resnet50_npz))
 
 
 @pytest.fixture
@@ -72,14 +74,14 @@ def cache(tmp_path, monkeypatch):
 
 
 def _set_release(monkeypatch, url, digest, source="torchvision", variant="IMAGENET1K_V2"):
-    monkeypatch.setitem(pretrained.RELEASES[source], variant, Release(url, "sha256", digest))
+    monkeypatch.setitem(registry.RELEASES[source], variant, Release(url, "sha256", digest))
 
 
 def test_missing_file(tmp_path, cache):
     with pytest.raises(WeightsError, match="does not exist"):
-        pretrained.convert_file("torchvision", str(tmp_path / "nope.pth"))
+        convert.convert_file("torchvision", str(tmp_path / "nope.pth"))
     with pytest.raises(WeightsError, match="pretrained.file .* does not exist"):
-        pretrained.load_pretrained("torchvision", file=str(tmp_path / "nope.pth"))
+        store.load_pretrained("torchvision", file=str(tmp_path / "nope.pth"))
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -106,7 +108,7 @@ def test_resnet18_is_rejected_with_names(tmp_path, fmt):
 
         save_file(sd, str(path))
     with pytest.raises(WeightsError) as e:
-        pretrained.convert_file("torchvision", str(path))
+        convert.convert_file("torchvision", str(path))
     msg = str(e.value)
     assert "not a torchvision ResNet50" in msg and "\n" not in msg
     assert "missing" in msg and "layer1.0.conv3.weight" in msg
@@ -116,12 +118,12 @@ def test_resnet18_is_rejected_with_names(tmp_path, fmt):
 def test_wrong_source_and_extra_tensors(tmp_path, resnet50_npz):
     match = r"not a keras ResNet50.*conv1_conv/kernel.*conv1.weight"
     with pytest.raises(WeightsError, match=match):
-        pretrained.convert_file("keras", str(resnet50_npz))
+        convert.convert_file("keras", str(resnet50_npz))
     sd = dict(np.load(resnet50_npz))
     sd["layer5.0.conv1.weight"] = np.zeros((1, 1, 1, 1), np.float32)
     np.savez(tmp_path / "extra.npz", **sd)
     with pytest.raises(WeightsError, match=r"1 unexpected \[layer5.0.conv1.weight\]"):
-        pretrained.convert_file("torchvision", str(tmp_path / "extra.npz"))
+        convert.convert_file("torchvision", str(tmp_path / "extra.npz"))
 
 
 def test_classifier_dropped_and_layout(weights, resnet50_npz):
@@ -160,7 +162,7 @@ def test_truncated_files(tmp_path, resnet50_npz):
         _truncate(path)
         source = "keras" if path.suffix == ".h5" else "torchvision"
         with pytest.raises(WeightsError, match=r"t\.\w+.*(truncated|corrupt)") as e:
-            pretrained.convert_file(source, str(path))
+            convert.convert_file(source, str(path))
         assert "\n" not in str(e.value)
 
 
@@ -170,7 +172,7 @@ def test_checksum_mismatch_discards_download(tmp_path, cache, monkeypatch):
     _set_release(monkeypatch, junk.as_uri(), "0" * 64)
     match = "Checksum mismatch for file://.*--config.pretrained.file="
     with pytest.raises(WeightsError, match=match):
-        pretrained.load_pretrained("torchvision", cache_dir="")
+        store.load_pretrained("torchvision", cache_dir="")
     assert os.listdir(cache / "downloads") == []  # neither the file nor a partial download
 
 
@@ -178,7 +180,7 @@ def test_offline_download_is_one_clear_line(cache, monkeypatch):
     url = "http://127.0.0.1:9/resnet50-11ad3fa6.pth"
     _set_release(monkeypatch, url, "0" * 64)
     with pytest.raises(WeightsError) as e:
-        pretrained.load_pretrained("torchvision")
+        store.load_pretrained("torchvision")
     msg = str(e.value)
     assert msg.startswith(f"Could not download {url}") and "\n" not in msg
     assert "--config.pretrained.file=/path/to/resnet50-11ad3fa6.pth" in msg
@@ -187,27 +189,27 @@ def test_offline_download_is_one_clear_line(cache, monkeypatch):
 
 
 def test_download_verify_convert_cache(resnet50_npz, weights, cache, monkeypatch, tmp_path):
-    _set_release(monkeypatch, resnet50_npz.as_uri(), pretrained.file_hash(str(resnet50_npz),
+    _set_release(monkeypatch, resnet50_npz.as_uri(), files.file_hash(str(resnet50_npz),
                                                                           "sha256"))
-    got = pretrained.load_pretrained("torchvision")
+    got = store.load_pretrained("torchvision")
     assert (cache / "downloads" / resnet50_npz.name).is_file()
-    assert pretrained.is_converted(str(cache / "converted" / "torchvision-IMAGENET1K_V2"))
+    assert store.is_converted(str(cache / "converted" / "torchvision-IMAGENET1K_V2"))
     assert got.spec.variant == "IMAGENET1K_V2" and got.spec.preprocessing.name == "torch"
     # Offline now: served from the converted cache.
     _set_release(monkeypatch, "http://127.0.0.1:9/x.pth", "0" * 64)
-    again = pretrained.load_pretrained("torchvision", "IMAGENET1K_V2")
+    again = store.load_pretrained("torchvision", "IMAGENET1K_V2")
     for a, b in zip(jax.tree.leaves(weights.params), jax.tree.leaves(again.params)):
         np.testing.assert_array_equal(a, b)
     # A `convert` output directory works as pretrained.file.
-    pretrained.save_weights(again, str(tmp_path / "conv"))
-    from_dir = pretrained.load_pretrained("torchvision", file=str(tmp_path / "conv"))
+    store.save_weights(again, str(tmp_path / "conv"))
+    from_dir = store.load_pretrained("torchvision", file=str(tmp_path / "conv"))
     assert from_dir.spec == again.spec
     with pytest.raises(WeightsError, match="not torchvision|set pretrained.source"):
-        pretrained.load_pretrained("keras", file=str(tmp_path / "conv"))
+        store.load_pretrained("keras", file=str(tmp_path / "conv"))
 
 
 def test_local_file_is_cached_by_hash(resnet50_npz, cache):
-    pretrained.load_pretrained("torchvision", file=str(resnet50_npz))
+    store.load_pretrained("torchvision", file=str(resnet50_npz))
     converted = os.listdir(cache / "converted")
     assert len(converted) == 1 and converted[0].startswith("torchvision-file-")
 
@@ -215,7 +217,7 @@ def test_local_file_is_cached_by_hash(resnet50_npz, cache):
 def test_save_refuses_foreign_directory(weights, tmp_path):
     (tmp_path / "mine.txt").write_text("keep me")
     with pytest.raises(WeightsError, match="does not hold converted weights"):
-        pretrained.save_weights(weights, str(tmp_path))
+        store.save_weights(weights, str(tmp_path))
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
@@ -226,7 +228,7 @@ def _abstract_variables(**kw):
 
 def test_merge_into_fills_backbone_only(weights):
     variables = _abstract_variables(layout="v1.5")
-    merged = pretrained.merge_into(variables, weights)
+    merged = convert.merge_into(variables, weights)
     assert merged["params"]["head"] is variables["params"]["head"]
     for coll, src in (("params", weights.params), ("batch_stats", weights.batch_stats)):
         ours = {k: v for k, v in merged[coll].items() if k in models.BACKBONE_MODULES}
@@ -241,19 +243,19 @@ def test_merge_into_fills_backbone_only(weights):
 ])
 def test_merge_into_mismatch_names_the_field(weights, kw, field):
     with pytest.raises(WeightsError, match="don't fit the model") as e:
-        pretrained.merge_into(_abstract_variables(**kw), weights)
+        convert.merge_into(_abstract_variables(**kw), weights)
     assert field in str(e.value)
 
 
 def test_unknown_source_and_variant():
     with pytest.raises(WeightsError, match="pretrained.source"):
-        pretrained.source_spec("timm")
+        registry.source_spec("timm")
     with pytest.raises(WeightsError, match="pretrained.variant 'IMAGENET1K_V2'.*notop"):
-        pretrained.source_spec("keras", "IMAGENET1K_V2")
-    spec = pretrained.source_spec("", layout="v1")
+        registry.source_spec("keras", "IMAGENET1K_V2")
+    spec = registry.source_spec("", layout="v1")
     assert spec.layout == "v1" and spec.preprocessing.name == "simple"
-    assert pretrained.source_spec("keras").variant == "notop"
-    assert pretrained.source_spec("torchvision").variant == "IMAGENET1K_V2"
+    assert registry.source_spec("keras").variant == "notop"
+    assert registry.source_spec("torchvision").variant == "IMAGENET1K_V2"
 
 
 @pytest.mark.parametrize("images, match", [
@@ -261,9 +263,9 @@ def test_unknown_source_and_variant():
     (np.zeros((2, 16, 16, 3), np.uint8), "at least 32x32"),
 ])
 def test_features_cli_rejects_bad_images(weights, tmp_path, capsys, images, match):
-    pretrained.save_weights(weights, str(tmp_path / "w"))
+    store.save_weights(weights, str(tmp_path / "w"))
     np.save(tmp_path / "x.npy", images)
-    rc = pretrained.main(["features", "--weights", str(tmp_path / "w"), "--images",
+    rc = cli.main(["features", "--weights", str(tmp_path / "w"), "--images",
                           str(tmp_path / "x.npy"), "--output", str(tmp_path / "f.npy")])
     err = capsys.readouterr().err
     assert rc == 1 and match in err and not (tmp_path / "f.npy").exists()

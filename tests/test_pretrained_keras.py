@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from cifar_flax import pretrained
+from cifar_flax.weights import cli, convert, store
 from weights_utils import assert_features_match, features_via_cli, random_images
 
 keras = pytest.importorskip("keras")
@@ -59,7 +59,7 @@ def write_published_layout(model, path, suffix: str = ":0") -> None:
 def converted(keras_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("keras")
     write_published_layout(keras_model, tmp / "notop.h5")
-    assert pretrained.main(
+    assert cli.main(
         ["convert", "--source", "keras", "--input", str(tmp / "notop.h5"), "--output",
          str(tmp / "converted")]
     ) == 0
@@ -96,9 +96,9 @@ def test_keras3_names_without_suffix_convert_identically(keras_model, converted,
         group = f["model_weights"]["conv1_conv"]
         first = group.attrs["weight_names"][0]
         assert (first.decode() if isinstance(first, bytes) else first) == "conv1_conv/kernel"
-    ref = pretrained.load_weights(str(converted / "converted"))
+    ref = store.load_weights(str(converted / "converted"))
     for name in ("k3.h5", "k3_model.h5"):
-        got = pretrained.convert_file("keras", str(tmp_path / name))
+        got = convert.convert_file("keras", str(tmp_path / name))
         assert got.spec.layout == "v1" and got.spec.preprocessing.name == "caffe"
         for a, b in zip(
             jax.tree.leaves((ref.params, ref.batch_stats)),

@@ -1,6 +1,6 @@
 """torchvision ResNet50 -> Flax: the conversion computes exactly what PyTorch computes.
 
-The reference is ``cifar_flax.torch_resnet.ResNet50`` (torchvision's layout and state-dict keys)
+The reference is ``cifar_flax.bench.torch_resnet.ResNet50`` (torchvision's layout and state-dict keys)
 with random weights and BatchNorm statistics, saved with ``torch.save``; the Flax side goes through
 the ``convert`` and ``features`` CLIs. The same state dict as .safetensors / .npz (no torch needed
 to read) must convert to identical parameters.
@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from cifar_flax import pretrained
+from cifar_flax.weights import cli, convert, files, store
 from weights_utils import assert_features_match, features_via_cli, random_images
 
 torch = pytest.importorskip("torch")
@@ -25,7 +25,7 @@ STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 @pytest.fixture(scope="module")
 def torch_model():
-    from cifar_flax.torch_resnet import ResNet50
+    from cifar_flax.bench.torch_resnet import ResNet50
 
     torch.manual_seed(0)
     model = ResNet50()
@@ -47,7 +47,7 @@ def torch_model():
 def converted(torch_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("torch")
     torch.save(torch_model.state_dict(), tmp / "resnet50.pth")
-    assert pretrained.main(
+    assert cli.main(
         ["convert", "--source", "torchvision", "--input", str(tmp / "resnet50.pth"), "--output",
          str(tmp / "converted")]
     ) == 0
@@ -65,10 +65,10 @@ def test_features_match_torch(torch_model, converted, size):
 
 
 def test_spec_of_converted_weights(converted):
-    weights = pretrained.load_weights(str(converted / "converted"))
+    weights = store.load_weights(str(converted / "converted"))
     assert weights.spec.source == "torchvision" and weights.spec.layout == "v1.5"
     assert weights.spec.preprocessing.name == "torch"
-    assert weights.spec.file_sha256 == pretrained.file_hash(str(converted / "resnet50.pth"),
+    assert weights.spec.file_sha256 == files.file_hash(str(converted / "resnet50.pth"),
                                                             "sha256")
     assert weights.params["stem"]["conv"]["kernel"].shape == (7, 7, 3, 64)
     assert "bias" not in weights.params["stem"]["conv"]
@@ -84,8 +84,8 @@ def test_safetensors_and_npz_convert_identically(torch_model, converted, tmp_pat
         from safetensors.numpy import save_file
 
         save_file(state, str(path))
-    ref = pretrained.load_weights(str(converted / "converted"))
-    got = pretrained.convert_file("torchvision", str(path))
+    ref = store.load_weights(str(converted / "converted"))
+    got = convert.convert_file("torchvision", str(path))
     ref_leaves = jax.tree_util.tree_leaves_with_path((ref.params, ref.batch_stats))
     got_leaves = jax.tree_util.tree_leaves_with_path((got.params, got.batch_stats))
     assert [p for p, _ in ref_leaves] == [p for p, _ in got_leaves]
@@ -95,14 +95,15 @@ def test_safetensors_and_npz_convert_identically(torch_model, converted, tmp_pat
 
 def test_full_model_with_head_from_merged_weights(torch_model, converted):
     """merge_into puts the converted backbone into a full model's variables: torch's features."""
-    from cifar_flax import models, preprocessing
+    from cifar_flax import models
+    from cifar_flax.data import preprocessing
 
     model = models.create_model(num_classes=10, layout="v1.5", head_hidden=(16,))
     images = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     # Stand-in variables with the model's structure (``init`` itself is slow to compile on CPU).
     abstract = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
     variables = jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype), abstract)
-    merged = pretrained.merge_into(variables, pretrained.load_weights(str(converted / "converted")))
+    merged = convert.merge_into(variables, store.load_weights(str(converted / "converted")))
     np.testing.assert_array_equal(merged["params"]["head"]["hidden1"]["kernel"],
                                   variables["params"]["head"]["hidden1"]["kernel"])
     x = preprocessing.normalize(images, preprocessing.TORCH)

@@ -11,21 +11,22 @@ the all-layers phase that follows (a wrong dropout key or batch order is off by 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from cifar_flax import feature_cache, input_pipeline, optim, step as step_lib
-from cifar_flax.checkpointing import Checkpointer
+from cifar_flax.train import feature_cache, optim, parallel, steps as step_lib
+from cifar_flax.data import input_pipeline
+from cifar_flax.train.checkpointing import Checkpointer
 from cifar_flax.config import ConfigError, phase, validate
-from cifar_flax.train import build_model, init_variables, train_and_evaluate
-from train_utils import enable_compilation_cache, tiny_config
+from cifar_flax.train.initialize import build_model, init_variables
+from cifar_flax.train.loop import train_and_evaluate
+from cifar_flax.train.metrics_writer import read_metrics
+from train_utils import enable_compilation_cache, state_at, tiny_config
 
 enable_compilation_cache()
 HEAD_END, END = 18, 20  # Last steps of the head phase and of the run.
@@ -49,20 +50,6 @@ def _config(cache: bool = True):
     return c
 
 
-def _state_at(workdir: str, step: int | None = None) -> dict:
-    ckpt = Checkpointer(workdir)
-    step = ckpt.latest.latest_step() if step is None else step
-    out = ckpt.latest.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    ckpt.close()
-    return jax.device_get(out["state"])
-
-
-def _records(workdir: str, kind: str) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return [r for r in rows if r["kind"] == kind]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     dirs = {k: str(tmp_path_factory.mktemp(k)) for k in ("cached", "full", "resumed")}
@@ -77,7 +64,7 @@ def runs(tmp_path_factory):
 
 def test_cached_head_phase_matches_the_full_step(runs):
     dirs, results = runs
-    cached, full = _state_at(dirs["cached"], HEAD_END), _state_at(dirs["full"], HEAD_END)
+    cached, full = state_at(dirs["cached"], HEAD_END), state_at(dirs["full"], HEAD_END)
     c = _config()
     initial, _ = init_variables(c, build_model(c, c.synthetic.num_classes))
     initial = jax.device_get(initial)
@@ -95,14 +82,14 @@ def test_cached_head_phase_matches_the_full_step(runs):
         for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
             np.testing.assert_array_equal(x, y)
     # Cached validation = full-model validation; the train metrics agree step by step.
-    ev_c, ev_f = _records(dirs["cached"], "eval"), _records(dirs["full"], "eval")
+    ev_c, ev_f = read_metrics(dirs["cached"], "eval"), read_metrics(dirs["full"], "eval")
     assert [r["step"] for r in ev_c] == [r["step"] for r in ev_f] == [*range(3, 19, 3), END]
     for a, b in zip(ev_c, ev_f):
         assert a["val_accuracy"] == b["val_accuracy"]
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
-    tr_c, tr_f = _records(dirs["cached"], "train"), _records(dirs["full"], "train")
+    tr_c, tr_f = read_metrics(dirs["cached"], "train"), read_metrics(dirs["full"], "train")
     assert [r["loss"] for r in tr_c] == pytest.approx([r["loss"] for r in tr_f], rel=1e-4)
-    last_c, last_f = _state_at(dirs["cached"]), _state_at(dirs["full"])
+    last_c, last_f = state_at(dirs["cached"]), state_at(dirs["full"])
     for a, b in zip(jax.tree.leaves(last_c), jax.tree.leaves(last_f)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)  # After phase "all" too.
     assert results["cached"]["test_accuracy"] == results["full"]["test_accuracy"] > 0.5
@@ -111,27 +98,27 @@ def test_cached_head_phase_matches_the_full_step(runs):
 
 def test_only_the_qualifying_phase_uses_the_cache(runs):
     dirs, _ = runs
-    phases = {k: [(r["name"], r["feature_cache"]) for r in _records(dirs[k], "phase")]
+    phases = {k: [(r["name"], r["feature_cache"]) for r in read_metrics(dirs[k], "phase")]
               for k in ("cached", "full")}
     assert phases["cached"] == [("head", True), ("all", False)]
     assert phases["full"] == [("head", False), ("all", False)]
-    extracted = _records(dirs["cached"], "feature_cache")
+    extracted = read_metrics(dirs["cached"], "feature_cache")
     assert [(r["step"], r["phase"], r["train_examples"], r["passes"]) for r in extracted] == [
         (0, 0, 48, 1)]
     assert extracted[0]["extract_seconds"] > 0
-    assert _records(dirs["full"], "feature_cache") == []
+    assert read_metrics(dirs["full"], "feature_cache") == []
 
 
 def test_resume_inside_a_cached_phase_is_exact(runs):
     dirs, results = runs
     assert results["first"] == {"interrupted": True, "step": 10}
-    a, b = _state_at(dirs["cached"]), _state_at(dirs["resumed"])
+    a, b = state_at(dirs["cached"]), state_at(dirs["resumed"])
     assert int(a["step"]) == int(b["step"]) == results["resumed"]["steps"] == END
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)  # Bit for bit: the rebuilt cache is the same.
     assert results["resumed"]["test_accuracy"] == results["cached"]["test_accuracy"]
     # The resumed run rebuilt the cache at step 10, in the same phase.
-    assert [(r["step"], r["phase"]) for r in _records(dirs["resumed"], "feature_cache")] == [
+    assert [(r["step"], r["phase"]) for r in read_metrics(dirs["resumed"], "feature_cache")] == [
         (0, 0), (10, 0)]
 
 
@@ -181,11 +168,11 @@ def test_config_rejects_bad_feature_cache_values(bad):
 def test_augmented_passes_cycle_per_epoch():
     c = _config()
     c.augment.flip, c.feature_cache.passes = True, 2
-    info, mesh = input_pipeline.get_info(c), step_lib.make_mesh()
+    info, mesh = input_pipeline.get_info(c), parallel.make_mesh()
     model = build_model(c, info.num_classes)
     variables, prep = init_variables(c, model)
     plan = optim.build_phase(c, variables["params"], 0, 3)
-    state = step_lib.replicate(
+    state = parallel.replicate(
         mesh, step_lib.create_train_state(variables, plan.tx, jax.random.key(1)))
     cached = feature_cache.CachedPhase(c, info, model, mesh, prep, state, plan)
     feats = cached.cache.features
@@ -218,4 +205,4 @@ def test_sigterm_during_extraction_saves_and_returns(tmp_path, monkeypatch):
     ckpt = Checkpointer(str(tmp_path))
     assert ckpt.latest.latest_step() == 0  # Resumable from the start.
     ckpt.close()
-    assert _records(str(tmp_path), "feature_cache") == []  # The extraction did not finish.
+    assert read_metrics(str(tmp_path), "feature_cache") == []  # The extraction did not finish.

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from cifar_flax.checkpointing import Checkpointer
 from cifar_flax.config import phase
-from cifar_flax.train import train_and_evaluate
-from train_utils import enable_compilation_cache, tiny_config
+from cifar_flax.train import optim
+from cifar_flax.main import run as train_and_evaluate
+from cifar_flax.train.metrics_writer import read_metrics
+from train_utils import enable_compilation_cache, state_at, tiny_config
 
 enable_compilation_cache()
 
@@ -33,14 +32,6 @@ def _config():
     return c
 
 
-def _final_state(workdir: str) -> dict:
-    ckpt = Checkpointer(workdir)
-    step = ckpt.latest.latest_step()
-    out = ckpt.latest.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    ckpt.close()
-    return jax.device_get(out["state"])
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     straight = str(tmp_path_factory.mktemp("straight"))
@@ -54,7 +45,7 @@ def runs(tmp_path_factory):
 def test_resumed_run_ends_with_identical_parameters(runs):
     straight, resumed, full, first, second = runs
     assert first == {"interrupted": True, "step": 5}
-    a, b = _final_state(straight), _final_state(resumed)
+    a, b = state_at(straight), state_at(resumed)
     assert int(a["step"]) == int(b["step"]) == full["steps"] == 9
     leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(leaves_a) == len(leaves_b) > 30
@@ -68,10 +59,8 @@ def test_history_is_continuous_after_resume(runs):
     straight, resumed, *_ = runs
 
     def records(workdir, kind):
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            rows = [json.loads(line) for line in f]
-        return [{k: v for k, v in r.items() if k != "images_per_sec"} for r in rows
-                if r["kind"] == kind]
+        return [{k: v for k, v in r.items() if k != "images_per_sec"}
+                for r in read_metrics(workdir, kind)]
 
     for kind in ("train", "eval", "phase"):
         assert records(straight, kind) == records(resumed, kind), kind
@@ -95,11 +84,32 @@ def test_early_stopping_ends_the_phase_and_moves_on(tmp_path):
     c.phases[0].epochs = 3
     c.checkpoint.every_steps = 0
     result = train_and_evaluate(c, str(tmp_path))
-    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_metrics(str(tmp_path))
     starts = [(r["step"], r["name"]) for r in rows if r["kind"] == "phase"]
     # Phase "head": eval at 3 (best), eval at 6 (no improvement, patience 1) -> stop at 6.
     assert starts == [(0, "head"), (6, "all")]
     assert result["steps"] == 12  # The second phase runs its 6 steps (eval 9: best, 12: stop).
     assert result["tested_checkpoint"] == "best"
     assert result["tested_step"] == result["best_step"]
+
+
+def test_logged_learning_rates_follow_the_phase_step(runs):
+    """lr/<group> in the train records is the phase's schedule at the phase-relative step (phase
+    "all" starts at step 3 with a warmup: the global step would give other values)."""
+    straight, *_ = runs
+    c = _config()
+    spe = 3
+    head = optim.make_schedule(c.phases[0], 0.1, 3, spe)
+    warm = optim.make_schedule(c.phases[1], 0.05, 6, spe)
+    records = read_metrics(straight, "train")
+    assert [r["step"] for r in records] == list(range(1, 10))
+    for r in records:
+        lrs = {k: v for k, v in r.items() if k.startswith("lr/")}
+        if r["phase"] == 0:
+            assert lrs == {"lr/head": pytest.approx(float(head(r["step"])))}
+        else:
+            want = float(warm(r["step"] - 3))
+            assert len(lrs) == len(c.groups), r
+            assert all(v == pytest.approx(want) for v in lrs.values()), r
+    late = [r for r in records if r["phase"] == 1]
+    assert any(float(warm(r["step"])) != pytest.approx(float(warm(r["step"] - 3))) for r in late)

@@ -7,29 +7,30 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cifar_flax import step as step_lib
+from cifar_flax.train import parallel, steps as step_lib
 from cifar_flax.config import phase
-from cifar_flax.preprocessing import SIMPLE
+from cifar_flax.data import augment
+from cifar_flax.data.preprocessing import SIMPLE
 from train_utils import fake_batch, setup_step, tiny_config
 
 
 @pytest.fixture(scope="module")
 def mesh():
-    return step_lib.make_mesh()
+    return parallel.make_mesh()
 
 
 def test_overfits_a_small_batch_to_full_accuracy(mesh):
     config = tiny_config()
     config.phases = [phase("all", steps=60, optimizer="adamw", lr=3e-3, schedule="constant")]
     model, _, state, fn = setup_step(config, mesh)
-    batch = step_lib.shard_batch(mesh, fake_batch())
+    batch = parallel.shard_batch(mesh, fake_batch())
     losses = []
     for _ in range(60):
         state, metrics = fn(state, batch)
         losses.append(float(metrics["loss"]))
-    evaluate = step_lib.make_eval_step(model, mesh, config.augment, SIMPLE)
-    out = evaluate({"params": state.params, "batch_stats": state.batch_stats}, batch)
-    accuracy = np.mean(np.asarray(out["logits"]).argmax(-1) == fake_batch()["label"])
+    logits_fn = step_lib.make_logits_step(model, mesh, config.augment, SIMPLE)
+    logits = logits_fn({"params": state.params, "batch_stats": state.batch_stats}, batch["image"])
+    accuracy = np.mean(np.asarray(logits).argmax(-1) == fake_batch()["label"])
     assert accuracy == 1.0, (accuracy, losses[::10])
     assert losses[-1] < 0.25 * losses[0]
     assert int(state.step) == 60
@@ -44,7 +45,7 @@ def test_frozen_groups_stay_bit_identical(mesh):
     config.phases = [phase("upper", steps=3, trainable=("stage4", "head"), lr=0.1)]
     _, plan, state, fn = setup_step(config, mesh)
     before_p, before_s = _flat(state.params), _flat(state.batch_stats)
-    batch = step_lib.shard_batch(mesh, fake_batch())
+    batch = parallel.shard_batch(mesh, fake_batch())
     for _ in range(3):
         state, _ = fn(state, batch)
     after_p, after_s = _flat(state.params), _flat(state.batch_stats)
@@ -62,7 +63,7 @@ def test_frozen_groups_stay_bit_identical(mesh):
 
 def _flops(config, mesh) -> float:
     _, _, state, fn = setup_step(config, mesh)
-    batch = step_lib.shard_batch(mesh, fake_batch(size=32))
+    batch = parallel.shard_batch(mesh, fake_batch(size=32))
     cost = fn.lower(state, batch).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
@@ -84,9 +85,69 @@ def test_frozen_backbone_step_costs_far_fewer_flops(mesh):
 def test_bfloat16_computes_in_bf16_with_float32_params(mesh):
     config = tiny_config(dtype="bfloat16")
     _, _, state, fn = setup_step(config, mesh)
-    batch = step_lib.shard_batch(mesh, fake_batch())
+    batch = parallel.shard_batch(mesh, fake_batch())
     new_state, metrics = jax.eval_shape(fn, state, batch)
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(new_state.params))
     assert metrics["loss"].dtype == np.float32
     hlo = fn.lower(state, batch).as_text()
     assert hlo.count("bf16") > 50  # The convolutions run in bf16.
+
+
+def test_step_keys_are_fold_ins_of_step_then_device():
+    """The per-step RNG, pinned directly: keys depend on (rng, step, device) and nothing else,
+    derived as fold_in(fold_in(rng, step), device) then split (what resume relies on)."""
+    rng = jax.random.key_data(jax.random.key(7))
+    aug, drop = step_lib.step_keys(rng, 5, 2)
+    base = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(rng), 5), 2)
+    want_aug, want_drop = jax.random.split(base)
+    assert np.array_equal(jax.random.key_data(aug), jax.random.key_data(want_aug))
+    assert np.array_equal(jax.random.key_data(drop), jax.random.key_data(want_drop))
+    datas = {tuple(np.asarray(jax.random.key_data(k)).ravel())
+             for s, d in [(5, 2), (6, 2), (5, 3), (2, 5)] for k in step_lib.step_keys(rng, s, d)}
+    assert len(datas) == 8  # Every (step, device) pair and both uses get their own key.
+
+
+def test_train_step_draws_dropout_from_its_step_key(mesh):
+    """The full step's loss equals a forward pass with step_keys(rng, step, device 0)'s dropout
+    key, and differs from the one of the neighbouring step (dropout is on, so keys matter)."""
+    config = tiny_config()
+    config.model.head_hidden = (8,)
+    config.model.head_dropout = 0.5
+    config.model.zero_init_head = False
+    model, plan, state, fn = setup_step(config, mesh)
+    state = state.replace(step=state.step + 4)
+    batch = fake_batch()
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    rng, step = np.asarray(state.rng), int(state.step)
+
+    def loss_with(key_step):
+        aug_key, dropout_key = step_lib.step_keys(rng, key_step, 0)
+        x, soft = augment.train_augment(batch["image"], batch["label"], aug_key, config.augment,
+                                        4, SIMPLE)  # Augmentation off: resize + normalise.
+        logits, _ = model.clone(bn_axis_name=None).apply(  # One device: same statistics.
+            variables, x, train=True, bn_train_modules=plan.bn_train_modules,
+            mutable=["batch_stats"], rngs={"dropout": dropout_key})
+        return float(step_lib.cross_entropy(logits, soft))
+
+    expected, other = loss_with(step), loss_with(step + 1)
+    _, metrics = fn(state, parallel.shard_batch(mesh, batch))
+    assert abs(float(metrics["loss"]) - expected) < 1e-5 * max(1.0, abs(expected))
+    assert abs(other - expected) > 1e-3  # The test can tell the keys apart.
+
+
+def test_head_dropout_acts_before_the_output_layer():
+    """With no hidden layer the only dropout is the one before ``out``: training-mode logits must
+    differ from inference-mode ones and from another dropout key's."""
+    config = tiny_config()
+    config.model.head_hidden = ()
+    config.model.head_dropout = 0.5
+    config.model.zero_init_head = False
+    model, _, state, _ = setup_step(config, parallel.make_mesh())
+    params = {"head": jax.device_get(state.params["head"])}
+    width = params["head"]["out"]["kernel"].shape[0]
+    feats = np.random.default_rng(0).normal(size=(8, width)).astype(np.float32) + 1.0
+    run = lambda train, k=0: np.asarray(model.apply(  # noqa: E731
+        {"params": params}, feats, train=train, method="classify",
+        rngs={"dropout": jax.random.key(k)}))
+    assert not np.allclose(run(True), run(False))
+    assert not np.allclose(run(True, 0), run(True, 1))

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import jax
 import ml_collections
 import numpy as np
 
-from cifar_flax import optim, step as step_lib
+from cifar_flax.train import optim, parallel, steps as step_lib
 from cifar_flax.config import default_config, phase
-from cifar_flax.preprocessing import SIMPLE
-from cifar_flax.train import build_model
+from cifar_flax.data.preprocessing import SIMPLE
+from cifar_flax.train.initialize import build_model
 
 
 def enable_compilation_cache() -> None:
@@ -72,14 +73,61 @@ def init_variables(model, res: int, seed: int = 0) -> dict:
     return _INIT_CACHE[key]
 
 
+def state_at(workdir: str, step: int | None = None, kind: str = "latest") -> dict:
+    """What ``<workdir>/checkpoints/<kind>`` ("latest": the TrainState; "best": the variables)
+    holds at ``step`` (default: the newest), as numpy, restored without a target (as saved)."""
+    import orbax.checkpoint as ocp
+
+    from cifar_flax.train.checkpointing import Checkpointer
+
+    ckpt = Checkpointer(workdir)
+    mngr = getattr(ckpt, kind)
+    step = mngr.latest_step() if step is None else step
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    ckpt.close()
+    return jax.device_get(out["state"])
+
+
+def make_image_tree(root, counts: dict, pixels=None, size=(6, 6), sizes=None) -> dict:
+    """``<root>/<split>/<class>/<j>.png`` for ``counts = {split: {class: n}}``; returns
+    ``{id: (split, class)}``.
+
+    Image ``id`` (numbered in order) is ``pixels(id, split, class)`` (uint8 HxWx3), by default
+    one unique constant colour ``(id % 256, id // 256, 7)`` of ``size`` (or ``sizes[id % len]``).
+    """
+    from PIL import Image
+
+    def by_id(i, split, cls):
+        hw = sizes[i % len(sizes)] if sizes else size
+        return np.zeros((*hw, 3), np.uint8) + np.array([i % 256, i // 256, 7], np.uint8)
+
+    pixels = pixels or by_id
+    ids, next_id = {}, 0
+    for split, classes in counts.items():
+        for cls, n in classes.items():
+            os.makedirs(os.path.join(root, split, cls), exist_ok=True)
+            for j in range(n):
+                image = np.asarray(pixels(next_id, split, cls), np.uint8)
+                Image.fromarray(image).save(os.path.join(root, split, cls, f"{j}.png"))
+                ids[next_id] = (split, cls)
+                next_id += 1
+    return ids
+
+
 def setup_step(config, mesh, num_classes: int = 4, phase_index: int = 0, seed: int = 0):
     """(model, plan, state, jitted step) for ``config`` on ``mesh``."""
     model = build_model(config, num_classes)
     variables = init_variables(model, config.augment.resolution, seed)
     plan = optim.build_phase(config, variables["params"], phase_index, steps_per_epoch=10)
-    state = step_lib.replicate(
+    state = parallel.replicate(
         mesh, step_lib.create_train_state(variables, plan.tx, jax.random.key(seed + 1))
     )
     fn = step_lib.make_train_step(model, plan, mesh, config.augment, SIMPLE, num_classes,
                                   config.sync_batchnorm)
     return model, plan, state, fn
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of a child that must get Ctrl-C as in a foreground shell, even when the
+    tests run as a background job (started with SIGINT ignored, which a child inherits)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

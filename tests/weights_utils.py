@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cifar_flax import pretrained
+from cifar_flax.weights import cli
 
 
 def random_images(size: int, n: int = 3) -> np.ndarray:
@@ -19,7 +19,7 @@ def features_via_cli(workdir: Path, images: np.ndarray) -> np.ndarray:
     size = images.shape[1]
     np.save(workdir / f"images{size}.npy", images)
     out = workdir / f"feats{size}.npy"
-    assert pretrained.main(
+    assert cli.main(
         ["features", "--weights", str(workdir / "converted"), "--images",
          str(workdir / f"images{size}.npy"), "--output", str(out), "--batch-size", "2"]
     ) == 0

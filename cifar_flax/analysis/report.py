@@ -1,0 +1,162 @@
+"""The end-of-run report in ``<workdir>/report/``.
+
+- ``curves.png``: train and validation loss and accuracy over steps, phase starts marked;
+- ``confusion_matrix.png`` (class names) and ``classification_report.txt`` / ``.json``
+  (per-class precision, recall, F1; scikit-learn);
+- ``predictions.npz``: test ``labels``, ``predictions`` and ``logits``, so every number can be
+  recomputed; ``results.json``: test accuracy/loss, best validation metric, steps, times, images/s,
+  config; ``report.md`` embedding all of it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from etils import epath  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay, classification_report  # noqa: E402
+
+
+def _series(history: Sequence[dict], kind: str, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of ``key`` in the records of ``kind``; a non-finite value (null in
+    metrics.jsonl) is NaN, a gap in the line."""
+    rows = [r for r in history if r["kind"] == kind and key in r]
+    return [r["step"] for r in rows], [np.nan if r[key] is None else r[key] for r in rows]
+
+
+def _mark_phases(ax: Any, history: Sequence[dict]) -> None:
+    """A dashed line at each phase start, its name above the plot (outside the data area, so it
+    is never cut or drawn over the curves)."""
+    starts = [(r["step"], r["name"]) for r in history if r["kind"] == "phase"]
+    for step, _ in starts:
+        ax.axvline(step, color="gray", ls="--", lw=0.8)
+    top = ax.secondary_xaxis("top")
+    top.set_xticks([s for s, _ in starts], [n for _, n in starts], fontsize=8, color="dimgray",
+                   rotation=30, ha="left")
+    top.tick_params(length=0)
+
+
+def _mark_non_finite(ax: Any, steps: list[int], values: list[float], what: str) -> None:
+    """A red line and label where ``values`` first stop being finite (a diverged run)."""
+    bad = [s for s, v in zip(steps, values) if not np.isfinite(v)]
+    if bad:
+        ax.axvline(bad[0], color="red", ls=":", lw=1.2,
+                   label=f"{what} not finite from step {bad[0]}")
+
+
+def plot_curves(history: Sequence[dict], path: str) -> None:
+    """curves_figure saved as a PNG at ``path``."""
+    _save_figure(curves_figure(history), epath.Path(path))
+
+
+def curves_figure(history: Sequence[dict]) -> Any:
+    """Loss and accuracy (train per log interval, validation per evaluation), phases marked."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        train, val = _series(history, "train", metric), _series(history, "eval", f"val_{metric}")
+        ax.plot(*train, label=f"train {metric}", lw=1)
+        ax.plot(*val, "o-", label=f"val {metric}", ms=3)
+        _mark_non_finite(ax, *train, f"train {metric}")
+        _mark_phases(ax, history)
+        ax.set_xlabel("step")
+        ax.set_title(metric, pad=22)
+        ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(labels: np.ndarray, predictions: np.ndarray,
+                     class_names: Sequence[str]) -> Any:
+    """The confusion matrix as a figure: row = true class, column = predicted class (counts)."""
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * n + 2), max(4, 0.6 * n + 1.5)))
+    ConfusionMatrixDisplay.from_predictions(
+        labels, predictions, labels=list(range(n)), display_labels=list(class_names), ax=ax,
+        xticks_rotation=45, colorbar=False, values_format="d",
+    )
+    ax.set_title("Test confusion matrix")
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion(labels: np.ndarray, predictions: np.ndarray, class_names: Sequence[str],
+                   path: str) -> None:
+    """confusion_figure saved as a PNG at ``path``."""
+    _save_figure(confusion_figure(labels, predictions, class_names), epath.Path(path))
+
+
+def _markdown(results: dict[str, Any], text_report: str) -> str:
+    best = {k: v for k, v in results.items() if k.startswith("best_")}
+    lines = [
+        "# Run report",
+        "",
+        f"- Test accuracy: **{results['test_accuracy']:.4f}** on {results['test_examples']} "
+        f"examples ({results['tested_checkpoint']} checkpoint, step {results['tested_step']})",
+        f"- Test loss: {results['test_loss']:.4f}",
+        *(f"- {k.replace('_', ' ')}: {v}" for k, v in best.items()),
+        f"- Steps: {results['steps']}; wall time {results['wall_seconds']:.0f} s; "
+        f"training {results['images_per_sec']:.1f} images/s on {results['devices']} device(s)",
+        "",
+        "![curves](curves.png)",
+        "",
+        "![confusion matrix](confusion_matrix.png)",
+        "",
+        "## Classification report (test)",
+        "",
+        "```",
+        text_report.rstrip(),
+        "```",
+        "",
+        "Details: `results.json` (with the full config), `classification_report.json`, "
+        "`predictions.npz`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as None, so the file is valid JSON (``NaN`` is not)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def _save_figure(fig: Any, path: epath.Path) -> None:
+    with path.open("wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(
+    out_dir: str,
+    history: Sequence[dict],
+    labels: np.ndarray,
+    logits: np.ndarray,
+    class_names: Sequence[str],
+    results: dict[str, Any],
+) -> None:
+    """Write every report file into ``out_dir`` (created; a local path or a ``gs://`` URL)."""
+    out = epath.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    predictions = np.asarray(logits).argmax(-1)
+    with (out / "predictions.npz").open("wb") as f:
+        np.savez_compressed(f, labels=labels, predictions=predictions, logits=logits)
+    kw = dict(labels=list(range(len(class_names))), target_names=list(class_names),
+              zero_division=0)
+    text = classification_report(labels, predictions, digits=4, **kw)
+    (out / "classification_report.txt").write_text(text)
+    per_class = classification_report(labels, predictions, output_dict=True, **kw)
+    (out / "classification_report.json").write_text(json.dumps(per_class, indent=2))
+    (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False))
+    _save_figure(curves_figure(history), out / "curves.png")
+    _save_figure(confusion_figure(labels, predictions, class_names), out / "confusion_matrix.png")
+    (out / "report.md").write_text(_markdown(results, text))

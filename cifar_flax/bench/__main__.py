@@ -1,0 +1,7 @@
+"""``python -m cifar_flax.bench``: see cifar_flax.bench.cli."""
+
+import sys
+
+from cifar_flax.bench.cli import main
+
+sys.exit(main())

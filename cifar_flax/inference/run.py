@@ -1,0 +1,121 @@
+"""Load a trained run for inference: its config, class names, input shape, model and variables.
+
+Everything comes from the run's workdir (``config.json``, ``run_info.json`` and a checkpoint), so
+the user passes nothing the run already knows and the data need not be on this machine. Runs
+trained before ``run_info.json`` existed fall back to re-reading the dataset's info (which needs
+the data) and say so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+from etils import epath
+from jax.sharding import Mesh
+
+from cifar_flax.config import default_config, phase
+from cifar_flax.data.preprocessing import Preprocessing
+from cifar_flax.train import parallel, run_checkpoint
+from cifar_flax.train.initialize import build_model, input_preprocessing
+from cifar_flax.train.run_checkpoint import RunCheckpoint, RunError
+from cifar_flax.train.run_info import read_run_info
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A run ready for inference: ``model.apply(variables, x, train=False)`` on the ``mesh``."""
+
+    workdir: epath.Path
+    config: ml_collections.ConfigDict
+    class_names: list[str]
+    image_shape: tuple[int, int, int]  # uint8 HWC the run's host pipeline fed the model.
+    dataset: str
+    model: Any
+    variables: dict[str, Any]
+    preprocessing: Preprocessing
+    checkpoint: RunCheckpoint
+    mesh: Mesh
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _merge(target: ml_collections.ConfigDict, values: dict) -> None:
+    """Set ``values`` into ``target`` recursively; tuples stay tuples; keys of an older config
+    version whose type changed since (e.g. a bool that became a group) keep today's default."""
+    for key, value in values.items():
+        current = target.get(key) if key in target else None
+        if isinstance(current, ml_collections.ConfigDict):
+            if isinstance(value, dict):
+                _merge(current, value)
+            continue
+        if isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)
+        try:
+            target[key] = value
+        except (TypeError, ValueError):
+            logging.warning("Ignoring config.%s=%r of the run (its type changed).", key, value)
+
+
+def config_from_json(values: dict) -> ml_collections.ConfigDict:
+    """A run's ``config.json`` as a full ConfigDict (today's defaults for fields it lacks)."""
+    values = dict(values)
+    phases = values.pop("phases", None)
+    config = default_config()
+    _merge(config, values)
+    if phases:
+        config.phases = [phase(p.get("name", f"phase{i}"),
+                               **{k: v for k, v in p.items() if k != "name"})
+                         for i, p in enumerate(phases)]
+    return config
+
+
+def read_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
+    """``<workdir>/config.json`` as a ConfigDict; RunError when the run has none."""
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        raise RunError(f"{workdir} has no config.json; pass the --workdir of a training run.")
+    return config_from_json(json.loads(path.read_text()))
+
+
+def _dataset_info(workdir: epath.Path, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """run_info.json, or (older runs) the same facts re-read from the run's dataset."""
+    try:
+        return read_run_info(str(workdir))
+    except FileNotFoundError:
+        pass
+    logging.warning("%s has no run_info.json (trained before it existed): reading class names "
+                    "and image size from its dataset %s.", workdir, config.dataset)
+    from cifar_flax.data import input_pipeline
+
+    info = input_pipeline.get_info(config)
+    return {"dataset": info.name, "class_names": list(info.class_names),
+            "image_shape": tuple(info.image_shape), "num_classes": info.num_classes}
+
+
+def load_run(run: str, checkpoint: str = "best", conv_impl: str | None = None,
+             mesh: Mesh | None = None) -> LoadedRun:
+    """Load ``run`` (a workdir, or a checkpoint folder inside one) with its ``checkpoint``
+    ("best": the run's best, else its last; or "latest"), restored replicated on ``mesh``
+    (default: all devices). ``conv_impl`` overrides ``config.model.conv_impl`` (export: "xla")."""
+    ckpt = run_checkpoint.find_checkpoint(run, checkpoint)
+    workdir = ckpt.workdir or epath.Path(run)
+    config = read_config(workdir)
+    if conv_impl is not None:
+        config.model.conv_impl = conv_impl
+    facts = _dataset_info(workdir, config)
+    model = build_model(config, len(facts["class_names"]))
+    mesh = mesh or parallel.make_mesh()
+    res = config.augment.resolution
+    like = jax.eval_shape(lambda: model.init(
+        jax.random.key(0), jax.numpy.zeros((1, res, res, 3)), train=False))
+    like = {"params": like["params"], "batch_stats": like["batch_stats"]}
+    variables = run_checkpoint.restore_variables(ckpt, mesh, like)
+    return LoadedRun(workdir, config, list(facts["class_names"]), tuple(facts["image_shape"]),
+                     facts["dataset"], model, variables, input_preprocessing(config), ckpt, mesh)

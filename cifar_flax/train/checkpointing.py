@@ -1,0 +1,268 @@
+"""Orbax checkpoints: ``<workdir>/checkpoints/latest`` (keep-N, for resuming) and ``.../best``.
+
+Each checkpoint holds the TrainState (params, batch_stats, opt_state, step, rng) and a JSON
+``meta`` item (phase index and start step, early-stopping state, metrics history, the run's
+fingerprint). The data position is the step itself (input_pipeline.train_batches(start_step=step)).
+Orbax writes into a temporary directory and renames it when complete, so a run killed at any
+moment leaves either the previous checkpoints or a complete new one; a save that fails (a full
+disk) leaves the previous ones as they were and raises :class:`CheckpointError` (one line).
+
+Damaged checkpoints (a file deleted or truncated after the fact): before resuming from (or testing)
+a checkpoint, its meta and every array are read back. An unreadable step is logged with the
+reason and moved to ``checkpoints/unreadable/`` (never deleted), and the next older step is tried,
+in ``latest`` and in ``best`` (which keeps two for that reason). Only when no step of a folder
+reads back does :class:`CheckpointError` stop the run, naming the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+BEST_KEEP = 2  # The previous best is the fallback when the newest best is unreadable.
+
+
+class CheckpointError(OSError):
+    """A checkpoint folder with no readable step, or a save that failed; one line for the user."""
+
+
+def _path(path: str) -> epath.Path:
+    """An absolute epath; ``gs://`` and other URLs are kept as they are (os.path would mangle)."""
+    return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
+def _manager(path: epath.Path, keep: int, async_save: bool) -> ocp.CheckpointManager:
+    # Several processes save synchronously: Orbax's background commits of several managers
+    # saving at one step (latest, best, phase best) deadlocked across processes in our tests.
+    async_save = async_save and jax.process_count() == 1
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=True,
+        cleanup_tmp_directories=True,
+        enable_async_checkpointing=async_save,
+    )
+    return ocp.CheckpointManager(path, options=options)
+
+
+def _drop_closed_loop_noise(unraisable: Any) -> None:
+    """tensorstore reads still in flight after a failed restore report "Event loop is closed"
+    through sys.unraisablehook (dozens of tracebacks); drop those, pass anything else on."""
+    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
+        unraisable.exc_value
+    ):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+_CLOCKS = ("wall_seconds", "train_seconds")
+
+
+def _same_position(saved: dict | None, meta: dict) -> bool:
+    """Whether ``meta`` says what ``saved`` (the same step's) says, clocks aside. None (saved by
+    an earlier session): assume it does."""
+    if saved is None:
+        return True
+    return saved == _position(meta)
+
+
+def _position(meta: dict) -> dict:
+    """A snapshot of ``meta`` without its clocks (the history list keeps growing after a save)."""
+    return json.loads(json.dumps({k: v for k, v in meta.items() if k not in _CLOCKS}))
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {text[:limit]}"
+
+
+def unreadable_reason(step_dir: epath.Path) -> str | None:
+    """Why the checkpoint in ``step_dir`` cannot be read back (None when meta and every array
+    read): the arrays are read to host memory, whatever devices wrote them."""
+    try:
+        meta = step_dir / "meta" / "metadata"
+        if (step_dir / "meta").exists():
+            json.loads(meta.read_text())
+        state = step_dir / "state"
+        quiet = lambda r: "Metadata file does not exist" not in r.getMessage()  # noqa: E731
+        logging.get_absl_logger().addFilter(quiet)  # PyTreeCheckpointer on an item folder.
+        try:
+            tree = ocp.PyTreeCheckpointer().metadata(state).item_metadata
+        finally:
+            logging.get_absl_logger().removeFilter(quiet)
+        args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        ocp.PyTreeCheckpointer().restore(state, args=ocp.args.PyTreeRestore(restore_args=args))
+    except Exception as e:  # noqa: BLE001 - any failure to read back makes it unusable.
+        sys.unraisablehook = _drop_closed_loop_noise
+        return _first_line(e)
+    return None
+
+
+def _none_readable(directory: Any, steps: list[int], why: str) -> CheckpointError:
+    return CheckpointError(
+        f"no readable checkpoint in {directory} (steps {steps}; newest: {why}); nothing was "
+        "changed there: restore the folder from a copy, or start over with "
+        "--config.resume=replace or a new --workdir."
+    )
+
+
+class Checkpointer:
+    """Saves and restores the latest and the best checkpoint of one workdir."""
+
+    def __init__(self, workdir: str, keep: int = 2, async_save: bool = True):
+        self.root = _path(workdir) / "checkpoints"
+        self.latest = _manager(self.root / "latest", keep, async_save)
+        self.best = _manager(self.root / "best", BEST_KEEP, async_save)
+        self._usable: dict[str, int | None] = {}  # kind -> newest step that reads back.
+        self._saved_meta: dict[str, dict] = {}  # kind -> meta of this session's last save.
+
+    # ---- saving ----
+    def _save(self, mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
+        kind = self._kind(mngr)
+        if mngr.latest_step() == step:
+            if _same_position(self._saved_meta.get(kind), meta):
+                return  # Already saved at this step (e.g. epoch end coincides with every_steps).
+            mngr.wait_until_finished()  # Same step, new position (a phase boundary): replace.
+            mngr.delete(step)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        try:
+            mngr.save(step, args=args, force=True)
+        except OSError as e:
+            raise self._save_error(mngr, step, e) from None
+        self._usable[kind] = step  # Written by us: no need to read it back.
+        self._saved_meta[kind] = _position(meta)
+
+    def _save_error(self, mngr: ocp.CheckpointManager, step: int,
+                    e: BaseException) -> CheckpointError:
+        return CheckpointError(
+            f"saving checkpoint step {step} in {mngr.directory} failed ({_first_line(e)}); the "
+            "checkpoints saved before are intact: fix that (free space, permissions) and rerun "
+            "the same command to resume."
+        )
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        """Save the full TrainState (for resuming)."""
+        self._save(self.latest, step, state, meta)
+
+    def save_best(self, step: int, state: Any, meta: dict) -> None:
+        """Save the variables of a new best evaluation (params and batch_stats only)."""
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        self._save(self.best, step, variables, meta)
+
+    # ---- finding a readable step ----
+    def _kind(self, mngr: ocp.CheckpointManager) -> str:
+        return "latest" if mngr is self.latest else "best"
+
+    def _usable_step(self, mngr: ocp.CheckpointManager) -> int | None:
+        """The newest step of ``mngr`` that reads back; newer unreadable ones are logged and moved
+        to checkpoints/unreadable/. CheckpointError when steps exist but none reads back."""
+        kind = self._kind(mngr)
+        if kind in self._usable:
+            return self._usable[kind]
+        self.wait()
+        steps = sorted(mngr.all_steps(), reverse=True)
+        bad: list[tuple[int, str]] = []
+        usable = None
+        for step in steps:
+            why = unreadable_reason(mngr.directory / str(step))
+            if why is None:
+                usable = step
+                break
+            logging.warning("Checkpoint %s/%d is unreadable (%s); trying an older one.",
+                            mngr.directory, step, why)
+            bad.append((step, why))
+        if bad and usable is None:
+            raise _none_readable(mngr.directory, [s for s, _ in bad], bad[0][1])
+        if bad:
+            self._move_unreadable(mngr, [s for s, _ in bad])
+            logging.warning("Resuming %s from step %d: %d newer step(s) moved to %s.", kind,
+                            usable, len(bad), self.root / "unreadable")
+        self._usable[kind] = usable
+        return usable
+
+    def _move_unreadable(self, mngr: ocp.CheckpointManager, steps: list[int]) -> None:
+        """Keep unreadable steps (never deleted) out of the manager's way: new saves reuse their
+        step numbers."""
+        if jax.process_index() == 0:
+            dest = self.root / "unreadable"
+            dest.mkdir(parents=True, exist_ok=True)
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+            for step in steps:
+                (mngr.directory / str(step)).rename(dest / f"{self._kind(mngr)}-{step}-{stamp}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("cifar_flax_unreadable_checkpoints")
+        mngr.reload()
+
+    # ---- reading ----
+    def _meta(self, mngr: ocp.CheckpointManager) -> dict | None:
+        step = self._usable_step(mngr)
+        if step is None:
+            return None
+        out = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"])
+
+    def latest_meta(self) -> dict | None:
+        """The meta item of the newest readable latest checkpoint; None when there is none (a
+        fresh run)."""
+        return self._meta(self.latest)
+
+    def any_meta(self) -> dict | None:
+        """The meta of the newest latest step whose meta reads (arrays not checked; nothing moved):
+        what the run in this workdir was, for checks before resuming. None when it has no step;
+        CheckpointError when steps exist but no meta reads."""
+        steps = sorted(self.latest.all_steps(), reverse=True)
+        why = ""
+        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+        for step in steps:
+            try:
+                return dict(self.latest.restore(step, args=args)["meta"])
+            except Exception as e:  # noqa: BLE001 - try the next older step.
+                why = why or _first_line(e)
+        if steps:
+            raise _none_readable(self.latest.directory, steps, why)
+        return None
+
+    def best_meta(self) -> dict | None:
+        return self._meta(self.best)
+
+    def best_step(self) -> int | None:
+        """The step restore_best restores (the newest readable best), or None."""
+        return self._usable_step(self.best)
+
+    def _restore(self, mngr: ocp.CheckpointManager, like: Any) -> Any:
+        step = self._usable_step(mngr)
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {mngr.directory} to restore.")
+        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(like)))
+        return out["state"]
+
+    def restore(self, like: Any) -> Any:
+        """The newest readable TrainState, with the structure, dtypes and shardings of ``like``
+        (a pytree of ``jax.ShapeDtypeStruct`` with shardings, or of arrays)."""
+        return self._restore(self.latest, like)
+
+    def restore_best(self, like_variables: Any) -> Any:
+        """The newest readable best {"params", "batch_stats"}, shaped like ``like_variables``."""
+        return self._restore(self.best, like_variables)
+
+    def wait(self) -> None:
+        """Block until background saves are on disk (a failed one raises CheckpointError)."""
+        for mngr in (self.latest, self.best):
+            try:
+                mngr.wait_until_finished()
+            except OSError as e:
+                raise self._save_error(mngr, mngr.latest_step() or 0, e) from None
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()

@@ -1,0 +1,113 @@
+"""The model a config describes and its initial variables: random init, then the pretrained
+backbone (cifar_flax.weights) when ``config.pretrained.source`` is set, or an earlier run's
+variables when ``config.init_from`` names one (backbone always, head when its shapes match)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from cifar_flax.config import ConfigError
+from cifar_flax.models import create_model
+from cifar_flax.train import run_checkpoint
+from cifar_flax.train.parallel import AXIS
+from cifar_flax.weights.convert import merge_into
+from cifar_flax.weights.registry import source_spec
+from cifar_flax.weights.store import load_pretrained
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
+    """The model a config describes (synchronised BatchNorm over ``data`` when configured)."""
+    m = config.model
+    return create_model(
+        num_classes, m.layout, m.head_hidden, m.head_dropout, m.zero_init_head, config.dtype,
+        m.stage_sizes, m.base_width, AXIS if config.sync_batchnorm else None,
+        m.conv_impl,
+    )
+
+
+def init_variables(config: ml_collections.ConfigDict, model: Any, load_weights: bool = True):
+    """(variables, preprocessing): random init, then the pretrained backbone when configured.
+
+    ``load_weights=False`` skips loading (a resumed run restores every value from its checkpoint).
+    """
+    res = config.augment.resolution
+    variables = model.init(
+        jax.random.key(config.seed), jnp.zeros((1, res, res, 3), jnp.float32), train=False
+    )
+    source = config.pretrained.source
+    if config.get("init_from") and load_weights:
+        variables = variables_from_run(config, variables, config.init_from)
+    elif source and load_weights:
+        weights = load_pretrained(
+            source, config.pretrained.variant, config.pretrained.file, config.pretrained.cache_dir
+        )
+        variables = merge_into(variables, weights)
+    variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    return variables, input_preprocessing(config)
+
+
+def input_preprocessing(config: ml_collections.ConfigDict) -> Any:
+    """The normalisation the configured weights expect (SIMPLE for random init)."""
+    p = config.pretrained
+    return source_spec(p.source, p.variant, config.model.layout).preprocessing
+
+
+def _check_preprocessing(config: ml_collections.ConfigDict, ckpt: run_checkpoint.RunCheckpoint):
+    """The earlier run must have normalised its inputs as this config will (same weight source)."""
+    import json
+
+    if ckpt.workdir is None or not (ckpt.workdir / "config.json").exists():
+        return
+    old = json.loads((ckpt.workdir / "config.json").read_text())
+    p_old, p_new = old.get("pretrained", {}), config.pretrained
+    before = source_spec(p_old.get("source", ""), p_old.get("variant", ""),
+                         old.get("model", {}).get("layout", "v1.5")).preprocessing
+    now = input_preprocessing(config)
+    if before != now:
+        raise ConfigError(
+            f"init_from={config.init_from!r} was trained with pretrained.source="
+            f"{p_old.get('source', '')!r} ({before.name} preprocessing) but this config uses "
+            f"{p_new.source!r} ({now.name}); set --config.pretrained.source="
+            f"{p_old.get('source', '')!r} so the images are normalised as the weights expect."
+        )
+
+
+def variables_from_run(config: ml_collections.ConfigDict, variables: dict, run: str) -> dict:
+    """``variables`` with an earlier run's checkpoint values: every backbone entry (names and
+    shapes must match, else ConfigError listing them) and the head when its shapes match (else
+    the fresh head, said in one log line)."""
+    try:
+        ckpt = run_checkpoint.find_checkpoint(run, "best")
+        stored = run_checkpoint.stored_shapes(ckpt)
+    except run_checkpoint.RunError as e:
+        raise ConfigError(f"init_from={run!r}: {e}") from None
+    _check_preprocessing(config, ckpt)
+    target = {k: variables[k] for k in ("params", "batch_stats")}
+    backbone = lambda tree: {k: {m: v for m, v in tree[k].items() if m != "head"}  # noqa: E731
+                             for k in ("params", "batch_stats")}
+    problems = run_checkpoint.shape_differences(backbone(stored), backbone(target))
+    if problems:
+        raise ConfigError(
+            f"init_from={run!r}: its backbone does not fit this model ({len(problems)} "
+            f"differences: {'; '.join(problems[:8])}); use the same model.layout, stage_sizes "
+            "and base_width as that run."
+        )
+    mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()[:1]), ("data",))
+    loaded = jax.device_get(run_checkpoint.restore_variables(ckpt, mesh))
+    head = lambda tree: {k: tree[k].get("head", {}) for k in ("params", "batch_stats")}  # noqa
+    keep_head = not run_checkpoint.shape_differences(head(stored), head(target))
+    out = {}
+    for k in ("params", "batch_stats"):
+        out[k] = {m: jax.tree.map(lambda new, old: jnp.asarray(old, new.dtype), v, loaded[k][m])
+                  if (m != "head" or keep_head) else v for m, v in target[k].items()}
+    log = logging.info if keep_head else logging.warning
+    log("init_from %s (%s checkpoint, step %d): backbone loaded; head %s.", run,
+        ckpt.kind or "given", ckpt.step, "loaded" if keep_head else
+        "freshly initialised (its shapes differ: another class count or head_hidden)")
+    return out

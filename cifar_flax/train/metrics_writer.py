@@ -1,0 +1,125 @@
+"""Metrics to ``<workdir>/metrics.jsonl`` and TensorBoard event files, plus progress output.
+
+Only process 0 writes. The JSONL holds one record per line: ``{"step", "kind", ...}`` with kind
+"train" (loss, accuracy, lr/<group>, images_per_sec), "eval" (val_loss, val_accuracy),
+"phase" (a phase starting: index, name) or "test". The records are also kept in memory (the
+history that report.py draws and that checkpoints carry, so a resumed run rewrites the file
+without the steps it lost). A non-finite value (NaN, +-inf: a diverged loss) is written as
+``null``, so every line stays valid JSON (``json.dumps`` would write the invalid token ``NaN``);
+TensorBoard gets the raw value. ``workdir`` may be a ``gs://`` URL (etils.epath).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any
+
+import jax
+from absl import logging
+from etils import epath
+
+
+def finite_or_none(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with every non-finite float replaced by None (JSON ``null``)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in values.items()}
+
+
+def _scalar_metadata() -> bytes:
+    """TensorBoard's scalar-plugin metadata (tf.summary.scalar itself needs the tensorboard
+    package, which training does not; the event files are the same)."""
+    from tensorflow.core.framework import summary_pb2
+
+    return summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+        data_class=summary_pb2.DATA_CLASS_SCALAR,
+    ).SerializeToString()
+
+
+def read_metrics(workdir: str, kind: str | None = None) -> list[dict[str, Any]]:
+    """The records of ``<workdir>/metrics.jsonl`` in order (only those of ``kind`` if given);
+    [] when the file does not exist yet. A torn last line (a run writing it now) is skipped."""
+    from etils import epath
+
+    path = epath.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return [r for r in rows if kind is None or r["kind"] == kind]
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str, history: list[dict] | None = None, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.history: list[dict] = list(history or [])
+        self.path = epath.Path(workdir) / "metrics.jsonl"
+        self._tb = None
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._rewrite()  # Drops records after the restored step.
+        if self.enabled and tensorboard:
+            import tensorflow as tf
+
+            self._tb = tf.summary.create_file_writer(str(epath.Path(workdir) / "tensorboard"))
+
+    def _rewrite(self) -> None:
+        self.path.write_text("".join(
+            json.dumps(finite_or_none(r), allow_nan=False) + "\n" for r in self.history))
+
+    def write(self, step: int, kind: str, values: dict[str, Any]) -> None:
+        """Append one record (history, JSONL, TensorBoard scalars under ``kind/name``)."""
+        record = finite_or_none({"step": int(step), "kind": kind, **values})
+        self.history.append(record)
+        if not self.enabled:
+            return
+        if "://" in str(self.path):  # Object stores cannot append: rewrite (small files).
+            self._rewrite()
+        else:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, allow_nan=False) + "\n")
+        if self._tb is None:
+            return
+        import tensorflow as tf
+
+        with self._tb.as_default(step=int(step)):
+            for name, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    tf.summary.write(f"{kind}/{name}", tf.constant(v, tf.float32),
+                                     metadata=_scalar_metadata())
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+
+
+class Progress:
+    """A tqdm bar with ETA on a terminal; plain log lines every call to ``log`` otherwise."""
+
+    def __init__(self, total: int, initial: int, enabled: bool = True):
+        from tqdm.auto import tqdm
+
+        self.tty = enabled and sys.stderr.isatty() and jax.process_index() == 0
+        self.bar = tqdm(total=total, initial=initial, disable=not self.tty, unit="step",
+                        dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def log(self, step: int, text: str) -> None:
+        if self.tty:
+            self.bar.set_postfix_str(text, refresh=False)
+        elif jax.process_index() == 0:
+            logging.info("step %d: %s", step, text)
+
+    def close(self) -> None:
+        self.bar.close()

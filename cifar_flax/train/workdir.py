@@ -1,0 +1,163 @@
+"""The workdir before training touches it: usable (a writable folder), one run at a time (a lock),
+and an old run moved aside when the user asks to replace it.
+
+- ``check_workdir``: a path that is a file, cannot be created or is not writable is one
+  :class:`WorkdirError` line naming the path, before any data or weights are read.
+- ``WorkdirLock``: ``<workdir>/.lock`` holds ``{"pid", "host", "started"}``, created atomically
+  (``O_CREAT | O_EXCL``) so of two runs started at once exactly one gets it; the other stops with
+  "workdir in use by pid N on host H". A lock left by a killed run (its pid no longer alive on this
+  host) is taken over with a warning; a lock from another host cannot be checked and must be
+  deleted by hand if that run is dead (the message says so). Multi-host runs: process 0 holds it.
+  On ``gs://`` workdirs the create is not atomic (object stores have no O_EXCL): best effort.
+- ``move_aside``: ``--config.resume=replace`` keeps the old run's files in
+  ``<workdir>/previous/<UTC time>/`` instead of deleting them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from typing import Any
+
+from absl import logging
+from etils import epath
+
+LOCK_NAME = ".lock"
+RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "report", "config.json",
+             "run_info.json")  # What a training run writes; moved aside together.
+
+
+class WorkdirError(OSError):
+    """The workdir cannot be used (a file, not writable, in use); the message is one line."""
+
+
+def _is_local(path: epath.Path) -> bool:
+    return "://" not in os.fspath(path)
+
+
+def check_workdir(workdir: str) -> epath.Path:
+    """Create ``workdir`` if needed and prove it is a writable folder; WorkdirError otherwise."""
+    path = epath.Path(workdir)
+    if path.exists() and not path.is_dir():
+        raise WorkdirError(
+            f"--workdir {workdir} is a file, not a folder: choose another --workdir.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test.{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise WorkdirError(
+            f"--workdir {workdir} is not a writable folder ({type(e).__name__}: "
+            f"{e.strerror or e}): choose another --workdir or fix its permissions."
+        ) from None
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # Alive, owned by another user.
+        return True
+    return True
+
+
+def _read(path: epath.Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # Gone, or being written this instant.
+
+
+class WorkdirLock:
+    """``with WorkdirLock(workdir):`` one run per workdir (see the module docstring)."""
+
+    def __init__(self, workdir: str):
+        self.path = epath.Path(workdir) / LOCK_NAME
+        self.record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        self.held = False
+
+    def __enter__(self) -> "WorkdirLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _create(self) -> bool:
+        """Atomically create the lock with our record; False if it already exists."""
+        data = json.dumps(self.record).encode()
+        if not _is_local(self.path):
+            if self.path.exists():
+                return False
+            self.path.write_bytes(data)
+            return True
+        try:
+            fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+
+    def acquire(self) -> None:
+        for _ in range(5):
+            if self._create():
+                self.held = True
+                return
+            holder = _read(self.path)
+            if holder is None:  # Vanished or half-written: look again shortly.
+                time.sleep(0.2)
+                continue
+            if holder.get("host") != self.record["host"] or _pid_alive(int(holder["pid"])):
+                raise WorkdirError(self._busy_message(holder))
+            self._take_over(holder)
+        holder = _read(self.path) or {"pid": "?", "host": "?"}
+        raise WorkdirError(self._busy_message(holder))
+
+    def _busy_message(self, holder: dict) -> str:
+        other_host = holder.get("host") != self.record["host"]
+        extra = (f"; if that run is dead, delete {self.path}" if other_host else "")
+        return (f"workdir {self.path.parent} in use by pid {holder.get('pid')} on host "
+                f"{holder.get('host')}: wait for it to finish or use another --workdir{extra}.")
+
+    def _take_over(self, stale: dict) -> None:
+        """Move a dead run's lock aside (atomic rename) so the next _create can succeed."""
+        aside = self.path.parent / f"{LOCK_NAME}.stale.{stale['pid']}.{os.getpid()}"
+        try:
+            self.path.rename(aside)
+        except FileNotFoundError:
+            return  # Another starter moved it first; retry the create.
+        if _read(aside) != stale:  # We moved a fresh lock taken meanwhile: put it back.
+            try:
+                os.link(os.fspath(aside), os.fspath(self.path))
+            except OSError:
+                pass
+            aside.unlink(missing_ok=True)
+            return
+        aside.unlink(missing_ok=True)
+        logging.warning("Taking over the lock of %s: pid %s on host %s is no longer running "
+                        "(a killed run); resuming from its last checkpoint.",
+                        self.path.parent, stale["pid"], stale["host"])
+
+    def release(self) -> None:
+        if self.held and _read(self.path) == self.record:
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+
+def move_aside(workdir: str) -> epath.Path | None:
+    """Move the run files of ``workdir`` into ``previous/<UTC time>/``; its path (None if none)."""
+    root = epath.Path(workdir)
+    present = [name for name in RUN_FILES if (root / name).exists()]
+    if not present:
+        return None
+    dest = root / "previous" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    dest.mkdir(parents=True, exist_ok=False)
+    for name in present:
+        (root / name).rename(dest / name)
+    return dest

@@ -1,0 +1,213 @@
+"""Reading published weight files into flat ``{name: numpy array}`` dicts, and downloading them.
+
+Kept apart from the name mapping (convert.py) so that each file format is read in one place:
+
+- Keras HDF5 (``.h5``/``.hdf5``), the layout ``save_weights`` writes and the published notop file
+  uses: a top-level ``layer_names`` attribute, one group per layer with a ``weight_names``
+  attribute, one dataset per weight. Weights are keyed ``"<layer>/<weight>"`` by the *group* (layer)
+  name and the last part of the weight name without ``:0``, so TF-Keras 2 names
+  (``conv1_conv/kernel:0``), Keras 3 names (``conv1_conv/kernel``) and uniquified variable names
+  (``conv1_conv_1/kernel:0``) all read the same. Read with h5py: no TensorFlow needed.
+- PyTorch ``.pth``/``.pt``: ``torch.load(weights_only=True)``, which never unpickles arbitrary
+  objects; torch is imported only here, only for these files.
+- ``.safetensors`` and ``.npz`` state dicts, read without torch.
+
+Every failure to read becomes a :class:`WeightsError` that names the file and says what to do.
+Paths may be local or remote (``gs://...``, through ``etils.epath``); a remote weight file is
+copied to a local temporary file before it is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+import uuid
+import zipfile
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+from etils import epath
+from tqdm import tqdm
+
+_H5_SUFFIXES = (".h5", ".hdf5")
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+SUPPORTED_SUFFIXES = _H5_SUFFIXES + _TORCH_SUFFIXES + (".safetensors", ".npz")
+
+
+class WeightsError(ValueError):
+    """A weight file or download is missing, unreadable, corrupt or of the wrong architecture."""
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """``path`` as an absolute ``epath.Path``; remote URIs (``gs://``) are kept as they are."""
+    text = os.fspath(path)
+    if "://" in text:
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+@contextlib.contextmanager
+def _local_copy(path: epath.Path) -> Iterator[str]:
+    """A local file name for ``path``: itself, or a temporary copy of a remote file."""
+    if "://" not in os.fspath(path):
+        yield os.fspath(path)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, path.name)
+        with path.open("rb") as src, open(local, "wb") as dst:
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                dst.write(chunk)
+        yield local
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read every tensor of a weight file into float32/int numpy arrays, keyed by name."""
+    path = os.fspath(path)
+    if not as_path(path).is_file():
+        raise WeightsError(
+            f"Weight file {path!r} does not exist; check --config.pretrained.file / --input."
+        )
+    suffix = os.path.splitext(path)[1].lower()
+    readers = {".safetensors": _read_safetensors, ".npz": _read_npz}
+    readers.update({s: _read_keras_h5 for s in _H5_SUFFIXES})
+    readers.update({s: _read_torch for s in _TORCH_SUFFIXES})
+    if suffix not in readers:
+        raise WeightsError(
+            f"{path!r}: unsupported weight file type {suffix!r}; expected one of "
+            f"{', '.join(SUPPORTED_SUFFIXES)}."
+        )
+    try:
+        with _local_copy(as_path(path)) as local:
+            return readers[suffix](local)
+    except WeightsError:
+        raise
+    except Exception as e:  # Each library raises its own types for truncated/corrupt files.
+        raise WeightsError(
+            f"{path!r} could not be read as a {suffix} weight file (truncated or corrupt "
+            f"download?): {type(e).__name__}: {_first_line(e)}. Delete it and download it again."
+        ) from e
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _put(out: dict[str, np.ndarray], name: str, value: Any, path: str) -> None:
+    if name in out:
+        raise WeightsError(f"{path!r}: the tensor {name!r} appears twice; the file is ambiguous.")
+    out[name] = np.asarray(value)
+
+
+def _decode(names: Any) -> list[str]:
+    return [n.decode("utf8") if isinstance(n, bytes) else str(n) for n in names]
+
+
+def _read_keras_h5(path: str) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as f:
+        root = f["model_weights"] if "model_weights" in f else f  # model.save("x.h5") files
+        if "layer_names" not in root.attrs:
+            hint = (
+                " It looks like a Keras 3 '.weights.h5' file, which names layers by class, not by"
+                " name; save with model.save('model.h5') instead."
+                if "layers" in root and "vars" in root else ""
+            )
+            raise WeightsError(
+                f"{path!r} is not a Keras HDF5 weight file (no 'layer_names' attribute).{hint}"
+            )
+        for layer in _decode(root.attrs["layer_names"]):
+            group = root[layer]
+            for wname in _decode(group.attrs.get("weight_names", [])):
+                short = wname.split("/")[-1].split(":")[0]
+                _put(out, f"{layer}/{short}", group[wname][()], path)
+    return out
+
+
+def _read_torch(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise WeightsError(
+            f"Reading {path!r} needs PyTorch: pip install -e '.[torch]' (or convert the file to "
+            ".safetensors/.npz elsewhere)."
+        ) from e
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path!r} holds a {type(obj).__name__}, not a state dict.")
+    out: dict[str, np.ndarray] = {}
+    for name, t in obj.items():
+        if not isinstance(t, torch.Tensor):
+            raise WeightsError(f"{path!r}: entry {name!r} is a {type(t).__name__}, not a tensor.")
+        t = t.detach()
+        _put(out, name, (t.float() if t.is_floating_point() else t).numpy(), path)
+    return out
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return dict(load_file(path))
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except zipfile.BadZipFile as e:
+        raise WeightsError(f"{path!r} is not a valid .npz archive (truncated?): {e}.") from e
+
+
+def file_hash(path: str | os.PathLike, algorithm: str) -> str:
+    """Hex digest of a file ("sha256" or "md5"), read in 1 MiB chunks."""
+    h = hashlib.new(algorithm)
+    with as_path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(
+    url: str, dest: str | os.PathLike, algorithm: str, expected: str, local_hint: str
+) -> epath.Path:
+    """Download ``url`` to ``dest`` (progress bar), verify its hash, and return ``dest``.
+
+    The bytes go to a temporary file beside ``dest`` that is renamed only after the hash matched,
+    so an interrupted or corrupt download never looks like a cached file. ``local_hint`` says how
+    to pass a local copy instead; it ends the offline error message.
+    """
+    dest = as_path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.part"
+    h = hashlib.new(algorithm)
+    try:
+        with tmp.open("wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=60) as resp:
+                    total = int(resp.headers.get("Content-Length") or 0) or None
+                    with tqdm(total=total, unit="B", unit_scale=True,
+                              desc=dest.name) as bar:
+                        for chunk in iter(lambda: resp.read(1 << 20), b""):
+                            out.write(chunk)
+                            h.update(chunk)
+                            bar.update(len(chunk))
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                reason = getattr(e, "reason", None) or e
+                raise WeightsError(
+                    f"Could not download {url} ({reason}). {local_hint}"
+                ) from e
+        if h.hexdigest() != expected:
+            raise WeightsError(
+                f"Checksum mismatch for {url}: {algorithm} {h.hexdigest()}, expected {expected}; "
+                f"the download was discarded. Try again, or {local_hint[0].lower()}{local_hint[1:]}"
+            )
+        tmp.replace(dest)
+        return dest
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,55 @@
+"""Fixtures shared by the test files: one smoke run of the real entry point per test session."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> pathlib.Path:
+    """The workdir of one finished ``python -m cifar_flax.main --config configs/smoke.py`` run.
+
+    Shared by every test that needs a trained run (predict, evaluate, export, init_from); tests
+    must not write into it (copy it first)."""
+    workdir = tmp_path_factory.mktemp("smoke_run")
+    p = subprocess.run(
+        [sys.executable, "-m", "cifar_flax.main", "--config", "configs/smoke.py",
+         "--workdir", str(workdir)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ},
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (workdir / "report" / "results.json").exists()
+    return workdir
+
+
+def load_config(name: str, arg: str | None = None):
+    """``configs/<name>.py``'s ``get_config(arg)`` (what ``--config configs/<name>.py:arg`` loads)."""
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)
+
+
+@pytest.fixture
+def smoke_config():
+    """A fresh copy of configs/smoke.py's config."""
+    return load_config("smoke")
+
+
+@pytest.fixture
+def fresh_caches():
+    """Clear the input pipeline's per-dataset caches before and after a test (tests that build
+    their own datasets under reused paths; use with ``pytest.mark.usefixtures``)."""
+    from cifar_flax.data import input_pipeline
+
+    input_pipeline.clear_caches()
+    yield
+    input_pipeline.clear_caches()

@@ -1,0 +1,116 @@
+"""export: jax.export StableHLO + params loadable with jax and numpy alone, a SavedModel, both
+equal to the run's own model; a non-empty output folder needs --force."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from cifar_flax import export
+
+BANNED = ("flax", "optax", "tensorflow", "orbax", "ml_collections", "cifar_flax.models")
+
+
+@pytest.fixture(scope="module")
+def exported_dir(smoke_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "model"
+    assert export.main(["--workdir", str(smoke_run), "--output", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(smoke_run):
+    """Images at batch 1 and 7 and the run's in-process logits (its own conv_impl, eval step)."""
+    from cifar_flax.inference.predictor import Predictor
+    from cifar_flax.inference.run import load_run
+
+    run = load_run(str(smoke_run))
+    rng = np.random.default_rng(0)
+    images = {n: rng.integers(0, 256, (n, *run.image_shape), dtype=np.uint8) for n in (1, 7)}
+    return images, {n: Predictor(run).logits(x) for n, x in images.items()}
+
+
+def test_folder_contents(exported_dir, smoke_run):
+    info = json.loads((exported_dir / "model.json").read_text())
+    run_info = json.loads((smoke_run / "run_info.json").read_text())
+    assert info["class_names"] == run_info["class_names"]
+    assert info["input"]["shape"] == run_info["image_shape"]
+    assert info["platforms"] == ["cpu", "cuda", "tpu"]
+    assert info["provenance"]["checkpoint"] == "best"
+    assert info["provenance"]["config"]["model"]["conv_impl"] == "xla"
+    for name in ("model.jax", "params.npz", "exported.py", "saved_model/saved_model.pb"):
+        assert (exported_dir / name).is_file(), name
+
+
+_SCRIPT = textwrap.dedent("""
+    import importlib.util, json, sys
+    import numpy as np
+    if sys.argv[3] == "package":
+        from cifar_flax import exported
+    else:  # The loader copied into the folder: no cifar_flax needed at all.
+        spec = importlib.util.spec_from_file_location("loader", sys.argv[1] + "/exported.py")
+        exported = importlib.util.module_from_spec(spec); spec.loader.exec_module(exported)
+    model = exported.load(sys.argv[1])
+    data = np.load(sys.argv[2])
+    out = {k: model(data[k]) for k in data.files}
+    np.savez(sys.argv[2] + ".out.npz", **{k + "_" + n: v[n] for k, v in out.items() for n in v})
+    print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in
+                            ("flax", "optax", "tensorflow", "orbax", "ml_collections")
+                            or m == "cifar_flax.models")))
+""")
+
+
+@pytest.mark.parametrize("loader", ["package", "copied"])
+def test_loads_with_jax_alone_and_equals_the_run(exported_dir, reference, tmp_path, loader):
+    images, logits = reference
+    np.savez(tmp_path / "x.npz", **{f"b{n}": x for n, x in images.items()})
+    p = subprocess.run([sys.executable, "-c", _SCRIPT, str(exported_dir), str(tmp_path / "x.npz"),
+                        loader], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == []  # None of BANNED imported.
+    out = np.load(tmp_path / "x.npz.out.npz")
+    for n in (1, 7):
+        got = out[f"b{n}_logits"]
+        assert got.shape == logits[n].shape
+        assert np.abs(got - logits[n]).max() <= 1e-5
+        np.testing.assert_allclose(out[f"b{n}_probabilities"].sum(-1), 1.0, atol=1e-6)
+
+
+def test_saved_model_equals_the_run(exported_dir, reference):
+    import tensorflow as tf
+
+    images, logits = reference
+    serve = tf.saved_model.load(str(exported_dir / "saved_model")).signatures["serving_default"]
+    for n in (1, 7):
+        out = serve(images=tf.constant(images[n]))
+        assert np.abs(out["logits"].numpy() - logits[n]).max() <= 1e-5
+        np.testing.assert_allclose(out["probabilities"].numpy().sum(-1), 1.0, atol=1e-6)
+
+
+def test_loader_rejects_wrong_images(exported_dir):
+    from cifar_flax import exported
+
+    model = exported.load(exported_dir)
+    with pytest.raises(ValueError, match="uint8"):
+        model(np.zeros((2, *model.input_shape), np.float32))
+    with pytest.raises(ValueError, match="resize"):
+        model(np.zeros((2, 8, 8, 3), np.uint8))
+
+
+def test_refuses_a_non_empty_folder_without_force(smoke_run, tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("mine")
+    assert export.main(["--workdir", str(smoke_run), "--output", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "--force" in err[0]
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_missing_run_is_one_error_line(tmp_path, capsys):
+    assert export.main(["--workdir", str(tmp_path / "none"), "--output", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]

@@ -1,0 +1,152 @@
+"""Reruns of a workdir that must not mislead or lose work (issue 11): changed configs, damaged
+checkpoints, failed saves, a workdir in use. Tiny runs through main.run / main.train_cli."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from cifar_flax import main
+from cifar_flax.config import ConfigError, phase
+from cifar_flax.train.checkpointing import CheckpointError, Checkpointer
+from cifar_flax.train.workdir import LOCK_NAME, WorkdirError, WorkdirLock
+from train_utils import enable_compilation_cache, tiny_config
+
+enable_compilation_cache()
+
+
+def _config(**overrides):
+    """48 train images / batch 16 = 3 steps per epoch; two phases, 9 steps; saves every 2."""
+    c = tiny_config()
+    c.phases = [
+        phase("head", epochs=1, trainable=("head",), lr=0.1, schedule="constant"),
+        phase("all", epochs=2, lr=0.05, warmup_epochs=0.5),
+    ]
+    c.checkpoint.every_steps = 2
+    c.early_stopping.patience = 5
+    c.update_from_flattened_dict(overrides)
+    return c
+
+
+def _steps(workdir) -> list[int]:
+    return sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints", "latest"))
+                  if p.isdigit())
+
+
+def _params(workdir) -> list[np.ndarray]:
+    ckpt = Checkpointer(str(workdir))
+    out = ckpt.latest.restore(ckpt.latest.latest_step(),
+                              args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    ckpt.close()
+    return jax.tree.leaves(jax.device_get(out["state"].get("params", out["state"])))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("finished")
+    results = main.run(_config(), str(workdir))
+    assert results["steps"] == 9
+    return workdir, results
+
+
+def test_rerun_of_a_finished_run_with_new_lr_or_epochs_is_refused(finished):
+    workdir, results = finished
+    before = (workdir / "report" / "results.json").read_text()
+    for override, field in (({"phases[1].lr": 0.5}, "phases[1].lr: 0.05 -> 0.5"),
+                            ({"phases[1].epochs": 4.0}, "phases[1].epochs: 2.0 -> 4.0")):
+        with pytest.raises(ConfigError) as e:
+            main.run(_config(**override), str(workdir))
+        assert field in str(e.value) and "--config.resume=replace" in str(e.value)
+    assert (workdir / "report" / "results.json").read_text() == before
+    assert _steps(workdir)[-1] == 9 and not (workdir / LOCK_NAME).exists()
+
+
+def test_plain_rerun_of_a_finished_run_keeps_its_wall_time(finished):
+    workdir, results = finished
+    again = main.run(_config(log_every_steps=3), str(workdir))  # A harmless change is fine.
+    assert again["wall_seconds"] == results["wall_seconds"]
+    assert again["steps"] == 9 and again["test_accuracy"] == results["test_accuracy"]
+
+
+def test_other_batch_size_refused_then_damaged_newest_checkpoint_falls_back(finished, tmp_path):
+    straight, _ = finished
+    first = main.run(_config(), str(tmp_path), stop_after_steps=5)
+    assert first["interrupted"] and _steps(tmp_path) == [4, 5]
+    with pytest.raises(ConfigError, match="batch_size: 16 -> 32"):
+        main.run(_config(batch_size=32, eval_batch_size=32), str(tmp_path))
+    assert _steps(tmp_path) == [4, 5]  # Nothing touched.
+
+    state = tmp_path / "checkpoints" / "latest" / "5" / "state"
+    data = max((p for p in state.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    os.truncate(data, 100)  # A copy cut short.
+    second = main.run(_config(), str(tmp_path))
+    assert second["steps"] == 9
+    for a, b in zip(_params(straight), _params(tmp_path), strict=True):
+        np.testing.assert_array_equal(a, b)  # Resumed from step 4: the uninterrupted result.
+    kept = os.listdir(tmp_path / "checkpoints" / "unreadable")
+    assert len(kept) == 1 and kept[0].startswith("latest-5-")  # Kept, never deleted.
+
+
+def test_no_readable_checkpoint_stops_naming_the_folder_and_changes_nothing(finished, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(finished[0], workdir)
+    for step in _steps(workdir):
+        shutil.rmtree(workdir / "checkpoints" / "latest" / str(step) / "meta")
+    files = sorted(str(p) for p in workdir.rglob("*"))
+    with pytest.raises(CheckpointError) as e:
+        main.run(_config(), str(workdir))
+    assert f"no readable checkpoint in {workdir / 'checkpoints' / 'latest'}" in str(e.value)
+    assert sorted(str(p) for p in workdir.rglob("*")) == files
+
+
+def test_resume_replace_moves_the_old_run_aside_and_starts_the_new_one(finished, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(finished[0], workdir)
+    new = _config(resume="replace", seed=1)
+    results = main.run(new, str(workdir))
+    assert results["steps"] == 9 and results["config"]["seed"] == 1
+    (previous,) = os.listdir(workdir / "previous")
+    old = json.loads((workdir / "previous" / previous / "report" / "results.json").read_text())
+    assert old["config"]["seed"] == 0 and old["test_accuracy"] == finished[1]["test_accuracy"]
+    assert main.run(new, str(workdir))["steps"] == 9  # Same config again: resumes, no new move.
+    assert os.listdir(workdir / "previous") == [previous]
+
+
+def test_a_failed_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
+                                                                     capsys):
+    real_save, calls = ocp.CheckpointManager.save, []
+
+    def full_disk(self, step, *args, **kwargs):
+        calls.append(step)
+        if step >= 4:
+            raise OSError(28, "No space left on device")
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+    with pytest.raises(SystemExit) as e:
+        main.train_cli(_config(), str(tmp_path))
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len([ln for ln in err if ln.startswith("error:")]) == 1
+    assert "saving checkpoint step 4" in err[-1] and "No space left on device" in err[-1]
+    monkeypatch.undo()
+    ckpt = Checkpointer(str(tmp_path))
+    assert ckpt.latest_meta()["step"] == 3  # The previous checkpoint reads back whole.
+    ckpt.close()
+
+
+def test_a_workdir_in_use_or_a_file_is_one_line(tmp_path, capsys):
+    with WorkdirLock(str(tmp_path)):
+        with pytest.raises(SystemExit) as e:
+            main.train_cli(_config(), str(tmp_path))
+    assert e.value.code == 1
+    assert f"in use by pid {os.getpid()}" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    with pytest.raises(WorkdirError, match="is a file, not a folder"):
+        main.run(_config(), str(tmp_path / "file"))

@@ -1,0 +1,178 @@
+"""predict: the run's own pipeline + eval step on new images; bad inputs are one error line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from inference_utils import image_folder, write_image
+from PIL import Image
+
+from cifar_flax import predict
+from cifar_flax.inference import images as images_lib
+from cifar_flax.inference.run import load_run, read_config
+
+
+def _classes(run_dir) -> list[str]:
+    return json.loads((run_dir / "run_info.json").read_text())["class_names"]
+
+
+def test_predict_equals_the_eval_step_on_mixed_images(smoke_run, tmp_path):
+    """Files of several sizes and modes: predict's logits equal the run's Evaluator on the same
+    files read as an ImageFolder through the input pipeline (host resize to the run's size)."""
+    from cifar_flax.data import input_pipeline
+    from cifar_flax.train.evaluation import Evaluator
+
+    paths = image_folder(tmp_path / "data", _classes(smoke_run))
+    rows, skipped = predict.predict(str(smoke_run), [str(tmp_path / "data" / "test")],
+                                    top_k=2, batch_size=5)
+    assert [r["file"] for r in rows] == paths and not skipped
+    run = load_run(str(smoke_run))
+    config = read_config(smoke_run)
+    config.dataset = f"imagefolder:{tmp_path / 'data'}"
+    config.train_split = config.test_split = "test"
+    config.val_fraction, config.image_size = 0.0, run.image_shape[0]
+    info = input_pipeline.get_info(config)
+    ref = Evaluator(config, info, run.model, run.mesh, run.preprocessing)(
+        run.variables, "test", keep_logits=True)
+    got = np.stack([r["logits"] for r in rows])
+    assert ref["logits"].shape == got.shape == (len(paths), run.num_classes)
+    np.testing.assert_allclose(got, ref["logits"], atol=1e-5, rtol=0)
+    assert [r["top"][0][0] for r in rows] == [run.class_names[i] for i in ref["logits"].argmax(-1)]
+
+
+def test_grayscale_and_rgba_become_rgb(tmp_path):
+    gray = np.full((6, 5), 77, np.uint8)
+    Image.fromarray(gray, "L").save(tmp_path / "g.png")
+    rgba = np.zeros((6, 5, 4), np.uint8)
+    rgba[..., 0], rgba[..., 1], rgba[..., 2], rgba[..., 3] = 10, 20, 30, 0
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    g = images_lib.decode_file(images_lib.collect([str(tmp_path / "g.png")])[0])
+    a = images_lib.decode_file(images_lib.collect([str(tmp_path / "a.png")])[0])
+    assert g.shape == a.shape == (6, 5, 3)
+    assert (g == 77).all()
+    assert (a == np.array([10, 20, 30], np.uint8)).all()  # Alpha dropped, colour kept.
+
+
+def test_cli_writes_csv_and_json_top_k(smoke_run, tmp_path, capsys):
+    for i, (h, w) in enumerate([(32, 32), (48, 40)]):
+        write_image(tmp_path / "in" / f"x{i}.png", h, w, "RGB", seed=i)
+    np.save(tmp_path / "batch.npy", np.zeros((3, 32, 32, 3), np.uint8))
+    inputs = [str(tmp_path / "in"), str(tmp_path / "batch.npy")]
+    assert predict.main(["--workdir", str(smoke_run), *inputs, "--top-k", "3",
+                         "--output", str(tmp_path / "p.csv")]) == 0
+    table = capsys.readouterr().out
+    assert "x1.png" in table and "batch.npy[2]" in table
+    with open(tmp_path / "p.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["file", "class_1", "prob_1", "class_2", "prob_2", "class_3", "prob_3"]
+    assert len(rows) == 1 + 2 + 3
+    probs = [float(p) for p in rows[1][2::2]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    assert predict.main(["--workdir", str(smoke_run), *inputs, "--top-k", "9", "--tta", "flip",
+                         "--output", str(tmp_path / "p.json")]) == 0
+    data = json.loads((tmp_path / "p.json").read_text())
+    classes = _classes(smoke_run)
+    assert len(data) == 5 and all(len(d["top"]) == len(classes) for d in data)  # k capped.
+    assert sum(t["probability"] for t in data[0]["top"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def _bad_inputs(tmp_path, smoke_run) -> dict[str, tuple[list[str], str]]:
+    """name -> (argv after --workdir RUN, text the error line must contain)."""
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (tmp_path / "empty").mkdir()
+    np.save(tmp_path / "float.npy", np.zeros((2, 32, 32, 3), np.float32))
+    np.save(tmp_path / "gray.npy", np.zeros((2, 32, 32), np.uint8))
+    return {
+        "non-image file": ([str(tmp_path / "notes.txt")], "notes.txt is not an image file"),
+        "undecodable image": ([str(tmp_path / "broken.png")], "broken.png cannot be decoded"),
+        "missing input": ([str(tmp_path / "nope.jpg")], "nope.jpg does not exist"),
+        "empty folder": ([str(tmp_path / "empty")], "contains no files"),
+        "npy dtype": ([str(tmp_path / "float.npy")], "float32 (2, 32, 32, 3)"),
+        "npy shape": ([str(tmp_path / "gray.npy")], "uint8 (2, 32, 32)"),
+        "output suffix": ([str(tmp_path / "float.npy"), "--output", "p.txt"], ".csv or .json"),
+    }
+
+
+@pytest.mark.parametrize("case", ["non-image file", "undecodable image", "missing input",
+                                  "empty folder", "npy dtype", "npy shape", "output suffix"])
+def test_bad_input_is_one_error_line(smoke_run, tmp_path, capsys, case):
+    argv, text = _bad_inputs(tmp_path, smoke_run)[case]
+    assert predict.main(["--workdir", str(smoke_run), *argv]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and text in err[0], err
+
+
+def test_skip_bad_skips_and_counts(smoke_run, tmp_path, capsys):
+    write_image(tmp_path / "in" / "ok.png", 32, 32, "RGB", seed=0)
+    (tmp_path / "in" / "bad.jpg").write_bytes(b"nope")
+    assert predict.main(["--workdir", str(smoke_run), str(tmp_path / "in"), "--skip-bad"]) == 0
+    out = capsys.readouterr()
+    assert "ok.png" in out.out and "bad.jpg" not in out.out
+    assert "skipped 1 bad files" in out.err
+
+
+@pytest.mark.parametrize("case", ["missing run", "run without checkpoint"])
+def test_bad_run_is_one_error_line(smoke_run, tmp_path, capsys, case):
+    run = tmp_path / "run"
+    if case == "run without checkpoint":
+        run.mkdir()
+        shutil.copy(smoke_run / "config.json", run / "config.json")
+    write_image(tmp_path / "x.png", 32, 32, "RGB", seed=0)
+    assert predict.main(["--workdir", str(run), str(tmp_path / "x.png")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = "does not exist" if case == "missing run" else "has no finished checkpoint"
+    assert len(err) == 1 and err[0].startswith(f"error: {run}") and expected in err[0], err
+
+
+def test_command_line_prints_no_traceback(tmp_path):
+    """The real ``python -m`` entry point: exit status 1, one line on stderr."""
+    p = subprocess.run([sys.executable, "-m", "cifar_flax.predict", "--workdir",
+                        str(tmp_path / "none"), str(tmp_path)], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'none'} does not exist; pass the --workdir of a training run."]
+
+
+def test_two_devices_restore_and_pad_like_one(smoke_run, tmp_path):
+    """The run was written on 1 device; on 2 (virtual CPU) devices its checkpoint restores with
+    explicit shardings and an odd batch is padded: the same predictions as here."""
+    import os
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), np.uint8))
+    rows, _ = predict.predict(str(smoke_run), [str(tmp_path / "x.npy")], top_k=4)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu"}
+    p = subprocess.run([sys.executable, "-m", "cifar_flax.predict", "--workdir", str(smoke_run),
+                        str(tmp_path / "x.npy"), "--top-k", "4", "--output",
+                        str(tmp_path / "p.json")], capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads((tmp_path / "p.json").read_text())
+    assert [[t["class"] for t in g["top"]] for g in got] == [[c for c, _ in r["top"]] for r in rows]
+    np.testing.assert_allclose([[t["probability"] for t in g["top"]] for g in got],
+                               [[p for _, p in r["top"]] for r in rows], atol=1e-6)
+
+
+def test_run_info_is_written_and_old_runs_fall_back(smoke_run, tmp_path, caplog):
+    """Training writes run_info.json; a run without it (older) re-reads its dataset's info."""
+    import logging
+
+    from cifar_flax.train.run_info import read_run_info
+
+    info = read_run_info(str(smoke_run))
+    assert info["class_names"] == [f"class_{i}" for i in range(4)]
+    assert info["image_shape"] == (32, 32, 3) and info["dataset"] == "synthetic"
+    old = tmp_path / "old_run"
+    shutil.copytree(smoke_run, old, ignore=shutil.ignore_patterns("run_info.json", "tensorboard"))
+    with caplog.at_level(logging.WARNING):
+        run = load_run(str(old))
+    assert run.class_names == info["class_names"] and run.image_shape == info["image_shape"]
+    assert any("no run_info.json" in r.getMessage() for r in caplog.records)

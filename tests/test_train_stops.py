@@ -1,0 +1,158 @@
+"""Runs that end early end cleanly: divergence, Ctrl-C, early stopping with the best weights."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cifar_flax.config import phase
+from cifar_flax.main import run as train_and_evaluate
+from cifar_flax.train import loop
+from cifar_flax.train.checkpointing import Checkpointer
+from cifar_flax.train.metrics_writer import read_metrics
+from train_utils import default_sigint, enable_compilation_cache, state_at, tiny_config
+
+enable_compilation_cache()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_DIVERGING_CONFIG = """
+import sys
+sys.path.insert(0, {tests!r})
+from cifar_flax.config import phase
+from train_utils import tiny_config
+
+
+def get_config():
+    c = tiny_config()
+    c.phases = [phase("head", steps=3, trainable=("head",), lr=0.05, schedule="constant"),
+                phase("all", steps=6, lr=1e6, schedule="constant")]
+    return c
+"""
+
+
+def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tmp_path / "diverge.py"
+    config.write_text(_DIVERGING_CONFIG.format(tests=os.path.join(ROOT, "tests")))
+    workdir = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "cifar_flax.main", "--config", str(config),
+                        "--workdir", str(workdir)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 1, p.stderr[-3000:]
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    line = errors[0]
+    assert line.startswith("error: training diverged at step ") and "phase 1 (all)" in line
+    assert "--config.phases[1].lr" in line and "warmup_epochs" in line
+    # Where exactly lr 1e6 turns the loss non-finite depends on float rounding; what matters
+    # is that the line names it and the newest checkpoint is the last one before it.
+    m = re.search(r"diverged at step (\d+) .*last good checkpoint \(step (\d+)\)", line)
+    assert m, line
+    diverged, good = int(m.group(1)), int(m.group(2))
+    assert 3 <= good < diverged <= 9
+    assert not (workdir / "report").exists()  # Nothing that looks like a finished result.
+    ckpt = Checkpointer(str(workdir))
+    assert max(ckpt.latest.all_steps()) == good  # The diverged steps were never saved.
+    ckpt.close()
+    state = state_at(str(workdir))
+    assert int(state["step"]) == good
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+    # The metrics show the divergence coming: a finite but exploding loss after the lr jump.
+    losses = [r["loss"] for r in read_metrics(str(workdir), "train")]
+    assert len(losses) >= 4 and losses[-1] > 100 * losses[0]
+
+
+def _smoke(workdir):
+    return [sys.executable, "-m", "cifar_flax.main", "--config", "configs/smoke.py",
+            "--workdir", str(workdir)]
+
+
+def test_ctrl_c_saves_exits_130_and_the_rerun_is_bit_identical(tmp_path, smoke_run):
+    proc = subprocess.Popen(_smoke(tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(
+            r["step"] >= 8 for r in read_metrics(str(tmp_path), "train")):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # Mid phase 2 (it runs steps 6..18).
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "Rerun the same command to resume" in out
+    stopped = int(out.split("Interrupted at step ")[1].split(";")[0])
+    assert 8 <= stopped < 18 and "(SIGINT)" in out
+    assert not (tmp_path / "report").exists()
+
+    done = subprocess.run(_smoke(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed, straight = state_at(str(tmp_path)), state_at(str(smoke_run))
+    assert int(resumed["step"]) == int(straight["step"]) == 18
+    leaves_r, leaves_s = jax.tree.leaves(resumed), jax.tree.leaves(straight)
+    assert len(leaves_r) == len(leaves_s) > 30
+    for a, b in zip(leaves_r, leaves_s):
+        np.testing.assert_array_equal(a, b)  # Bit for bit.
+
+
+def test_second_ctrl_c_aborts_and_first_one_only_requests_a_stop():
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # As in a foreground shell.
+    try:
+        with loop._Stop() as stop:
+            assert not stop.requested
+            assert signal.getsignal(signal.SIGINT) == stop._handle  # Else the kill ends pytest.
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.requested and stop.signal_name == "SIGINT"
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Restored.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Inherited as ignored (nohup, `&`) ...
+        with loop._Stop():
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # ... stays ignored.
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
+def _early_stop_config():
+    c = tiny_config()
+    c.model.head_hidden = (8,)
+    c.phases = [  # 48 train images / 16 = 3 steps per epoch.
+        phase("head", epochs=3, trainable=("head",), lr=0.1, schedule="constant"),
+        phase("all", epochs=2, lr=0.05),
+    ]
+    c.early_stopping.patience = 1
+    c.early_stopping.min_delta = 10.0  # Nothing counts as an improvement after the first eval.
+    c.checkpoint.keep = 5
+    c.checkpoint.every_steps = 0
+    return c
+
+
+@pytest.mark.parametrize("restore", [True, False])
+def test_early_stopping_restores_the_phase_best_weights(tmp_path, restore):
+    c = _early_stop_config()
+    c.early_stopping.restore_best = restore
+    # Phase "head": eval at 3 (its best), at 6 (no improvement, patience 1) -> it stops at 6;
+    # stopping at 7 keeps the best checkpoint of step 3 (phase "all" evaluates first at 9).
+    assert train_and_evaluate(c, str(tmp_path), stop_after_steps=7)["step"] == 7
+    ckpt = Checkpointer(str(tmp_path))
+    assert 3 in ckpt.best.all_steps()  # (6 too if its accuracy beat 3's by less than min_delta.)
+    ckpt.close()
+    best = state_at(str(tmp_path), 3, kind="best")
+    at_6 = _variables(state_at(str(tmp_path), 6))  # The phase boundary: phase "all" starts here.
+    same = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(at_6), jax.tree.leaves(best))]
+    assert len(same) > 20
+    records = read_metrics(str(tmp_path), "restore_best")
+    if restore:
+        assert all(same)  # Bit for bit: params and BatchNorm statistics.
+        assert [(r["step"], r["phase"], r["restored_step"]) for r in records] == [(6, 0, 3)]
+    else:
+        assert not all(same) and records == []
+
+
+def _variables(state: dict) -> dict:
+    return {"params": state["params"], "batch_stats": state["batch_stats"]}
