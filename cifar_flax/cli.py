@@ -200,6 +200,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 # ---- Ctrl-C and running an entry point ----
 _interrupted = ["nothing new was saved"]
+_ctrl_c_seen = [False]  # Set by the handler: a library may swallow the SystemExit it raises.
 
 
 def _exit_on_ctrl_c(signum: int, frame: Any) -> None:
@@ -207,8 +208,16 @@ def _exit_on_ctrl_c(signum: int, frame: Any) -> None:
     line and status 130. SystemExit unwinds normally (pending checkpoint writes are waited for)
     and prints no traceback. The training loop installs its own handler while it trains."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # A second Ctrl-C aborts at once.
+    _ctrl_c_seen[0] = True
     os.write(_real_stderr[0], f"\nInterrupted (Ctrl-C): {_interrupted[0]}.\n".encode())
     sys.exit(INTERRUPTED_EXIT)
+
+
+def _exit_if_swallowed() -> None:
+    """Exit 130 when a Ctrl-C was seen but its SystemExit did not stop us: TensorFlow's import
+    swallows exceptions raised inside it (seen when Ctrl-C lands during ``import tensorflow``)."""
+    if _ctrl_c_seen[0]:
+        sys.exit(INTERRUPTED_EXIT)
 
 
 def install_ctrl_c_handler(message: str | None = None) -> None:
@@ -228,10 +237,12 @@ def run(main: Callable[[list[str]], None], interrupted: str = "nothing new was s
 
     def guarded(argv: list[str]) -> None:
         prepare_runtime()  # After flag parsing: a slip in the flags stops sooner.
+        _exit_if_swallowed()
         try:
             main(argv)
         except KeyboardInterrupt:  # A handler restored to Python's default raised it.
             print(f"Interrupted (Ctrl-C): {_interrupted[0]}.", file=sys.stderr, flush=True)
             sys.exit(INTERRUPTED_EXIT)
+        _exit_if_swallowed()
 
     app.run(guarded, flags_parser=parse_flags)
