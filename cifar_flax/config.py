@@ -66,7 +66,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.pretrained.cache_dir = ""  # "" = $CIFAR_FLAX_CACHE or ~/.cache/cifar_flax.
     # Start from an earlier run instead of the pretrained weights: its workdir or a checkpoint
     # folder (best checkpoint, else its last). The backbone always; the head only when its shapes
-    # (class count, head_hidden) match, else it is freshly initialised (train/initialize.py).
+    # (class count, head_hidden) and class names match, else it is freshly initialised
+    # (train/initialize.py).
     c.init_from = ""
 
     # ---- training: parameter groups, phases, early stopping (optim.py, train.py) ----

@@ -98,3 +98,19 @@ def test_training_run_starts_from_the_earlier_run(smoke_run, tmp_path):
     trained = jax.device_get(load_run(str(tmp_path / "run"), "latest").variables)
     assert _equal(_backbone(trained), _backbone(source))
     assert trained["params"]["head"]["out"]["kernel"].shape[-1] == 3
+
+
+def test_same_shapes_other_class_names_reinitialises_the_head(smoke_run, caplog):
+    """A class split (same count, other classes): the earlier head maps to the wrong labels."""
+    source = jax.device_get(load_run(str(smoke_run)).variables)
+    config = read_config(smoke_run)
+    fresh = _fake(config, 4)
+    others = ["dog", "frog", "horse", "ship"]
+    with caplog.at_level(logging.INFO):
+        got = variables_from_run(config, fresh, str(smoke_run), class_names=others)
+    assert _equal(_backbone(got), _backbone(source))
+    assert _equal(got["params"]["head"], fresh["params"]["head"])
+    assert any("trained on other classes" in r.getMessage() for r in caplog.records)
+    same = variables_from_run(config, _fake(config, 4), str(smoke_run),
+                              class_names=[f"class_{i}" for i in range(4)])
+    assert _equal(same, source)

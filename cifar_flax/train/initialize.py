@@ -1,10 +1,11 @@
 """The model a config describes and its initial variables: random init, then the pretrained
 backbone (cifar_flax.weights) when ``config.pretrained.source`` is set, or an earlier run's
-variables when ``config.init_from`` names one (backbone always, head when its shapes match)."""
+variables when ``config.init_from`` names one (backbone always; head when its shapes and class
+names match)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ from cifar_flax.config import ConfigError
 from cifar_flax.models import create_model
 from cifar_flax.train import run_checkpoint
 from cifar_flax.train.parallel import AXIS
+from cifar_flax.train.run_info import read_run_info
 from cifar_flax.weights.convert import merge_into
 from cifar_flax.weights.registry import source_spec
 from cifar_flax.weights.store import load_pretrained
@@ -31,10 +33,12 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
     )
 
 
-def init_variables(config: ml_collections.ConfigDict, model: Any, load_weights: bool = True):
+def init_variables(config: ml_collections.ConfigDict, model: Any, load_weights: bool = True,
+                   class_names: Sequence[str] | None = None):
     """(variables, preprocessing): random init, then the pretrained backbone when configured.
 
     ``load_weights=False`` skips loading (a resumed run restores every value from its checkpoint).
+    ``class_names`` (the dataset's) decide whether an ``init_from`` run's head is kept.
     """
     res = config.augment.resolution
     variables = model.init(
@@ -42,7 +46,7 @@ def init_variables(config: ml_collections.ConfigDict, model: Any, load_weights: 
     )
     source = config.pretrained.source
     if config.get("init_from") and load_weights:
-        variables = variables_from_run(config, variables, config.init_from)
+        variables = variables_from_run(config, variables, config.init_from, class_names)
     elif source and load_weights:
         weights = load_pretrained(
             source, config.pretrained.variant, config.pretrained.file, config.pretrained.cache_dir
@@ -78,10 +82,13 @@ def _check_preprocessing(config: ml_collections.ConfigDict, ckpt: run_checkpoint
         )
 
 
-def variables_from_run(config: ml_collections.ConfigDict, variables: dict, run: str) -> dict:
+def variables_from_run(config: ml_collections.ConfigDict, variables: dict, run: str,
+                       class_names: Sequence[str] | None = None) -> dict:
     """``variables`` with an earlier run's checkpoint values: every backbone entry (names and
-    shapes must match, else ConfigError listing them) and the head when its shapes match (else
-    the fresh head, said in one log line)."""
+    shapes must match, else ConfigError listing them) and the head when it fits (else the fresh
+    head, said in one log line). The head fits when its shapes match and, where both are known,
+    the earlier run's class names are ``class_names``: a head trained on other classes (a class
+    split with the same count) maps features to the wrong labels."""
     try:
         ckpt = run_checkpoint.find_checkpoint(run, "best")
         stored = run_checkpoint.stored_shapes(ckpt)
@@ -101,7 +108,10 @@ def variables_from_run(config: ml_collections.ConfigDict, variables: dict, run: 
     mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()[:1]), ("data",))
     loaded = jax.device_get(run_checkpoint.restore_variables(ckpt, mesh))
     head = lambda tree: {k: tree[k].get("head", {}) for k in ("params", "batch_stats")}  # noqa
-    keep_head = not run_checkpoint.shape_differences(head(stored), head(target))
+    same_shapes = not run_checkpoint.shape_differences(head(stored), head(target))
+    old_names = _run_class_names(ckpt)
+    same_classes = class_names is None or old_names is None or list(class_names) == old_names
+    keep_head = same_shapes and same_classes
     out = {}
     for k in ("params", "batch_stats"):
         out[k] = {m: jax.tree.map(lambda new, old: jnp.asarray(old, new.dtype), v, loaded[k][m])
@@ -109,5 +119,16 @@ def variables_from_run(config: ml_collections.ConfigDict, variables: dict, run: 
     log = logging.info if keep_head else logging.warning
     log("init_from %s (%s checkpoint, step %d): backbone loaded; head %s.", run,
         ckpt.kind or "given", ckpt.step, "loaded" if keep_head else
-        "freshly initialised (its shapes differ: another class count or head_hidden)")
+        "freshly initialised (its shapes differ: another class count or head_hidden)"
+        if not same_shapes else f"freshly initialised (trained on other classes: {old_names})")
     return out
+
+
+def _run_class_names(ckpt: run_checkpoint.RunCheckpoint) -> list[str] | None:
+    """The class names the checkpoint's run trained on (None when its workdir does not say)."""
+    if ckpt.workdir is None:
+        return None
+    try:
+        return read_run_info(str(ckpt.workdir))["class_names"]
+    except FileNotFoundError:
+        return None

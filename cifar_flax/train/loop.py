@@ -89,7 +89,7 @@ def train_and_evaluate(
         for note in check_resume(meta.get("fingerprint"), run_fingerprint, config, workdir):
             logging.info("Resuming despite a harmless change: %s", note)
     if meta is None:
-        variables, prep = init_variables(config, model)
+        variables, prep = init_variables(config, model, class_names=info.class_names)
     else:  # Resuming: every value comes from the checkpoint, so shapes are enough.
         variables = jax.eval_shape(lambda: init_variables(config, model, load_weights=False)[0])
         prep = input_preprocessing(config)

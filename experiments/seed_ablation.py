@@ -1,0 +1,273 @@
+"""The seed notebook's experiment as one command: every row of configs/ablation.py, one table.
+
+    python experiments/seed_ablation.py --weights torchvision --out runs/ablation
+    python experiments/seed_ablation.py --weights keras --out runs/ablation_keras \
+        --dataset imagefolder:/tmp/cifar10-jpeg --train-per-class 1000 --epochs-scale 0.5
+    python experiments/seed_ablation.py --weights runs/A --out runs/ablation_B \
+        --dataset imagefolder:/tmp/cifar10-split/B --resolution 32      # an earlier run's weights
+    python experiments/seed_ablation.py --smoke --out /tmp/ablation    # synthetic, tiny, minutes
+
+Each row is a real ``python -m cifar_flax.main`` run in ``OUT/<row>`` (its own checkpoints and
+report; rerunning the script resumes an interrupted row, and a finished row only re-reads its
+results). Then it writes ``OUT/ablation.md`` (row, what changed, test accuracy on every test
+image, best validation accuracy, steps, wall time, images/s, the exact command),
+``OUT/ablation.json`` and ``OUT/ablation.png`` (bars, with the seed notebook's two published
+accuracies as reference lines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ABLATION_CONFIG = os.path.join(ROOT, "configs", "ablation.py")
+SMOKE_CONFIG = os.path.join(ROOT, "configs", "smoke.py")
+# The seed notebook (Keras ResNet50, ImageNet weights, CIFAR-10): frozen baseline, fine-tuned.
+SEED_FIGURES = {"seed notebook, frozen baseline": 0.3176, "seed notebook, fine-tuned": 0.8882}
+WEIGHT_SOURCES = {
+    "torchvision": ["--config.pretrained.source=torchvision",
+                    "--config.pretrained.variant=IMAGENET1K_V2", "--config.model.layout=v1.5"],
+    "keras": ["--config.pretrained.source=keras", "--config.pretrained.variant=",
+              "--config.model.layout=v1"],
+}
+
+
+class AblationError(Exception):
+    """A bad argument or a failed row; the message says which and what to do."""
+
+
+def _ablation_module() -> Any:
+    """configs/ablation.py, loaded by path (configs/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("ablation_config", ABLATION_CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    rows = list(_ablation_module().ROWS)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder of the row workdirs and the table")
+    p.add_argument("--weights", default="",
+                   help="torchvision, keras, or an earlier run's workdir (init_from); "
+                        "default torchvision (--smoke: a smoke run trained first in OUT/pretrain)")
+    p.add_argument("--dataset", default="", help="config.dataset (default: the config's cifar10)")
+    p.add_argument("--resolution", type=int, default=0, help="augment.resolution (default 160)")
+    p.add_argument("--epochs-scale", type=float, default=1.0,
+                   help="multiply every phase's epochs (and warmup) by this")
+    p.add_argument("--train-per-class", type=int, default=0,
+                   help="cap the train split at N images per class (an ImageFolder subset of "
+                        "symlinks in OUT/data; synthetic: num_train)")
+    p.add_argument("--rows", default=",".join(rows), help=f"rows to run (default: {','.join(rows)})")
+    p.add_argument("--smoke", action="store_true",
+                   help="synthetic data and a tiny network (configs/smoke.py): CI's end-to-end run")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = p.parse_args(argv)
+    args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in args.rows if r not in rows]
+    if unknown:
+        p.error(f"--rows: unknown {unknown}; rows are {','.join(rows)}")
+    if args.epochs_scale <= 0:
+        p.error(f"--epochs-scale={args.epochs_scale} must be > 0")
+    return args
+
+
+def _load_config(arg: str) -> Any:
+    from cifar_flax.cli import load_config_file
+
+    return load_config_file(f"{ABLATION_CONFIG}:{arg}")
+
+
+def weight_overrides(weights: str) -> list[str]:
+    """--config overrides that make a row start from ``weights`` (not used by `scratch`)."""
+    if weights in WEIGHT_SOURCES:
+        return list(WEIGHT_SOURCES[weights])
+    return [*_run_source(weights), f"--config.init_from={os.path.abspath(weights)}"]
+
+
+def _run_config(run: str) -> dict:
+    path = os.path.join(run, "config.json")
+    if not os.path.isfile(path):
+        raise AblationError(f"--weights {run}: not torchvision, keras or a run's workdir "
+                            f"({path} does not exist).")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _run_source(run: str) -> list[str]:
+    """The earlier run's weight source: init_from needs the same input normalisation."""
+    p = _run_config(run)["pretrained"]
+    return [f"--config.pretrained.source={p['source']}", f"--config.pretrained.variant={p['variant']}"]
+
+
+def model_overrides(weights: str) -> list[str]:
+    """An earlier run fixes the network's shape (every row, scratch too: the same network)."""
+    if not weights or weights in WEIGHT_SOURCES:
+        return []
+    m = _run_config(weights)["model"]
+    tup = lambda v: "(" + ",".join(str(x) for x in v) + ("," if len(v) == 1 else "") + ")"  # noqa
+    return [f"--config.model.layout={m['layout']}", f"--config.model.stage_sizes={tup(m['stage_sizes'])}",
+            f"--config.model.base_width={m['base_width']}"]
+
+
+def budget_overrides(args: argparse.Namespace, config: Any, data: str) -> list[str]:
+    """Dataset, resolution and epochs-scale overrides for one row's config."""
+    out = [f"--config.dataset={data}"] if data else []
+    if args.resolution:
+        out.append(f"--config.augment.resolution={args.resolution}")
+    if args.train_per_class and config.dataset == "synthetic" and not data:
+        n = args.train_per_class * config.synthetic.num_classes
+        out.append(f"--config.synthetic.num_train={n}")
+    if args.epochs_scale != 1.0:
+        for i, ph in enumerate(config.phases):
+            out.append(f"--config.phases[{i}].epochs={ph.epochs * args.epochs_scale:g}")
+            out.append(f"--config.phases[{i}].warmup_epochs={ph.warmup_epochs * args.epochs_scale:g}")
+    return out
+
+
+def capped_dataset(args: argparse.Namespace, out: str) -> str:
+    """``--dataset``, or (with --train-per-class on an ImageFolder) its capped symlink subset."""
+    if not args.train_per_class or not args.dataset:
+        return args.dataset
+    if not args.dataset.startswith("imagefolder:"):
+        raise AblationError(f"--train-per-class needs --dataset imagefolder:<dir> (or --smoke); "
+                            f"{args.dataset!r} is a tfds dataset: make an ImageFolder of it.")
+    from cifar_flax.data.subset import link_subset
+
+    src = args.dataset.split(":", 1)[1]
+    classes = sorted(e for e in os.listdir(os.path.join(src, "train")) if not e.startswith("."))
+    dst = os.path.join(out, f"data_{args.train_per_class}_per_class")
+    link_subset(src, dst, classes, splits=("train", "test"), per_class={"train": args.train_per_class})
+    return f"imagefolder:{dst}"
+
+
+def row_command(row: str, args: argparse.Namespace, data: str, weights: str) -> list[str]:
+    """The exact ``python -m cifar_flax.main`` command of one row."""
+    arg = f"{row},smoke" if args.smoke else row
+    config = _load_config(arg)
+    cmd = [sys.executable, "-m", "cifar_flax.main", f"--config={ABLATION_CONFIG}:{arg}",
+           f"--workdir={os.path.join(args.out, row)}"]
+    cmd += model_overrides(weights)
+    if row != "scratch" and weights:
+        cmd += weight_overrides(weights)
+    return cmd + budget_overrides(args, config, data)
+
+
+def pretrain_smoke(out: str) -> str:
+    """--smoke without --weights: a smoke run to start from (stands for the pretrained run)."""
+    workdir = os.path.join(out, "pretrain")
+    _run([sys.executable, "-m", "cifar_flax.main", f"--config={SMOKE_CONFIG}",
+          f"--workdir={workdir}", "--config.tensorboard=False"], workdir)
+    return workdir
+
+
+def _run(cmd: list[str], workdir: str) -> None:
+    print("$ " + shlex.join(cmd), flush=True)
+    rc = subprocess.call(cmd, cwd=ROOT)
+    if rc:
+        raise AblationError(f"{os.path.basename(workdir)}: exit status {rc}; the command above "
+                            f"failed (its workdir {workdir} resumes when you rerun the script).")
+
+
+def row_result(row: str, cmd: list[str], what: str, out: str) -> dict:
+    """One table row from the row's report/results.json."""
+    with open(os.path.join(out, row, "report", "results.json")) as f:
+        r = json.load(f)
+    return {"row": row, "what": what, "test_accuracy": r["test_accuracy"],
+            "test_examples": r["test_examples"], "tested": r["tested_checkpoint"],
+            "best_val_accuracy": r.get("best_val_accuracy"),
+            "steps": r["steps"], "wall_seconds": r["wall_seconds"],
+            "images_per_sec": r["images_per_sec"], "command": shlex.join(cmd[1:])}
+
+
+def write_table(results: list[dict], out: str, title: str) -> None:
+    """ablation.md and ablation.json."""
+    lines = [f"# {title}", "",
+             "| row | what changed | test acc | tested | best val acc | steps | wall | images/s |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        val = "-" if r["best_val_accuracy"] is None else f"{100 * r['best_val_accuracy']:.2f}%"
+        lines.append(f"| {r['row']} | {r['what']} | {100 * r['test_accuracy']:.2f}% | "
+                     f"{r['tested']} | {val} | "
+                     f"{r['steps']} | {r['wall_seconds'] / 60:.1f} min | {r['images_per_sec']:.0f} |")
+    n = {r["test_examples"] for r in results}
+    lines += ["", f"Test accuracy on all {'/'.join(map(str, sorted(n)))} test images of the "
+              "last weights, or of the best checkpoint by validation accuracy where early "
+              "stopping is on (`tested`); wall = the row's whole run (start-up, training, "
+              "validation, test, report); images/s = training throughput.", "",
+              "Commands (run from the repository root):", ""]
+    lines += [f"- {r['row']}: `python {r['command']}`" for r in results]
+    with open(os.path.join(out, "ablation.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "ablation.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def plot(results: list[dict], out: str, title: str) -> None:
+    """ablation.png: test accuracy per row, the seed's published figures as reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    names = [r["row"] for r in results]
+    accs = [100 * r["test_accuracy"] for r in results]
+    bars = ax.bar(names, accs, color=["#888" if n == "scratch" else "#3b75af" for n in names])
+    ax.bar_label(bars, fmt="%.1f%%", padding=2)
+    for (label, value), style in zip(SEED_FIGURES.items(), ("--", ":")):
+        ax.axhline(100 * value, color="#c44", linestyle=style, linewidth=1.2,
+                   label=f"{label}: {100 * value:.2f}%")
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "ablation.png"), dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cifar_flax.cli import import_tensorflow_quietly
+
+    import_tensorflow_quietly()  # The configs import the package; keep TF's start-up notices out.
+    args = parse_args(argv)
+    args.out = os.path.abspath(args.out)
+    os.makedirs(args.out, exist_ok=True)
+    what = _ablation_module().ROWS
+    try:
+        weights = args.weights
+        if args.smoke and not weights and not args.dry_run:
+            weights = pretrain_smoke(args.out)
+        data = capped_dataset(args, args.out)
+        commands = {row: row_command(row, args, data, weights) for row in args.rows}
+        for i, (row, cmd) in enumerate(commands.items(), 1):
+            print(f"\n[{i}/{len(commands)}] {row}: {what[row]}", flush=True)
+            if args.dry_run:
+                print("$ " + shlex.join(cmd))
+                continue
+            _run(cmd, os.path.join(args.out, row))
+        if args.dry_run:
+            return 0
+        results = [row_result(row, cmd, what[row], args.out) for row, cmd in commands.items()]
+    except AblationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    title = (f"Seed ablation: weights {weights or 'torchvision'}, dataset "
+             f"{data or 'the config default'}" + (" (smoke)" if args.smoke else ""))
+    write_table(results, args.out, title)
+    plot(results, args.out, title)
+    print(open(os.path.join(args.out, "ablation.md")).read())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""experiments/seed_ablation.py and configs/ablation.py: the seed's progression, row by row.
+
+The row configs are checked against configs/finetune.py (each row adds one change); the script's
+command building without running anything; and the whole ``--smoke`` ablation end to end, from
+the session's smoke run as the earlier run (init_from), as a user runs it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, load_config
+from train_utils import make_image_tree
+
+from cifar_flax.data.subset import link_subset
+from cifar_flax.data.types import DataError
+
+SCRIPT = ROOT / "experiments" / "seed_ablation.py"
+ROWS = ["linear", "dense", "top", "all", "aug", "recipe", "scratch"]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("seed_ablation", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---- the rows ----
+
+
+def test_rows_add_one_change_each_and_recipe_is_finetune():
+    finetune = load_config("finetune")
+    rows = {r: load_config("ablation", r) for r in ROWS}
+    assert list(load_config_module_rows()) == ROWS
+    assert rows["recipe"].to_dict() == finetune.to_dict()
+    assert rows["linear"].model.head_hidden == () and rows["dense"].model.head_hidden == (256,)
+    assert [len(rows[r].phases) for r in ("dense", "top", "all", "aug")] == [1, 2, 3, 3]
+    assert [p.to_dict() for p in rows["all"].phases] == [p.to_dict() for p in finetune.phases]
+    for r in ("linear", "dense", "top", "all"):  # No augmentation before `aug`.
+        assert rows[r].augment.crop_padding == 0 and not rows[r].augment.flip
+    assert rows["aug"].augment.to_dict() == finetune.augment.to_dict()
+    for r in ROWS[:-2] + ["scratch"]:  # Early stopping only in `recipe`; the rest test the last.
+        assert not rows[r].early_stopping.enabled and not rows[r].early_stopping.restore_best
+    assert rows["recipe"].early_stopping.enabled
+    scratch = rows["scratch"]
+    assert scratch.pretrained.source == "" and len(scratch.phases) == 1
+    assert scratch.phases[0].epochs == sum(p.epochs for p in finetune.phases)
+    assert scratch.model.to_dict() == finetune.model.to_dict()  # The same network.
+
+
+def load_config_module_rows():
+    spec = importlib.util.spec_from_file_location("ablation_cfg", ROOT / "configs" / "ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ROWS
+
+
+def test_smoke_rows_use_the_smoke_data_and_network():
+    smoke, row = load_config("smoke"), load_config("ablation", "top,smoke")
+    assert row.dataset == "synthetic" and row.model.to_dict() == smoke.model.to_dict()
+    assert [p.epochs for p in row.phases] == [1.0, 1.0]
+    with pytest.raises(ValueError, match="ROW\\[,smoke\\]"):
+        load_config("ablation", "topp")
+
+
+# ---- commands (nothing runs) ----
+
+
+def test_commands_carry_weights_budget_and_the_run_network(smoke_run, tmp_path):
+    s = _script()
+    args = s.parse_args(["--out", str(tmp_path), "--epochs-scale", "0.5", "--resolution", "32"])
+    top = s.row_command("top", args, "imagefolder:/data/B", str(smoke_run))
+    assert f"--config.init_from={smoke_run}" in top and "--config.pretrained.source=" in top
+    assert "--config.model.stage_sizes=(1,1,1,1)" in top and "--config.model.base_width=8" in top
+    finetune = load_config("finetune")
+    assert f"--config.phases[1].epochs={finetune.phases[1].epochs * 0.5:g}" in top
+    assert "--config.augment.resolution=32" in top and "--config.dataset=imagefolder:/data/B" in top
+    scratch = s.row_command("scratch", args, "", str(smoke_run))
+    assert not any("init_from" in a or "pretrained" in a for a in scratch)
+    assert "--config.model.base_width=8" in scratch  # The same network as the weights' run.
+    keras = s.row_command("dense", args, "", "keras")
+    assert "--config.pretrained.source=keras" in keras and "--config.model.layout=v1" in keras
+
+
+def test_bad_arguments_are_one_line(tmp_path, capsys):
+    s = _script()
+    with pytest.raises(SystemExit):
+        s.parse_args(["--out", str(tmp_path), "--rows", "dense,nope"])
+    assert "unknown ['nope']" in capsys.readouterr().err
+    assert s.main(["--out", str(tmp_path), "--weights", str(tmp_path / "no_run"),
+                   "--dry-run"]) == 1
+    assert "not torchvision, keras or a run's workdir" in capsys.readouterr().err
+    assert s.main(["--out", str(tmp_path), "--dataset", "cifar10", "--train-per-class", "5",
+                   "--dry-run"]) == 1
+    assert "--train-per-class needs --dataset imagefolder" in capsys.readouterr().err
+
+
+# ---- symlinked subsets ----
+
+
+def test_link_subset_caps_train_links_test_and_refuses_another_recipe(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_image_tree(src, {"train": {"a": 5, "b": 4, "c": 3}, "test": {"a": 2, "b": 2, "c": 2}})
+    counts = link_subset(str(src), str(dst), ["a", "b"], per_class={"train": 3}, seed=1)
+    assert counts == {"train": 6, "test": 4}
+    assert sorted(os.listdir(dst / "train")) == ["a", "b"]  # Class c left out.
+    picked = sorted(os.listdir(dst / "train" / "a"))
+    assert len(picked) == 3 and set(picked) <= set(os.listdir(src / "train" / "a"))
+    assert all(os.path.islink(dst / "train" / "a" / f) for f in picked)
+    assert os.path.islink(dst / "test" / "a")  # Uncapped: the class folder linked whole.
+    assert link_subset(str(src), str(dst), ["a", "b"], per_class={"train": 3}, seed=1) == counts
+    with pytest.raises(DataError, match="holds another subset"):
+        link_subset(str(src), str(dst), ["a", "b"], per_class={"train": 2}, seed=1)
+    other = link_subset(str(src), str(tmp_path / "d2"), ["a", "b"], per_class={"train": 3}, seed=2)
+    assert other == counts  # Another seed: another sample of the same size.
+
+
+# ---- end to end ----
+
+
+@pytest.fixture(scope="module")
+def smoke_ablation(smoke_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablation")
+    p = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--weights", str(smoke_run),
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out, p.stdout
+
+
+def test_smoke_ablation_table_matches_every_row_run(smoke_ablation, smoke_run):
+    out, stdout = smoke_ablation
+    table = json.loads((out / "ablation.json").read_text())
+    assert [r["row"] for r in table] == ROWS
+    for r in table:
+        results = json.loads((out / r["row"] / "report" / "results.json").read_text())
+        assert r["test_accuracy"] == results["test_accuracy"] and r["steps"] == results["steps"]
+        assert r["tested"] == results["tested_checkpoint"]
+        assert f"| {r['row']} |" in (out / "ablation.md").read_text()
+        config = json.loads((out / r["row"] / "config.json").read_text())
+        want_from = "" if r["row"] == "scratch" else str(smoke_run)
+        assert config["init_from"] == want_from, r["row"]
+    assert [r["tested"] for r in table] == ["last"] * 5 + ["best", "last"]
+    steps = {r["row"]: r["steps"] for r in table}
+    assert steps["top"] == 2 * steps["dense"] and steps["all"] == steps["scratch"] == 3 * steps["dense"]
+    assert "| recipe |" in stdout  # The table is printed too.
+
+
+def test_smoke_ablation_plot_and_rerun_keeps_finished_rows(smoke_ablation, smoke_run):
+    from PIL import Image
+
+    out, _ = smoke_ablation
+    with Image.open(out / "ablation.png") as im:
+        assert im.size[0] > 600 and im.size[1] > 300
+    before = (out / "linear" / "report" / "results.json").read_text()
+    p = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--weights", str(smoke_run),
+                        "--out", str(out), "--rows", "linear"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (out / "linear" / "report" / "results.json").read_text() == before
+    assert [r["row"] for r in json.loads((out / "ablation.json").read_text())] == ["linear"]
