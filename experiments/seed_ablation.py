@@ -9,7 +9,7 @@
 
 Each row is a real ``python -m cifar_flax.main`` run in ``OUT/<row>`` (its own checkpoints and
 report; rerunning the script resumes an interrupted row, and a finished row only re-reads its
-results). Then it writes ``OUT/ablation.md`` (row, what changed, test accuracy on every test
+results; the rows share one JAX compilation cache, OUT/jax_cache). Then it writes ``OUT/ablation.md`` (row, what changed, test accuracy on every test
 image, best validation accuracy, steps, wall time, images/s, the exact command),
 ``OUT/ablation.json`` and ``OUT/ablation.png`` (bars, with the seed notebook's two published
 accuracies as reference lines).
@@ -161,17 +161,27 @@ def row_command(row: str, args: argparse.Namespace, data: str, weights: str) -> 
     return cmd + budget_overrides(args, config, data)
 
 
+def child_env(out: str, smoke: bool) -> dict[str, str]:
+    """The rows' environment: one JAX compilation cache for all of them (rows share phases, so
+    a later row loads the steps an earlier one compiled); the user's own setting wins."""
+    env = dict(os.environ)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(out, "jax_cache"))
+    if smoke:  # The tiny network's steps compile in under the default 1 s threshold.
+        env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    return env
+
+
 def pretrain_smoke(out: str) -> str:
     """--smoke without --weights: a smoke run to start from (stands for the pretrained run)."""
     workdir = os.path.join(out, "pretrain")
     _run([sys.executable, "-m", "cifar_flax.main", f"--config={SMOKE_CONFIG}",
-          f"--workdir={workdir}", "--config.tensorboard=False"], workdir)
+          f"--workdir={workdir}", "--config.tensorboard=False"], workdir, child_env(out, True))
     return workdir
 
 
-def _run(cmd: list[str], workdir: str) -> None:
+def _run(cmd: list[str], workdir: str, env: dict[str, str]) -> None:
     print("$ " + shlex.join(cmd), flush=True)
-    rc = subprocess.call(cmd, cwd=ROOT)
+    rc = subprocess.call(cmd, cwd=ROOT, env=env)
     if rc:
         raise AblationError(f"{os.path.basename(workdir)}: exit status {rc}; the command above "
                             f"failed (its workdir {workdir} resumes when you rerun the script).")
@@ -254,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.dry_run:
                 print("$ " + shlex.join(cmd))
                 continue
-            _run(cmd, os.path.join(args.out, row))
+            _run(cmd, os.path.join(args.out, row), child_env(args.out, args.smoke))
         if args.dry_run:
             return 0
         results = [row_result(row, cmd, what[row], args.out) for row, cmd in commands.items()]

@@ -219,3 +219,19 @@ def test_synthetic_is_deterministic_and_class_dependent():
     batch = next(ip.eval_batches(c, info, "train"))
     means = [batch["image"][batch["label"] == k].mean((0, 1, 2)) for k in range(info.num_classes)]
     assert min(np.abs(m1 - m2).max() for i, m1 in enumerate(means) for m2 in means[i + 1 :]) > 5
+
+
+@pytest.mark.parametrize("n,batch,count", [(10, 4, 2), (64, 48, 2), (7, 8, 4), (12, 6, 3)])
+def test_eval_positions_give_each_host_its_contiguous_part_of_every_batch(n, batch, count):
+    """Gathered batch by batch over the hosts, evaluation results come back in the split's
+    order (a strided split, ``pos[index::count]``, would interleave them)."""
+    from cifar_flax.data.input_pipeline import eval_positions
+
+    parts = [eval_positions(n, batch, (i, count)) for i in range(count)]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(n))  # Disjoint, covering.
+    local = batch // count
+    gathered = []
+    for b in range(-(-n // batch)):  # Global batch b: host 0's block, then host 1's, ...
+        for p in parts:
+            gathered += p[b * local:(b + 1) * local].tolist()
+    assert gathered == list(range(n))

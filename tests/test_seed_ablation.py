@@ -149,6 +149,7 @@ def test_smoke_ablation_table_matches_every_row_run(smoke_ablation, smoke_run):
     steps = {r["row"]: r["steps"] for r in table}
     assert steps["top"] == 2 * steps["dense"] and steps["all"] == steps["scratch"] == 3 * steps["dense"]
     assert "| recipe |" in stdout  # The table is printed too.
+    assert any((out / "jax_cache").iterdir())  # The rows shared their compiled steps.
 
 
 def test_smoke_ablation_plot_and_rerun_keeps_finished_rows(smoke_ablation, smoke_run):

@@ -138,9 +138,13 @@ def host_indices(config: Any, split: str, shard: Shard | None = None) -> np.ndar
     """Indices (into the physical split) of the examples of ``split`` that this host reads in
     an evaluation pass (:func:`eval_batches`; on one process: all of them). Training on several
     processes reads the train split epoch by epoch instead (:func:`train_positions`)."""
-    index, count = _default_shard(shard)
-    indices = _logical(*_key(config), split)[1]
-    return indices[eval_positions(len(indices), config.eval_batch_size, (index, count))]
+    return _host_indices(*_key(config), split, config.eval_batch_size, _default_shard(shard))
+
+
+def _host_indices(key: str, val_fraction: float, split: str, eval_batch: int, shard: Shard
+                  ) -> np.ndarray:
+    indices = _logical(key, val_fraction, split)[1]
+    return indices[eval_positions(len(indices), eval_batch, shard)]
 
 
 def train_positions(config: Any, info: DatasetInfo, epoch: int, shard: Shard) -> np.ndarray:
@@ -166,16 +170,17 @@ def host_dataset(
     config: Any, info: DatasetInfo, split: str, shard: Shard | None = None
 ) -> tf.data.Dataset:
     """This host's examples of ``split``, in order, as fixed-size uint8 (cached if config.cache)."""
-    shard = _default_shard(shard)
-    mine = tuple(host_indices(config, split, shard).tolist())
-    return _host_dataset(*_key(config), split, shard, mine, info.image_shape, bool(config.cache))
+    return _host_dataset(*_key(config), split, _default_shard(shard), config.eval_batch_size,
+                         info.image_shape, bool(config.cache))
 
 
 @functools.lru_cache(maxsize=16)
-def _host_dataset(key, val_fraction, split, shard, mine, image_shape, cache) -> tf.data.Dataset:
-    # Memoised so that the in-memory tf.data cache survives across eval passes and epochs.
+def _host_dataset(key, val_fraction, split, shard, eval_batch, image_shape, cache
+                  ) -> tf.data.Dataset:
+    # Memoised (on what defines the host's indices, not the indices) so that the in-memory
+    # tf.data cache survives across eval passes and epochs.
     s, indices = _logical(key, val_fraction, split)
-    mine = np.asarray(mine, np.int64)
+    mine = np.asarray(_host_indices(key, val_fraction, split, eval_batch, shard), np.int64)
     logging.info("Input shard: process %d of %d reads %d of the %d %s examples (indices sha1 %s)",
                  shard[0], shard[1], len(mine), len(indices), split, indices_digest(mine))
     return _decoded(s, mine, image_shape, cache)

@@ -481,12 +481,21 @@ class _Stop:
             signal.signal(sig, previous)
 
 
+def _stop_sync_every(config: Any) -> int:
+    """Steps between the processes' agreements on a stop request: at most 10 (a preemption's
+    grace period is short), and on every log step (which waits for the device anyway)."""
+    return max(1, min(10, config.log_every_steps or 10))
+
+
 def _stop_requested(run: _Run, pos: Position, state, stop: _Stop, plan: optim.PhasePlan,
                     pending: list) -> bool:
     """A signal or stop_after_steps: save (unless diverged) and say so; True when the run must
     return. With several processes they agree first (a signal may reach only some of them), so
-    that all stop and save at the same step."""
-    requested = stop.requested or (run.stop_after is not None and pos.step >= run.stop_after)
+    that all stop and save at the same step; they check every few steps (_stop_sync_every)."""
+    at_limit = run.stop_after is not None and pos.step >= run.stop_after  # Same on every process.
+    requested = stop.requested or at_limit
+    if jax.process_count() > 1 and not at_limit and pos.step % _stop_sync_every(run.config):
+        return False  # Agreeing is a collective that drains the step pipeline: not every step.
     if not distributed.any_process(requested):
         return False
     _check_finite(run, pos, plan, pending)
