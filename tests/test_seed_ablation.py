@@ -41,6 +41,8 @@ def test_rows_add_one_change_each_and_recipe_is_finetune():
     assert rows["recipe"].to_dict() == finetune.to_dict()
     assert rows["linear"].model.head_hidden == () and rows["dense"].model.head_hidden == (256,)
     assert [len(rows[r].phases) for r in ("dense", "top", "all", "aug")] == [1, 2, 3, 3]
+    budget = sum(p.epochs for p in finetune.phases)
+    assert rows["linear"].phases[0].epochs == rows["dense"].phases[0].epochs == budget
     assert [p.to_dict() for p in rows["all"].phases] == [p.to_dict() for p in finetune.phases]
     for r in ("linear", "dense", "top", "all"):  # No augmentation before `aug`.
         assert rows[r].augment.crop_padding == 0 and not rows[r].augment.flip
@@ -147,7 +149,7 @@ def test_smoke_ablation_table_matches_every_row_run(smoke_ablation, smoke_run):
         assert config["init_from"] == want_from, r["row"]
     assert [r["tested"] for r in table] == ["last"] * 5 + ["best", "last"]
     steps = {r["row"]: r["steps"] for r in table}
-    assert steps["top"] == 2 * steps["dense"] and steps["all"] == steps["scratch"] == 3 * steps["dense"]
+    assert steps["top"] == 2 * steps["aug"] / 3 and steps["dense"] == steps["all"] == steps["scratch"]
     assert "| recipe |" in stdout  # The table is printed too.
     assert any((out / "jax_cache").iterdir())  # The rows shared their compiled steps.
 
