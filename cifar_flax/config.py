@@ -52,7 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.layout = "v1.5"  # "v1" (Keras) or "v1.5" (torchvision); must match the weights.
     c.model.head_hidden = (256,)  # Hidden Dense widths of the head; () = linear head.
-    c.model.head_dropout = 0.5  # Dropout before each Dense of the head (training only).
+    c.model.head_dropout = 0.5  # Dropout after each hidden layer (linear head: on features); training only.
     c.model.zero_init_head = True  # Zero-init the final Dense layer.
     c.model.stage_sizes = (3, 4, 6, 3)  # Blocks per stage; ResNet50's. Smaller only for tests/smoke.
     c.model.base_width = 64  # Stem width; stage widths are 1x..8x it. 64 = ResNet50.

@@ -234,8 +234,12 @@ class Stage(nn.Module):
 class Head(nn.Module):
     """Pooled features -> optional hidden Dense+ReLU+Dropout layers -> Dense(num_classes).
 
-    The seed notebook's "custom dense layers with dropout" are ``hidden=(256,)``, ``dropout=0.5``.
-    Dropout (before every Dense) is active only when ``train`` is true.
+    The seed notebook's "custom dense layers with dropout" are ``hidden=(256,)``, ``dropout=0.5``:
+    Dense(256, relu) -> Dropout(0.5) -> Dense(classes), as in Keras. Dropout follows every hidden
+    layer, and with no hidden layer acts on the pooled features; never on the features *and*
+    after a hidden layer (dropping half of frozen features before Dense(256) made that head
+    underfit: 65.8% vs the linear probe's 72.9% in the class-split ablation, README). Active only
+    when ``train`` is true.
     """
 
     num_classes: int
@@ -248,9 +252,10 @@ class Head(nn.Module):
     def __call__(self, features: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         x = features
         for i, width in enumerate(self.hidden):
-            x = nn.Dropout(self.dropout, deterministic=not train)(x)
             x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"hidden{i + 1}")(x))
-        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        if not self.hidden:
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
         init = nn.initializers.zeros if self.zero_init else nn.initializers.lecun_normal()
         x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=init, name="out")(x)
         return x.astype(jnp.float32)

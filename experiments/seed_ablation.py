@@ -153,7 +153,8 @@ def row_command(row: str, args: argparse.Namespace, data: str, weights: str) -> 
     """The exact ``python -m cifar_flax.main`` command of one row."""
     arg = f"{row},smoke" if args.smoke else row
     config = _load_config(arg)
-    cmd = [sys.executable, "-m", "cifar_flax.main", f"--config={ABLATION_CONFIG}:{arg}",
+    config_path = os.path.relpath(ABLATION_CONFIG, ROOT)  # Rows run from the repository root.
+    cmd = [sys.executable, "-m", "cifar_flax.main", f"--config={config_path}:{arg}",
            f"--workdir={os.path.join(args.out, row)}"]
     cmd += model_overrides(weights)
     if row != "scratch" and weights:
@@ -265,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
                 print("$ " + shlex.join(cmd))
                 continue
             _run(cmd, os.path.join(args.out, row), child_env(args.out, args.smoke))
+            if not os.path.exists(os.path.join(args.out, row, "report", "results.json")):
+                raise AblationError(f"{row} stopped before its report (SIGTERM?); rerun the "
+                                    "same command to resume it.")
         if args.dry_run:
             return 0
         results = [row_result(row, cmd, what[row], args.out) for row, cmd in commands.items()]

@@ -180,3 +180,23 @@ def test_patches_as_slices_match_xla_patches(stride, hw, monkeypatch):
     monkeypatch.setattr(models, "MATMUL_RULES", models.MatmulRules(patches="op"))
     assert slices.shape == (2, -(-hw // stride), -(-hw // stride), 45)
     assert jnp.allclose(slices, models._patches_3x3(x, *args))
+
+
+def test_dropout_follows_the_hidden_layer_not_the_features():
+    """The seed's Keras head: Dense(256, relu) -> Dropout(0.5) -> Dense. The hidden layer sees
+    every pooled feature; dropout zeroes hidden units (scaled survivors), once, before `out`."""
+    head = models.Head(num_classes=3, hidden=(16,), dropout=0.5, zero_init=False)
+    feats = jax.random.normal(jax.random.key(4), (6, FEATURES))
+    variables = head.init(jax.random.key(0), feats)
+    _, state = head.apply(variables, feats, True, rngs={"dropout": jax.random.key(5)},
+                          capture_intermediates=True, mutable=["intermediates"])
+    hidden_in = state["intermediates"]["hidden1"]["__call__"][0]
+    p = variables["params"]["hidden1"]
+    np.testing.assert_allclose(hidden_in, feats @ p["kernel"] + p["bias"], rtol=1e-5, atol=1e-5)
+    dropped = [v["__call__"][0] for k, v in state["intermediates"].items() if "Dropout" in k]
+    assert len(dropped) == 1  # Once: after the hidden layer, not also on the features.
+    relu, kept = np.maximum(np.asarray(hidden_in), 0), np.asarray(dropped[0])
+    active = relu > 1e-3
+    ratio = kept[active] / relu[active]  # 0 (dropped) or 2 (kept, scaled by 1 / (1 - 0.5)).
+    assert np.all(np.isclose(ratio, 0, atol=1e-4) | np.isclose(ratio, 2, atol=1e-4))
+    assert np.any(np.isclose(ratio, 0, atol=1e-4)) and np.any(np.isclose(ratio, 2, atol=1e-4))
