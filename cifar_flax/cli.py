@@ -208,9 +208,26 @@ def _exit_on_ctrl_c(signum: int, frame: Any) -> None:
     line and status 130. SystemExit unwinds normally (pending checkpoint writes are waited for)
     and prints no traceback. The training loop installs its own handler while it trains."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # A second Ctrl-C aborts at once.
+    if not _ctrl_c_seen[0]:
+        os.write(_real_stderr[0], f"\nInterrupted (Ctrl-C): {_interrupted[0]}.\n".encode())
     _ctrl_c_seen[0] = True
-    os.write(_real_stderr[0], f"\nInterrupted (Ctrl-C): {_interrupted[0]}.\n".encode())
     sys.exit(INTERRUPTED_EXIT)
+
+
+def _retry_swallowed_exit(unraisable: Any) -> None:
+    """``sys.unraisablehook``: our SystemExit raised where Python cannot raise (a GC callback,
+    e.g. JAX's ``_xla_gc_callback``; a ``__del__``) is printed as "Exception ignored" and lost.
+    Print nothing and deliver the Ctrl-C again a moment later, from another thread, so that it
+    runs once the callback has returned."""
+    if _ctrl_c_seen[0] and isinstance(unraisable.exc_value, SystemExit):
+        import threading
+        import time
+
+        signal.signal(signal.SIGINT, _exit_on_ctrl_c)
+        resend = lambda: (time.sleep(0.05), os.kill(os.getpid(), signal.SIGINT))  # noqa: E731
+        threading.Thread(target=resend, daemon=True).start()
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def _exit_if_swallowed() -> None:
@@ -227,7 +244,8 @@ def install_ctrl_c_handler(message: str | None = None) -> None:
     try:
         signal.signal(signal.SIGINT, _exit_on_ctrl_c)
     except ValueError:  # Not the main thread (imported by tests from a worker thread).
-        pass
+        return
+    sys.unraisablehook = _retry_swallowed_exit
 
 
 def run(main: Callable[[list[str]], None], interrupted: str = "nothing new was saved") -> None:

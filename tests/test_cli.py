@@ -47,3 +47,29 @@ def test_a_missing_config_file_says_where_it_looked(tmp_path, monkeypatch):
     msg = missing_config_file("configs/nope.py")
     assert "nope.py" in msg and f"configs are in {ROOT}/configs" in msg
     assert missing_config_file(f"{ROOT}/configs/smoke.py") is None
+
+
+def test_ctrl_c_landing_in_a_gc_callback_still_exits_130_without_a_traceback(tmp_path):
+    """Python cannot raise out of a GC callback (JAX registers one): the SystemExit of our Ctrl-C
+    handler would be printed as "Exception ignored ... Traceback" and the program would run on."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "gc_ctrl_c.py"
+    script.write_text(
+        "import gc, os, signal, time\n"
+        "from cifar_flax import cli\n"
+        "cli.install_ctrl_c_handler('stopped in a GC callback')\n"
+        "def callback(phase, info):\n"
+        "    if phase == 'start':\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        sum(range(1000))  # The handler runs here, inside the callback.\n"
+        "gc.callbacks.append(callback)\n"
+        "gc.collect()\n"
+        "gc.callbacks.clear()\n"
+        "time.sleep(60)\n"
+        "print('ran on')\n")
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 130, (p.stdout, p.stderr[-2000:])
+    assert "Traceback" not in p.stderr and "ran on" not in p.stdout, p.stderr[-2000:]
+    assert p.stderr.count("Interrupted (Ctrl-C): stopped in a GC callback.") == 1, p.stderr
