@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for the report files")
     p.add_argument("--split", default="", help="split to evaluate (default: the run's test split)")
     p.add_argument("--checkpoint", default="best", choices=("best", "latest"))
+    p.add_argument("--force", action="store_true",
+                   help="replace an earlier evaluate output in --output")
     return p
 
 
@@ -96,50 +98,52 @@ def dataset_info(run: LoadedRun, config: ml_collections.ConfigDict) -> DatasetIn
     return info
 
 
-def _history(workdir: epath.Path) -> list[dict]:
-    """The run's metrics.jsonl records (for the report's curves); [] when it has none."""
-    path = workdir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+WRITTEN_BY = "cifar_flax.evaluate"  # results.json's mark of an evaluate output (--force).
+
+
+def _is_evaluation(folder: epath.Path) -> bool:
+    """Whether ``folder`` holds an earlier evaluate output (its results.json says so)."""
+    try:
+        return json.loads((folder / "results.json").read_text()).get("written_by") == WRITTEN_BY
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def evaluate(workdir: str, output: str, split: str = "", overrides: Sequence[str] = (),
-             checkpoint: str = "best") -> dict[str, Any]:
-    """Evaluate and write the report into ``output``; returns its results.json content."""
+             checkpoint: str = "best", force: bool = False) -> dict[str, Any]:
+    """Evaluate and write the report into ``output`` (a new folder, or with ``force`` an earlier
+    evaluate output); returns its results.json content."""
     import jax
 
-    from cifar_flax.analysis.report import write_report
+    from cifar_flax.analysis.report import REPORT_FILES, write_report
     from cifar_flax.inference.run import load_run
     from cifar_flax.train.evaluation import Evaluator
+    from cifar_flax.train.workdir import check_output_folder, output_folder
 
     t0 = time.time()
+    check_output_folder(output, force, "evaluate", _is_evaluation, REPORT_FILES)
     run = load_run(workdir, checkpoint)
     config = eval_config(run, overrides, split)
     info = dataset_info(run, config)
     r = Evaluator(config, info, run.model, run.mesh, run.preprocessing)(
         run.variables, "test", keep_logits=True)
-    trained = epath.Path(run.workdir) / "report" / "results.json"
-    trained = json.loads(trained.read_text()) if trained.exists() else {}
-    results = {
+    results = {"written_by": WRITTEN_BY,
         "test_accuracy": r["accuracy"], "test_loss": r["loss"], "test_examples": r["count"],
         "tested_checkpoint": run.checkpoint.kind or "given", "tested_step": run.checkpoint.step,
         "dataset": info.name, "split": config.test_split, "run": str(run.workdir),
-        # The run's own training figures, which the report's summary lines describe:
-        "steps": trained.get("steps", run.checkpoint.step),
-        "wall_seconds": time.time() - t0, "images_per_sec": trained.get("images_per_sec", 0.0),
-        "devices": jax.device_count(),
+        "wall_seconds": time.time() - t0, "devices": jax.device_count(),
         "config": json.loads(config.to_json_best_effort()),
     }
     if jax.process_index() == 0:
-        write_report(output, _history(run.workdir), r["labels"], r["logits"], run.class_names,
-                     results)
+        with output_folder(output) as tmp:
+            write_report(str(tmp), None, r["labels"], r["logits"], run.class_names, results)
     return results
 
 
 def _main(argv: Sequence[str]) -> int:
     args, overrides = _parser().parse_known_args(argv)
-    results = evaluate(args.workdir, args.output, args.split, overrides, args.checkpoint)
+    results = evaluate(args.workdir, args.output, args.split, overrides, args.checkpoint,
+                       args.force)
     print(f"accuracy {results['test_accuracy']:.4f} (loss {results['test_loss']:.4f}) on "
           f"{results['test_examples']} images of {results['dataset']} split "
           f"{results['split']!r}; report in {args.output}")

@@ -31,6 +31,7 @@ from cifar_flax import exported
 from cifar_flax.data.augment import eval_preprocess
 from cifar_flax.inference.cli import run_cli
 from cifar_flax.train.run_checkpoint import flat_shapes
+from cifar_flax.train.workdir import check_output_folder, output_folder
 
 if TYPE_CHECKING:  # It imports TensorFlow, which run_cli imports first (quietly).
     from cifar_flax.inference.run import LoadedRun
@@ -89,20 +90,17 @@ def model_info(run: LoadedRun, exp: jax.export.Exported) -> dict[str, Any]:
     }
 
 
-def prepare_output(output: str, force: bool) -> epath.Path:
-    """The output folder, created; a non-empty one only with ``force`` (its files replaced)."""
-    from cifar_flax.inference.images import InputError
+EXPORT_FILES = (exported.MODEL_FILE, exported.PARAMS_FILE, exported.INFO_FILE, "exported.py",
+                "saved_model")  # All that an export folder holds.
 
-    out = epath.Path(output)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--output {output} is a file; give a folder.")
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise InputError(f"--output {output} is not empty; choose a new folder or pass "
-                             "--force to replace its contents.")
-        out.rmtree()
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+
+def _is_export(folder: epath.Path) -> bool:
+    """Whether ``folder`` holds an earlier export (its model.json says so)."""
+    info = folder / exported.INFO_FILE
+    try:
+        return json.loads(info.read_text()).get("format", "").startswith("cifar_flax.export/")
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def export(workdir: str, output: str, force: bool = False, checkpoint: str = "best",
@@ -110,9 +108,16 @@ def export(workdir: str, output: str, force: bool = False, checkpoint: str = "be
     """Write the export folder; returns model.json's content (+ "saved_model": bool)."""
     from cifar_flax.inference.run import load_run
 
-    out = prepare_output(output, force)
+    check_output_folder(output, force, "export", _is_export, EXPORT_FILES)
     run = load_run(workdir, checkpoint, conv_impl="xla")
     exp = export_stablehlo(run)
+    with output_folder(output) as out:
+        return _write(run, exp, out, savedmodel)
+
+
+def _write(run: LoadedRun, exp: jax.export.Exported, out: epath.Path,
+           savedmodel: bool) -> dict[str, Any]:
+    """The export folder's files into ``out``; model.json's content (+ "saved_model": bool)."""
     (out / exported.MODEL_FILE).write_bytes(bytes(exp.serialize()))
     with (out / exported.PARAMS_FILE).open("wb") as f:
         np.savez(f, **host_variables(run))
@@ -134,7 +139,7 @@ def _main(argv: Sequence[str]) -> int:
     p.add_argument("--output", required=True, help="a new (or empty) folder")
     p.add_argument("--force", action="store_true", help="replace a non-empty --output")
     p.add_argument("--checkpoint", default="best", choices=("best", "latest"))
-    p.add_argument("--no-saved-model", action="store_true", help="skip the TF SavedModel")
+    p.add_argument("--no-saved-model", "--no_saved_model", action="store_true", help="skip the TF SavedModel")
     args = p.parse_args(argv)
     info = export(args.workdir, args.output, args.force, args.checkpoint, not args.no_saved_model)
     extra = " + saved_model/" if info["saved_model"] else " (no TensorFlow: no SavedModel)"

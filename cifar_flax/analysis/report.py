@@ -90,23 +90,37 @@ def plot_confusion(labels: np.ndarray, predictions: np.ndarray, class_names: Seq
     _save_figure(confusion_figure(labels, predictions, class_names), epath.Path(path))
 
 
-def _markdown(results: dict[str, Any], text_report: str) -> str:
+def _summary(results: dict[str, Any], training: bool) -> list[str]:
+    """The report's bullet lines: a training run's test result and training figures, or an
+    evaluation's result and its own wall time."""
+    tested = (f"{results['test_examples']} examples ({results['tested_checkpoint']} checkpoint, "
+              f"step {results['tested_step']})")
+    if not training:
+        return [f"- Accuracy: **{results['test_accuracy']:.4f}** on {tested}",
+                f"- Loss: {results['test_loss']:.4f}",
+                f"- Run: {results['run']}; data: {results['dataset']} split "
+                f"{results['split']!r}",
+                f"- Evaluation wall time {results['wall_seconds']:.0f} s on "
+                f"{results['devices']} device(s)"]
     best = {k: v for k, v in results.items() if k.startswith("best_")}
+    return [f"- Test accuracy: **{results['test_accuracy']:.4f}** on {tested}",
+            f"- Test loss: {results['test_loss']:.4f}",
+            *(f"- {k.replace('_', ' ')}: {v}" for k, v in best.items()),
+            f"- Steps: {results['steps']}; wall time {results['wall_seconds']:.0f} s; "
+            f"training throughput {results['images_per_sec']:.1f} images/s on "
+            f"{results['devices']} device(s)"]
+
+
+def _markdown(results: dict[str, Any], text_report: str, training: bool) -> str:
     lines = [
-        "# Run report",
+        "# Run report" if training else "# Evaluation report",
         "",
-        f"- Test accuracy: **{results['test_accuracy']:.4f}** on {results['test_examples']} "
-        f"examples ({results['tested_checkpoint']} checkpoint, step {results['tested_step']})",
-        f"- Test loss: {results['test_loss']:.4f}",
-        *(f"- {k.replace('_', ' ')}: {v}" for k, v in best.items()),
-        f"- Steps: {results['steps']}; wall time {results['wall_seconds']:.0f} s; "
-        f"training {results['images_per_sec']:.1f} images/s on {results['devices']} device(s)",
+        *_summary(results, training),
         "",
-        "![curves](curves.png)",
-        "",
+        *(["![curves](curves.png)", ""] if training else []),
         "![confusion matrix](confusion_matrix.png)",
         "",
-        "## Classification report (test)",
+        "## Classification report (test)" if training else "## Classification report",
         "",
         "```",
         text_report.rstrip(),
@@ -136,15 +150,20 @@ def _save_figure(fig: Any, path: epath.Path) -> None:
     plt.close(fig)
 
 
+REPORT_FILES = ("predictions.npz", "classification_report.txt", "classification_report.json",
+                "results.json", "curves.png", "confusion_matrix.png", "report.md")
+
+
 def write_report(
     out_dir: str,
-    history: Sequence[dict],
+    history: Sequence[dict] | None,
     labels: np.ndarray,
     logits: np.ndarray,
     class_names: Sequence[str],
     results: dict[str, Any],
 ) -> None:
-    """Write every report file into ``out_dir`` (created; a local path or a ``gs://`` URL)."""
+    """Write the report files (REPORT_FILES) into ``out_dir`` (created; a local path or a
+    ``gs://`` URL). ``history`` None: an evaluation of a trained run (no training curves)."""
     out = epath.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     predictions = np.asarray(logits).argmax(-1)
@@ -157,6 +176,7 @@ def write_report(
     per_class = classification_report(labels, predictions, output_dict=True, **kw)
     (out / "classification_report.json").write_text(json.dumps(per_class, indent=2))
     (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False))
-    _save_figure(curves_figure(history), out / "curves.png")
+    if history is not None:
+        _save_figure(curves_figure(history), out / "curves.png")
     _save_figure(confusion_figure(labels, predictions, class_names), out / "confusion_matrix.png")
-    (out / "report.md").write_text(_markdown(results, text))
+    (out / "report.md").write_text(_markdown(results, text, history is not None))

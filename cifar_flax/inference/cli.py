@@ -15,8 +15,9 @@ def user_errors() -> tuple[type[Exception], ...]:
     from cifar_flax.data.types import DataError
     from cifar_flax.inference.images import InputError
     from cifar_flax.train.run_checkpoint import RunError
+    from cifar_flax.train.workdir import WorkdirError
 
-    return RunError, InputError, ConfigError, DataError
+    return RunError, InputError, ConfigError, DataError, WorkdirError
 
 
 def run_cli(body: Callable[[Sequence[str]], int], argv: Sequence[str] | None = None) -> int:

@@ -15,11 +15,12 @@ and an old run moved aside when the user asks to replace it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from absl import logging
 from etils import epath
@@ -161,3 +162,86 @@ def move_aside(workdir: str) -> epath.Path | None:
     for name in present:
         (root / name).rename(dest / name)
     return dest
+
+
+# ---- a command's output folder (export, evaluate): never lose what the command did not write ----
+
+
+def find_run(folder: epath.Path) -> epath.Path | None:
+    """The first training run at or below ``folder`` (a folder with ``checkpoints/``, a
+    ``metrics.jsonl`` or a ``.lock``), or None."""
+    if not folder.is_dir():
+        return None
+    if any((folder / name).exists() for name in ("checkpoints", "metrics.jsonl", LOCK_NAME)):
+        return folder
+    for child in folder.iterdir():
+        if child.is_dir() and not (_is_local(child) and os.path.islink(child)):
+            found = find_run(child)
+            if found is not None:
+                return found
+    return None
+
+
+def _inside_checkpoints(target: epath.Path) -> epath.Path | None:
+    """The run whose ``checkpoints/`` folder holds ``target`` (Orbax owns that tree), or None."""
+    for parent in target.parents:
+        if parent.name == "checkpoints" and find_run(parent.parent) == parent.parent:
+            return parent.parent
+    return None
+
+
+def check_output_folder(output: str, force: bool, written_by: str,
+                        is_ours: Callable[[epath.Path], bool], files: tuple[str, ...]) -> None:
+    """Refuse (WorkdirError, one line) an ``--output`` that this command must not write:
+    a file; a folder inside a run's checkpoints; a non-empty folder without ``force``; with
+    ``force``, a run's workdir, a folder holding a run, or a folder that ``written_by`` did not
+    write (``is_ours`` false, or entries outside ``files``). Called before any work."""
+    out = _absolute(output)
+    if out.exists() and not out.is_dir():
+        raise WorkdirError(f"--output {output} is a file; give a folder.")
+    run = _inside_checkpoints(out)
+    if run is not None:
+        raise WorkdirError(f"--output {output} is inside the checkpoints of the run {run}; "
+                           "choose a folder outside it.")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not force:
+        raise WorkdirError(f"--output {output} is not empty; choose a new folder, or pass "
+                           f"--force to replace an earlier output of {written_by}.")
+    run = find_run(out)
+    if run is not None:
+        raise WorkdirError(f"--output {output} holds the training run {run}; --force replaces "
+                           f"only an earlier output of {written_by}: choose another folder.")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in files)
+    if foreign or not is_ours(out):
+        what = f"files it did not write: {foreign[:5]}" if foreign else "no output of it"
+        raise WorkdirError(f"--output {output} holds {what}; --force replaces only an earlier "
+                           f"output of {written_by}: choose a new folder.")
+
+
+def _absolute(path: str) -> epath.Path:
+    return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
+@contextlib.contextmanager
+def output_folder(output: str) -> Iterator[epath.Path]:
+    """``with output_folder(out) as tmp:`` write into ``tmp``, a new folder next to ``out``; when
+    the block ends without an exception ``tmp`` takes the place of ``out`` (an earlier ``out``,
+    already checked by check_output_folder, is removed only then). On an exception ``tmp`` is
+    removed and ``out`` is left as it was."""
+    out = _absolute(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stamp = f"{os.getpid()}.{time.time_ns()}"
+    tmp = out.parent / f".{out.name}.tmp.{stamp}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        tmp.rmtree(missing_ok=True)
+        raise
+    old = out.parent / f".{out.name}.old.{stamp}"
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    if old.exists():
+        old.rmtree()
