@@ -114,17 +114,6 @@ def missing_config_file(path: str) -> str | None:
     return f"{msg}; the project's configs are in {shipped}."
 
 
-def load_config_file(path: str) -> Any:
-    """``get_config(*arg)`` of ``file.py[:arg]``, as ``--config`` loads it."""
-    import importlib.util
-
-    file, *arg = path.split(":", 1)
-    spec = importlib.util.spec_from_file_location("cifar_flax_user_config", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(*arg)
-
-
 def _split_path(path: str) -> list[str | int]:
     """``phases[1].lr`` -> ["phases", 1, "lr"]."""
     parts: list[str | int] = []
@@ -166,6 +155,8 @@ def describe_flag_error(error: BaseException, argv: list[str]) -> str:
         if missing:
             return missing
         try:
+            from cifar_flax.config import load_config_file
+
             config = load_config_file(path)
         except Exception as e:  # noqa: BLE001 - the config file itself raised.
             return f"config file {path!r} failed to load: {type(e).__name__}: {_last_line(e)}"

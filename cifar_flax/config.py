@@ -6,6 +6,9 @@ a field is documented once, here. ``validate`` (in this module) checks a config 
 
 from __future__ import annotations
 
+import importlib.util
+import types
+
 import ml_collections
 
 from cifar_flax.models import CONV_IMPLS, LAYOUTS
@@ -141,6 +144,22 @@ def phase(name: str, **overrides) -> ml_collections.ConfigDict:
     p.weight_decay = 0.0  # L2 (sgd) / decoupled (adamw) decay on kernels only (not BN or biases).
     p.update(overrides)
     return p
+
+
+def load_module(path: str) -> types.ModuleType:
+    """The Python file at ``path`` as a module (config files are not in a package)."""
+    name = "cifar_flax_config_" + path.replace("/", "_").replace(".", "_")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of ``file.py:arg`` (``get_config()`` of ``file.py``): what
+    ``--config file.py[:arg]`` loads."""
+    file, *arg = path.split(":", 1)
+    return load_module(file).get_config(*arg)
 
 
 class ConfigError(ValueError):

@@ -1,37 +1,77 @@
-"""The seed notebook's progression, one row per config (experiments/seed_ablation.py runs them all).
-
-Every row adds one change to the row before it; `recipe` is configs/finetune.py itself and
-`scratch` trains the same network from random init for the step budget of `aug`. The frozen rows
-(`linear`, `dense`) spend that whole epoch budget on the head (cheap: cached features); from `top`
-on, the head gets the recipe's 3-epoch phase and the rest goes to the unfrozen phases:
+"""The rows of the ablations: the seed notebook's progression and the published fine-tuning recipes.
 
     python -m cifar_flax.main --config configs/ablation.py:dense --workdir runs/ablation/dense
-    python -m cifar_flax.main --config configs/ablation.py:top,smoke ...  # synthetic data, tiny net
+    python -m cifar_flax.main --config configs/ablation.py:full,smoke ...  # synthetic data, tiny net
 
-Rows: linear, dense, top, all, aug, recipe, scratch (ROWS below says what each one changes).
+The seed's progression (experiments/seed_ablation.py runs it), each row adding one change:
+`linear`, `dense` (the seed's frozen baseline), `top`, `all`, `aug`, `staged` (the seed's staged
+unfreezing with early stopping). The published alternatives: `full` (every layer from the first
+step; Kornblith et al. 2019, BiT's HyperRule) and `lpft` (a linear probe, then every layer; Kumar
+et al. 2022). `scratch` trains the same network from random init (what the weights buy), and
+`recipe` is configs/finetune.py itself. experiments/data_efficiency.py compares linear, staged,
+full, lpft and scratch at several data sizes.
+
+The budget: every row trains for the same number of steps, the staged phases' 3 + 6 + 8 = 17
+epochs (BUDGET_EPOCHS), split over its phases (`lpft`: a quarter for the probe). The frozen rows
+spend it all on the head (cheap: cached features). experiments/data_efficiency.py sets the budget
+in steps instead (scaled with the data size) and splits it over the phases in these proportions.
+
 Weights are configs/finetune.py's (torchvision) unless overridden on the command line, as the
-ablation script does for keras or an earlier run (``--config.init_from``).
+scripts do for keras or an earlier run (``--config.init_from``).
 """
 
 import os
 
 import ml_collections
 
-from cifar_flax.cli import load_config_file
-from cifar_flax.config import phase
+from cifar_flax.config import load_config_file, phase
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+BUDGET_EPOCHS = 17.0  # Every row's length in epochs (the staged phases': 3 + 6 + 8).
+SMOKE_EPOCHS = 3.0  # The budget of a `,smoke` row (phases scaled in proportion).
 
-# Row -> what it changes relative to the row before it (the table's second column).
+# Row -> what it changes relative to the row before it (the tables' second column).
 ROWS = {
     "linear": "frozen backbone, linear head, no augmentation (feature extraction, whole budget)",
     "dense": "+ the seed's Dense(256)+Dropout(0.5) head (the seed's frozen baseline)",
-    "top": "the recipe's head phase, then unfreeze stage3+stage4 at a lower learning rate",
+    "top": "the head phase, then unfreeze stage3+stage4 at a lower learning rate",
     "all": "+ phase 3: unfreeze every layer at a still lower learning rate",
     "aug": "+ augmentation (padded random crop, flip)",
-    "recipe": "+ early stopping on validation accuracy (= configs/finetune.py)",
-    "scratch": "random init, every layer, the step budget of `aug` (what the weights buy)",
+    "staged": "+ early stopping on validation accuracy (the seed's staged recipe)",
+    "full": "every layer from the first step, linear head at 10x the learning rate, short warmup",
+    "lpft": "linear probe on cached features (1/4 of the budget), then every layer at a low rate",
+    "recipe": "configs/finetune.py (the default recipe)",
+    "scratch": "random init, every layer, the same step budget (what the weights buy)",
 }
+
+
+PROGRESSION = ("linear", "dense", "top", "all", "aug", "staged", "scratch")  # The seed's rows.
+
+
+def staged_phases() -> list:
+    """The seed's staged unfreezing: head -> stage3+stage4 -> every layer, 3 + 6 + 8 epochs."""
+    return [
+        phase("head", epochs=3, trainable=("head",), lr=0.05, warmup_epochs=0.25,
+              schedule="cosine"),
+        phase("upper", epochs=6, trainable=("stage3", "stage4", "head"), lr=0.01,
+              group_lr={"head": 0.02}, warmup_epochs=0.5, weight_decay=5e-5),
+        phase("all", epochs=8, lr=0.002, warmup_epochs=0.5, weight_decay=5e-5),
+    ]
+
+
+def full_phases() -> list:
+    """Every layer from the first step (SGD + Nesterov momentum, cosine), the freshly
+    initialised linear head at 10x the backbone's learning rate, a warmup of 5% of the budget."""
+    return [phase("all", epochs=BUDGET_EPOCHS, lr=0.01, group_lr={"head": 0.1},
+                  warmup_epochs=0.05 * BUDGET_EPOCHS, weight_decay=5e-5)]
+
+
+def lpft_phases() -> list:
+    """LP-FT: a linear probe (the head alone, on cached features) for a quarter of the budget,
+    then every layer at a low learning rate (the head starts trained: no higher rate for it)."""
+    probe, ft = BUDGET_EPOCHS / 4, BUDGET_EPOCHS * 3 / 4
+    return [phase("probe", epochs=probe, trainable=("head",), lr=0.05, warmup_epochs=0.05 * probe),
+            phase("finetune", epochs=ft, lr=0.003, warmup_epochs=0.05 * ft, weight_decay=5e-5)]
 
 
 def get_config(arg: str = "recipe") -> ml_collections.ConfigDict:
@@ -40,27 +80,39 @@ def get_config(arg: str = "recipe") -> ml_collections.ConfigDict:
         raise ValueError(f"configs/ablation.py:{arg}: expected ROW[,smoke] with ROW one of "
                          f"{', '.join(ROWS)}.")
     c = load_config_file(os.path.join(_HERE, "finetune.py"))
+    if row != "recipe":
+        _row(c, row)
     if "smoke" in options:
         _smoke(c)
-    if row != "recipe":  # Every other row runs its full budget and tests its last weights.
-        c.early_stopping.enabled, c.early_stopping.restore_best = False, False
-    budget = sum(p.epochs for p in c.phases)
+    return c
+
+
+def _row(c: ml_collections.ConfigDict, row: str) -> None:
+    """Turn configs/finetune.py's config ``c`` into ``row``."""
+    c.early_stopping.enabled = c.early_stopping.restore_best = row == "staged"
+    c.early_stopping.patience, c.early_stopping.min_delta = 2, 0.001
+    c.phases = staged_phases()
+    c.model.head_hidden, c.model.head_dropout = (256,), 0.5
     if row in ("linear", "dense", "top", "all"):
         c.augment.crop_padding, c.augment.flip = 0, False
         c.phases = c.phases[:{"linear": 1, "dense": 1, "top": 2, "all": 3}[row]]
     if row in ("linear", "dense"):
         # Feature extraction trains only the head, on cached features (seconds per epoch): give
-        # it the whole budget, not the recipe's 3-epoch warm-up of the head, which leaves a
-        # linear probe well short of where it converges (README, class-split transfer).
-        c.phases[0].epochs = budget
-    if row == "linear":
+        # it the whole budget, not the 3-epoch warm-up of the head, which leaves a linear probe
+        # well short of where it converges (experiments/README.md, class-split transfer).
+        c.phases[0].epochs = BUDGET_EPOCHS
+    if row in ("linear", "full", "lpft", "scratch"):
         c.model.head_hidden, c.model.head_dropout = (), 0.0
+    if row == "full":
+        c.phases = full_phases()
+    if row == "lpft":
+        c.phases = lpft_phases()
+        c.feature_cache.passes = 4  # The probe on 4 cached augmented passes (an approximation).
     if row == "scratch":
         c.pretrained.source, c.pretrained.variant = "", ""
         # configs/scratch.py's optimiser (its comment says why the head's lr is lower).
-        c.phases = [phase("all", epochs=budget, lr=0.1, group_lr={"head": 0.005},
+        c.phases = [phase("all", epochs=BUDGET_EPOCHS, lr=0.1, group_lr={"head": 0.005},
                           warmup_epochs=1, weight_decay=5e-4, schedule="cosine")]
-    return c
 
 
 def _smoke(c: ml_collections.ConfigDict) -> None:
@@ -70,9 +122,10 @@ def _smoke(c: ml_collections.ConfigDict) -> None:
                   "checkpoint", "log_every_steps"):
         c[field] = smoke[field]
     c.augment.resolution = smoke.augment.resolution
-    c.model = smoke.model
+    c.model.stage_sizes, c.model.base_width = smoke.model.stage_sizes, smoke.model.base_width
+    c.model.head_hidden = tuple(min(w, 32) for w in c.model.head_hidden)
     c.pretrained.source = ""
     c.tensorboard = False
     for p in c.phases:
-        p.epochs = 1.0
-        p.warmup_epochs = min(p.warmup_epochs, 0.5)
+        p.epochs *= SMOKE_EPOCHS / BUDGET_EPOCHS
+        p.warmup_epochs *= SMOKE_EPOCHS / BUDGET_EPOCHS

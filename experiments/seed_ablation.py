@@ -18,13 +18,14 @@ accuracies as reference lines).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shlex
 import subprocess
 import sys
 from typing import Any
+
+from cifar_flax.config import load_config_file, load_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABLATION_CONFIG = os.path.join(ROOT, "configs", "ablation.py")
@@ -45,14 +46,12 @@ class AblationError(Exception):
 
 def _ablation_module() -> Any:
     """configs/ablation.py, loaded by path (configs/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("ablation_config", ABLATION_CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(ABLATION_CONFIG)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     rows = list(_ablation_module().ROWS)
+    progression = _ablation_module().PROGRESSION
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder of the row workdirs and the table")
@@ -66,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-per-class", type=int, default=0,
                    help="cap the train split at N images per class (an ImageFolder subset of "
                         "symlinks in OUT/data; synthetic: num_train)")
-    p.add_argument("--rows", default=",".join(rows), help=f"rows to run (default: {','.join(rows)})")
+    p.add_argument("--rows", default=",".join(progression),
+                   help=f"rows to run, of {','.join(rows)} (default: {','.join(progression)})")
     p.add_argument("--smoke", action="store_true",
                    help="synthetic data and a tiny network (configs/smoke.py): CI's end-to-end run")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -81,8 +81,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _load_config(arg: str) -> Any:
-    from cifar_flax.cli import load_config_file
-
     return load_config_file(f"{ABLATION_CONFIG}:{arg}")
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
+
+from cifar_flax.config import load_config_file
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -32,10 +33,8 @@ def smoke_run(tmp_path_factory) -> pathlib.Path:
 
 def load_config(name: str, arg: str | None = None):
     """``configs/<name>.py``'s ``get_config(arg)`` (what ``--config configs/<name>.py:arg`` loads)."""
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config() if arg is None else module.get_config(arg)
+    path = str(ROOT / "configs" / f"{name}.py")
+    return load_config_file(path if arg is None else f"{path}:{arg}")
 
 
 @pytest.fixture
@@ -53,3 +52,8 @@ def fresh_caches():
     input_pipeline.clear_caches()
     yield
     input_pipeline.clear_caches()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs of the commands and scripts (the "
+                            "fast tier, -m 'not slow', leaves them out)")

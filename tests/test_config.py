@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import numpy as np
 import pytest
 
+from conftest import load_config
+
 from cifar_flax.train import optim
 from cifar_flax.config import ConfigError, default_config, phase, validate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 @pytest.mark.parametrize("name", ["finetune", "baseline", "scratch", "smoke"])
 def test_shipped_configs_are_valid(name):
-    config = _load(name)
+    config = load_config(name)
     validate(config, num_devices=1)
     assert config.phases and all(p.trainable for p in config.phases)
 

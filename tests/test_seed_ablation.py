@@ -7,7 +7,6 @@ the session's smoke run as the earlier run (init_from), as a user runs it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,18 +16,16 @@ import pytest
 from conftest import ROOT, load_config
 from train_utils import make_image_tree
 
+from cifar_flax.config import load_module
 from cifar_flax.data.subset import link_subset
 from cifar_flax.data.types import DataError
 
 SCRIPT = ROOT / "experiments" / "seed_ablation.py"
-ROWS = ["linear", "dense", "top", "all", "aug", "recipe", "scratch"]
+ROWS = ["linear", "dense", "top", "all", "aug", "staged", "scratch"]  # The seed's progression.
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("seed_ablation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(str(SCRIPT))
 
 
 # ---- the rows ----
@@ -36,37 +33,40 @@ def _script():
 
 def test_rows_add_one_change_each_and_recipe_is_finetune():
     finetune = load_config("finetune")
-    rows = {r: load_config("ablation", r) for r in ROWS}
-    assert list(load_config_module_rows()) == ROWS
+    module = load_module(str(ROOT / "configs" / "ablation.py"))
+    assert list(module.PROGRESSION) == ROWS
+    rows = {r: load_config("ablation", r) for r in module.ROWS}
     assert rows["recipe"].to_dict() == finetune.to_dict()
     assert rows["linear"].model.head_hidden == () and rows["dense"].model.head_hidden == (256,)
     assert [len(rows[r].phases) for r in ("dense", "top", "all", "aug")] == [1, 2, 3, 3]
-    budget = sum(p.epochs for p in finetune.phases)
-    assert rows["linear"].phases[0].epochs == rows["dense"].phases[0].epochs == budget
-    assert [p.to_dict() for p in rows["all"].phases] == [p.to_dict() for p in finetune.phases]
+    budget = module.BUDGET_EPOCHS
+    for r in set(module.ROWS) - {"top"}:  # The same budget for every row but `top` (2 phases).
+        assert sum(p.epochs for p in rows[r].phases) == budget, r
+    staged = [p.to_dict() for p in module.staged_phases()]
+    assert [p.to_dict() for p in rows["all"].phases] == staged
     for r in ("linear", "dense", "top", "all"):  # No augmentation before `aug`.
         assert rows[r].augment.crop_padding == 0 and not rows[r].augment.flip
-    assert rows["aug"].augment.to_dict() == finetune.augment.to_dict()
-    for r in ROWS[:-2] + ["scratch"]:  # Early stopping only in `recipe`; the rest test the last.
+    for r in ("aug", "staged", "full", "lpft", "scratch"):
+        assert rows[r].augment.to_dict() == rows["recipe"].augment.to_dict()
+    for r in set(module.ROWS) - {"staged", "recipe"}:  # The rest test their last weights.
         assert not rows[r].early_stopping.enabled and not rows[r].early_stopping.restore_best
-    assert rows["recipe"].early_stopping.enabled
+    assert rows["staged"].early_stopping.enabled
+    assert [p.to_dict() for p in rows["staged"].phases] == staged
+    full, lpft = rows["full"].phases, rows["lpft"].phases
+    assert len(full) == 1 and len(full[0].trainable) == 6 and full[0].group_lr.head > full[0].lr
+    assert lpft[0].trainable == ("head",) and len(lpft[1].trainable) == 6
+    assert lpft[0].epochs == budget / 4 and rows["lpft"].feature_cache.passes > 0
     scratch = rows["scratch"]
     assert scratch.pretrained.source == "" and len(scratch.phases) == 1
-    assert scratch.phases[0].epochs == sum(p.epochs for p in finetune.phases)
-    assert scratch.model.to_dict() == finetune.model.to_dict()  # The same network.
-
-
-def load_config_module_rows():
-    spec = importlib.util.spec_from_file_location("ablation_cfg", ROOT / "configs" / "ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.ROWS
+    for r in ("full", "lpft", "scratch"):  # The same network: ResNet50 with a linear head.
+        assert rows[r].model.to_dict() == rows["linear"].model.to_dict()
 
 
 def test_smoke_rows_use_the_smoke_data_and_network():
     smoke, row = load_config("smoke"), load_config("ablation", "top,smoke")
-    assert row.dataset == "synthetic" and row.model.to_dict() == smoke.model.to_dict()
-    assert [p.epochs for p in row.phases] == [1.0, 1.0]
+    assert row.dataset == "synthetic" and row.model.stage_sizes == smoke.model.stage_sizes
+    assert row.model.base_width == smoke.model.base_width
+    assert sum(p.epochs for p in row.phases) == pytest.approx(3.0 * 9 / 17)  # The budget, scaled.
     with pytest.raises(ValueError, match="ROW\\[,smoke\\]"):
         load_config("ablation", "topp")
 
@@ -80,8 +80,7 @@ def test_commands_carry_weights_budget_and_the_run_network(smoke_run, tmp_path):
     top = s.row_command("top", args, "imagefolder:/data/B", str(smoke_run))
     assert f"--config.init_from={smoke_run}" in top and "--config.pretrained.source=" in top
     assert "--config.model.stage_sizes=(1,1,1,1)" in top and "--config.model.base_width=8" in top
-    finetune = load_config("finetune")
-    assert f"--config.phases[1].epochs={finetune.phases[1].epochs * 0.5:g}" in top
+    assert f"--config.phases[1].epochs={6 * 0.5:g}" in top
     assert "--config.augment.resolution=32" in top and "--config.dataset=imagefolder:/data/B" in top
     scratch = s.row_command("scratch", args, "", str(smoke_run))
     assert not any("init_from" in a or "pretrained" in a for a in scratch)
@@ -149,8 +148,12 @@ def test_smoke_ablation_table_matches_every_row_run(smoke_ablation, smoke_run):
         assert config["init_from"] == want_from, r["row"]
     assert [r["tested"] for r in table] == ["last"] * 5 + ["best", "last"]
     steps = {r["row"]: r["steps"] for r in table}
-    assert steps["top"] == 2 * steps["aug"] / 3 and steps["dense"] == steps["all"] == steps["scratch"]
-    assert "| recipe |" in stdout  # The table is printed too.
+    spe = 192 // 32  # The smoke data: 192 training images at batch 32.
+    for r in ROWS:  # Every phase its planned length; early stopping may end `staged` sooner.
+        planned = sum(max(1, round(p.epochs * spe)) for p in load_config("ablation", f"{r},smoke").phases)
+        assert steps[r] <= planned if r == "staged" else steps[r] == planned, r
+    assert steps["top"] < steps["all"] and abs(steps["all"] - steps["scratch"]) <= 2
+    assert "| staged |" in stdout  # The table is printed too.
     assert any((out / "jax_cache").iterdir())  # The rows shared their compiled steps.
 
 

@@ -33,20 +33,12 @@ def link_subset(
     src, dst = os.path.abspath(src), os.path.abspath(dst)
     recipe = {"src": src, "classes": list(classes), "splits": list(splits),
               "per_class": dict(per_class or {}), "seed": seed}
-    marker = os.path.join(dst, "subset.json")
-    if os.path.exists(marker):
-        with open(marker) as f:
-            built = json.load(f)
-        if built["recipe"] != recipe:
-            raise DataError(f"{dst} holds another subset ({built['recipe']}); remove it or pick "
-                            "another folder.")
-        return built["counts"]
-    if os.path.exists(dst) and os.listdir(dst):
-        raise DataError(f"{dst} exists and is not a subset built by link_subset; remove it or "
-                        "pick another folder.")
+    done = _built(dst, recipe)
+    if done is not None:
+        return done
     counts = {split: _link_split(src, dst, split, classes, (per_class or {}).get(split), seed)
               for split in splits}
-    with open(marker, "w") as f:
+    with open(os.path.join(dst, "subset.json"), "w") as f:
         json.dump({"recipe": recipe, "counts": counts}, f, indent=1)
     return counts
 
@@ -72,3 +64,63 @@ def _link_split(src: str, dst: str, split: str, classes: Sequence[str], cap: int
             os.symlink(os.path.join(folder, f), os.path.join(target, f))
         total += cap
     return total
+
+
+VAL_SEED = 20261130  # Picks the fixed validation images of link_few_shot (the same for all runs).
+
+
+def link_few_shot(src: str, dst: str, per_class: int, seed: int, val_per_class: int) -> dict:
+    """A small-data ImageFolder of ``src`` (``train/`` and ``test/``) in ``dst``, as symlinks.
+
+    ``dst/val``: ``val_per_class`` images of each class of ``src/train``, the same for every
+    ``per_class`` and ``seed`` (drawn with VAL_SEED); ``dst/train``: ``per_class`` other images
+    of each class, the first ``per_class`` of a ``seed``-shuffled order (so a seed's smaller
+    subsets lie inside its larger ones); ``dst/test``: ``src/test`` whole. Returns images per
+    split; a rebuild with the same arguments is a no-op, one with others an error.
+    """
+    src, dst = os.path.abspath(src), os.path.abspath(dst)
+    recipe = {"src": src, "per_class": per_class, "seed": seed, "val_per_class": val_per_class,
+              "val_seed": VAL_SEED}
+    done = _built(dst, recipe)
+    if done is not None:
+        return done
+    classes = sorted(e for e in os.listdir(os.path.join(src, "train")) if not e.startswith("."))
+    counts = {"train": 0, "val": 0, "test": 0}
+    for label, name in enumerate(classes):
+        folder = os.path.join(src, "train", name)
+        files = sorted(f for f in os.listdir(folder) if not f.startswith("."))
+        val = set(np.random.default_rng([VAL_SEED, label]).permutation(files)[:val_per_class])
+        pool = [f for f in files if f not in val]
+        if per_class > len(pool):
+            raise DataError(f"{folder} has {len(files)} images: not enough for {per_class} "
+                            f"training + {val_per_class} validation images per class.")
+        train = np.random.default_rng([seed, label]).permutation(pool)[:per_class]
+        for split, chosen in (("train", train), ("val", sorted(val))):
+            os.makedirs(os.path.join(dst, split, name))
+            for f in chosen:
+                os.symlink(os.path.join(folder, f), os.path.join(dst, split, name, f))
+            counts[split] += len(chosen)
+        os.makedirs(os.path.join(dst, "test"), exist_ok=True)
+        test = os.path.join(src, "test", name)
+        os.symlink(test, os.path.join(dst, "test", name), target_is_directory=True)
+        counts["test"] += len([f for f in os.listdir(test) if not f.startswith(".")])
+    with open(os.path.join(dst, "subset.json"), "w") as f:
+        json.dump({"recipe": recipe, "counts": counts}, f, indent=1)
+    return counts
+
+
+def _built(dst: str, recipe: dict) -> dict | None:
+    """The counts of a subset already built in ``dst`` with ``recipe`` (None when ``dst`` is
+    new or empty); DataError when ``dst`` holds something else."""
+    marker = os.path.join(dst, "subset.json")
+    if os.path.exists(marker):
+        with open(marker) as f:
+            built = json.load(f)
+        if built["recipe"] != recipe:
+            raise DataError(f"{dst} holds another subset ({built['recipe']}); remove it or pick "
+                            "another folder.")
+        return built["counts"]
+    if os.path.exists(dst) and os.listdir(dst):
+        raise DataError(f"{dst} exists and is not a subset built here; remove it or pick "
+                        "another folder.")
+    return None

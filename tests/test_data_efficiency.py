@@ -1,0 +1,129 @@
+"""experiments/data_efficiency.py: the budgets, the small-data subsets, and the ``--smoke`` sweep
+end to end (every run a real ``python -m cifar_flax.main``), from the session's smoke run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, load_config
+from train_utils import make_image_tree
+
+from cifar_flax.config import load_module
+from cifar_flax.data.subset import link_few_shot
+
+SCRIPT = ROOT / "experiments" / "data_efficiency.py"
+ROWS = ["linear", "staged", "full", "lpft", "scratch"]
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_module(str(SCRIPT))
+
+
+def test_budget_grows_with_the_data_and_the_batch_fits(script):
+    b = {pc: script.budget(pc, 5) for pc in (10, 100, 1000)}
+    assert [b[pc]["steps"] for pc in (10, 100, 1000)] == [100, 190, 600]
+    assert [b[pc]["batch_size"] for pc in (10, 100, 1000)] == [32, 128, 128]
+    for pc, x in b.items():
+        assert x["batch_size"] <= 5 * pc and x["steps"] // x["eval_every_steps"] in (20, 21)
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_phase_overrides_split_the_budget_in_the_rows_proportions(script, row):
+    config = load_config("ablation", row)
+    b = script.budget(100, 5)
+    args = script.phase_overrides(config, b)
+    steps = [int(a.split("=")[1]) for a in args if ".steps=" in a]
+    assert sum(steps) == b["steps"] and len(steps) == len(config.phases)
+    total = sum(p.epochs for p in config.phases)
+    for s, p in zip(steps, config.phases):
+        assert abs(s - b["steps"] * p.epochs / total) <= 1
+    warmups = [float(a.split("=")[1]) for a in args if "warmup_epochs=" in a]
+    for w, s, p in zip(warmups, steps, config.phases):  # Each warmup keeps its share.
+        assert w * b["steps_per_epoch"] / s == pytest.approx(p.warmup_epochs / p.epochs, rel=1e-4)
+
+
+def test_few_shot_subsets_share_one_validation_set_and_nest(tmp_path):
+    src = tmp_path / "src"
+    make_image_tree(src, {"train": {"a": 12, "b": 12}, "test": {"a": 3, "b": 3}})
+
+    def files(dst, split):
+        return {(c, f) for c in ("a", "b") for f in os.listdir(dst / split / c)}
+
+    subsets = {(pc, seed): tmp_path / f"{pc}_{seed}" for pc in (2, 6) for seed in (0, 1)}
+    for (pc, seed), dst in subsets.items():
+        assert link_few_shot(str(src), str(dst), pc, seed, 3) == {"train": 2 * pc, "val": 6,
+                                                                   "test": 6}
+    val = files(subsets[2, 0], "val")
+    for (pc, seed), dst in subsets.items():
+        assert files(dst, "val") == val and not files(dst, "train") & val
+        assert os.path.islink(dst / "test" / "a")
+    assert files(subsets[2, 0], "train") <= files(subsets[6, 0], "train")  # A seed's nest.
+    assert files(subsets[6, 0], "train") != files(subsets[6, 1], "train")  # Seeds differ.
+    assert link_few_shot(str(src), str(subsets[2, 0]), 2, 0, 3)["train"] == 4  # No-op.
+    with pytest.raises(Exception, match="another subset"):
+        link_few_shot(str(src), str(subsets[2, 0]), 2, 1, 3)
+    with pytest.raises(Exception, match="not enough"):
+        link_few_shot(str(src), str(tmp_path / "big"), 10, 0, 3)
+
+
+def test_bad_arguments_are_one_line(script, tmp_path, capsys):
+    for argv, text in [(["--out", str(tmp_path)], "give --weights and --dataset"),
+                       (["--smoke", "--out", str(tmp_path), "--rows", "full,nope"], "nope"),
+                       (["--smoke", "--out", str(tmp_path), "--sizes", "a"], "integers")]:
+        with pytest.raises(SystemExit):
+            script.parse_args(argv)
+        assert text in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(smoke_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("data_efficiency")
+    cmd = [sys.executable, str(SCRIPT), "--smoke", "--weights", str(smoke_run), "--out", str(out),
+           "--jobs", "2"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return out, p.stdout, cmd
+
+
+@pytest.mark.slow
+def test_smoke_sweep_summary_holds_every_run(smoke_sweep, script):
+    out, stdout, _ = smoke_sweep
+    summary = json.loads((out / "summary.json").read_text())
+    runs = summary["runs"]
+    want = {(r, pc, s) for r in ROWS for pc in script.SMOKE["sizes"] for s in script.SMOKE["seeds"]}
+    assert {(r["row"], r["per_class"], r["seed"]) for r in runs} == want and len(runs) == len(want)
+    for r in runs:
+        workdir = out / "runs" / f"{r['per_class']}pc" / r["row"] / f"seed{r['seed']}"
+        results = json.loads((workdir / "report" / "results.json").read_text())
+        assert r["test_accuracy"] == results["test_accuracy"] and r["steps"] == results["steps"]
+        config = json.loads((workdir / "config.json").read_text())
+        assert config["val_split"] == "val" and config["seed"] == r["seed"]
+        assert config["dataset"].endswith(f"data/{r['per_class']}pc_seed{r['seed']}")
+        assert (config["init_from"] == "") == (r["row"] == "scratch")
+        planned = summary["budgets"][str(r["per_class"])]["steps"]
+        assert r["steps"] <= planned if r["row"] == "staged" else r["steps"] == planned
+        assert r["command"].startswith("python -m cifar_flax.main")
+    table = (out / "table.md").read_text()
+    for row in ROWS:
+        assert f"| {row} |" in table and f"| {row} |" in stdout
+    assert table.count(" +- ") == len(ROWS) * len(script.SMOKE["sizes"])
+
+
+@pytest.mark.slow
+def test_smoke_sweep_plot_and_rerun_reads_back(smoke_sweep):
+    from PIL import Image
+
+    out, _, cmd = smoke_sweep
+    with Image.open(out / "data_efficiency.png") as im:
+        assert im.size[0] > 600 and im.size[1] > 400
+    before = (out / "summary.json").read_text()
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "running 0" in p.stdout
+    after = json.loads((out / "summary.json").read_text())
+    assert after["runs"] == json.loads(before)["runs"]
