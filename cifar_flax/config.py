@@ -12,7 +12,6 @@ import types
 import ml_collections
 
 from cifar_flax.models import CONV_IMPLS, LAYOUTS
-from cifar_flax.train import distributed
 from cifar_flax.weights.registry import SOURCE_LAYOUT
 
 
@@ -107,7 +106,7 @@ def default_config() -> ml_collections.ConfigDict:
     # "auto" stops with the differing fields otherwise; "replace" moves such a different run to
     # <workdir>/previous/<time>/ and starts this config (a run with the same fingerprint resumes).
     c.resume = "auto"
-    c.distributed = ml_collections.ConfigDict()  # Several processes/hosts (train/distributed.py).
+    c.distributed = ml_collections.ConfigDict()  # Several processes/hosts (train/devices.py).
     c.distributed.enabled = False  # Call jax.distributed.initialize() before anything else.
     c.distributed.coordinator_address = ""  # Process 0's "host:port"; "" = detect (TPU pods, SLURM).
     c.distributed.num_processes = -1  # Number of processes; -1 = detect.
@@ -180,7 +179,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         + _feature_cache_errors(config)
         + _init_from_errors(config)
         + _slip_errors(config)
-        + distributed.config_errors(config.distributed)
+        + _distributed_errors(config.distributed)
     )
     if errors:
         raise ConfigError("\n".join(errors))
@@ -189,7 +188,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
 def validate_distributed(config: ml_collections.ConfigDict) -> None:
     """Check the ``distributed`` group alone (before jax.distributed.initialize; the rest of the
     config needs the global device count, known only after it)."""
-    errors = distributed.config_errors(config.distributed)
+    errors = _distributed_errors(config.distributed)
     if errors:
         raise ConfigError("\n".join(errors))
 
@@ -329,6 +328,27 @@ def _feature_cache_errors(c: ml_collections.ConfigDict) -> list[str]:
         )
     return errors
 
+
+def _distributed_errors(d: ml_collections.ConfigDict) -> list[str]:
+    """One line per invalid field of the ``distributed`` group (empty when valid)."""
+    errors = []
+    if not isinstance(d.enabled, bool):
+        errors.append(f"distributed.enabled={d.enabled!r} must be True or False.")
+    addr = d.coordinator_address
+    if addr and (":" not in addr or not addr.rsplit(":", 1)[1].isdigit()):
+        errors.append(f"distributed.coordinator_address={addr!r} must be 'host:port' "
+                      "(process 0's address) or '' to detect it (TPU pods, SLURM).")
+    n, i = d.num_processes, d.process_id
+    if addr and (n < 1 or not 0 <= i < n):
+        errors.append(f"distributed.num_processes={n}, process_id={i}: with a coordinator_address "
+                      "set num_processes >= 1 and 0 <= process_id < num_processes on each process.")
+    if not addr and (n != -1 or i != -1):
+        errors.append("distributed.num_processes / process_id are set but coordinator_address is "
+                      "empty: set all three, or none (-1, -1, '') to let JAX detect them.")
+    for field in ("timeout_seconds", "heartbeat_timeout_seconds"):
+        if d[field] < 1:
+            errors.append(f"distributed.{field}={d[field]} must be >= 1.")
+    return errors
 
 RESUME_MODES = ("auto", "replace")
 

@@ -19,8 +19,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv: list[str]) -> None:
     del argv
-    from cifar_flax.analysis.eda import run_eda
-    from cifar_flax.data.types import DataError
+    from cifar_flax.analysis.dataset_stats import run_eda
+    from cifar_flax.data.sources import DataError
 
     from cifar_flax.config import ConfigError
 

@@ -32,8 +32,8 @@ from cifar_flax.config import ConfigError
 from cifar_flax.inference.cli import run_cli
 
 if TYPE_CHECKING:  # These import TensorFlow, which run_cli imports first (quietly).
-    from cifar_flax.data.types import DatasetInfo
-    from cifar_flax.inference.run import LoadedRun
+    from cifar_flax.data.sources import DatasetInfo
+    from cifar_flax.inference.trained_run import LoadedRun
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,7 +84,7 @@ def eval_config(run: LoadedRun, overrides: Sequence[str], split: str) -> ml_coll
 def dataset_info(run: LoadedRun, config: ml_collections.ConfigDict) -> DatasetInfo:
     """The dataset's info, checked against the run: same class names, resized to its image size."""
     from cifar_flax.data import input_pipeline
-    from cifar_flax.data.types import DataError
+    from cifar_flax.data.sources import DataError
 
     info = input_pipeline.get_info(config)
     if list(info.class_names) != list(run.class_names):
@@ -116,9 +116,9 @@ def evaluate(workdir: str, output: str, split: str = "", overrides: Sequence[str
     import jax
 
     from cifar_flax.analysis.report import REPORT_FILES, write_report
-    from cifar_flax.inference.run import load_run
-    from cifar_flax.train.evaluation import Evaluator
-    from cifar_flax.train.workdir import check_output_folder, output_folder
+    from cifar_flax.inference.trained_run import load_run
+    from cifar_flax.training.evaluation import Evaluator
+    from cifar_flax.training.workdir import check_output_folder, output_folder
 
     t0 = time.time()
     check_output_folder(output, force, "evaluate", _is_evaluation, REPORT_FILES)

@@ -30,11 +30,11 @@ import cifar_flax
 from cifar_flax import exported
 from cifar_flax.data.augment import eval_preprocess
 from cifar_flax.inference.cli import run_cli
-from cifar_flax.train.run_checkpoint import flat_shapes
-from cifar_flax.train.workdir import check_output_folder, output_folder
+from cifar_flax.training.checkpoints import flat_shapes
+from cifar_flax.training.workdir import check_output_folder, output_folder
 
 if TYPE_CHECKING:  # It imports TensorFlow, which run_cli imports first (quietly).
-    from cifar_flax.inference.run import LoadedRun
+    from cifar_flax.inference.trained_run import LoadedRun
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 
@@ -106,7 +106,7 @@ def _is_export(folder: epath.Path) -> bool:
 def export(workdir: str, output: str, force: bool = False, checkpoint: str = "best",
            savedmodel: bool = True) -> dict[str, Any]:
     """Write the export folder; returns model.json's content (+ "saved_model": bool)."""
-    from cifar_flax.inference.run import load_run
+    from cifar_flax.inference.trained_run import load_run
 
     check_output_folder(output, force, "export", _is_export, EXPORT_FILES)
     run = load_run(workdir, checkpoint, conv_impl="xla")

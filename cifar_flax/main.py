@@ -23,7 +23,7 @@ from ml_collections import config_flags
 from cifar_flax import cli
 from cifar_flax.cli import fail
 from cifar_flax.config import ConfigError, validate, validate_distributed
-from cifar_flax.train import distributed
+from cifar_flax.training import devices
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder: checkpoints, metrics, report.")
@@ -40,8 +40,8 @@ def run(config, workdir: str, stop_after_steps: int | None = None) -> dict:
     import contextlib
 
     from cifar_flax.analysis.report import write_report
-    from cifar_flax.train import workdir as workdir_lib
-    from cifar_flax.train.loop import train_and_evaluate
+    from cifar_flax.training import workdir as workdir_lib
+    from cifar_flax.training.loop import train_and_evaluate
 
     def report_fn(history, labels, logits, class_names, results):
         write_report(str(epath.Path(workdir) / "report"), history, labels, logits, class_names,
@@ -58,9 +58,9 @@ def _check_or_replace_previous_run(config, workdir: str) -> None:
     """Refuse (ConfigError) a workdir whose run has another config, from the config alone, before
     the data is read; with ``config.resume == "replace"`` move such a run (or an unreadable one)
     to ``<workdir>/previous/<time>/`` instead. The loop checks the data part once it has read it."""
-    from cifar_flax.train import fingerprint as fp
-    from cifar_flax.train import workdir as workdir_lib
-    from cifar_flax.train.checkpointing import CheckpointError, Checkpointer
+    from cifar_flax.training import workdir as fp
+    from cifar_flax.training import workdir as workdir_lib
+    from cifar_flax.training.checkpoints import CheckpointError, Checkpointer
 
     ckpt = Checkpointer(workdir, config.checkpoint.keep, async_save=False)
     try:
@@ -89,10 +89,10 @@ def _check_or_replace_previous_run(config, workdir: str) -> None:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions whose message is the whole story for a user (printed as one ``error:`` line)."""
-    from cifar_flax.data.types import DataError
-    from cifar_flax.train.checkpointing import CheckpointError
-    from cifar_flax.train.loop import TrainingDiverged
-    from cifar_flax.train.workdir import WorkdirError
+    from cifar_flax.data.sources import DataError
+    from cifar_flax.training.checkpoints import CheckpointError
+    from cifar_flax.training.loop import TrainingDiverged
+    from cifar_flax.training.workdir import WorkdirError
     from cifar_flax.weights.files import WeightsError
 
     return (ConfigError, DataError, WeightsError, WorkdirError, CheckpointError, TrainingDiverged)
@@ -103,7 +103,7 @@ def train_cli(config, workdir: str) -> dict:
     error becomes one ``error:`` line and exit status 1 (SystemExit)."""
     try:
         validate_distributed(config)
-        distributed.initialize(config.distributed)
+        devices.initialize(config.distributed)
         validate(config)
         return run(config, workdir)
     except _user_errors() as e:

@@ -42,8 +42,8 @@ def predict(workdir: str, inputs: Sequence[str], top_k: int = 5, tta: str = "non
     import numpy as np
 
     from cifar_flax.inference.images import ImageInputs, InputError
-    from cifar_flax.inference.predictor import Predictor
-    from cifar_flax.inference.run import load_run
+    from cifar_flax.inference.trained_run import Predictor
+    from cifar_flax.inference.trained_run import load_run
 
     run = load_run(workdir, checkpoint)
     images = ImageInputs(inputs, run.image_shape, skip_bad)

@@ -36,14 +36,14 @@ def worker(args: argparse.Namespace) -> None:
     from cifar_flax.bench.train_step import bench_config, build
     from cifar_flax.bench.workload import NUM_CLASSES
     from cifar_flax.models import STAGE_SIZES
-    from cifar_flax.train import parallel
-    from cifar_flax.train.checkpointing import Checkpointer
+    from cifar_flax.training import devices
+    from cifar_flax.training.checkpoints import Checkpointer
 
     config = bench_config(args.size, args.batch, "float32", STAGE_SIZES)
     fn, state, _, parts = build(config)
     local = args.batch // jax.process_count()
     rng = np.random.default_rng(jax.process_index())
-    batch = parallel.shard_batch(parts["mesh"], {
+    batch = devices.shard_batch(parts["mesh"], {
         "image": rng.integers(0, 256, (local, args.size, args.size, 3), dtype=np.uint8),
         "label": rng.integers(0, NUM_CLASSES, local).astype(np.int32)})
     to_save = jax.tree.map(lambda x: x.copy(), state)  # The timed steps donate ``state``.

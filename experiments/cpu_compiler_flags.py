@@ -20,7 +20,7 @@ import json
 import sys
 from typing import Sequence
 
-from cifar_flax.bench import cli as bench
+from cifar_flax.bench import compare as bench
 
 # (name, XLA_FLAGS or "conv_impl=..."). Only flags in jaxlib 0.10.2's --help output. Every flag
 # variant runs with model.conv_impl="xla" (XLA's own convolutions), so the flags are measured

@@ -187,7 +187,7 @@ def smoke_data(out: str) -> str:
     """--smoke: a tiny ImageFolder of generated images (4 classes, 32 px) to sample from."""
     from PIL import Image
 
-    from cifar_flax.data.datasets import synthetic_images
+    from cifar_flax.data.sources import synthetic_images
 
     root = os.path.join(out, "smoke_images")
     if os.path.isdir(root):

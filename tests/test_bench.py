@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from cifar_flax.bench import cli as bench
+from cifar_flax.bench import compare as bench
 from cifar_flax import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

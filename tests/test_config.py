@@ -8,7 +8,7 @@ import pytest
 
 from conftest import load_config
 
-from cifar_flax.train import optim
+from cifar_flax.training import optim
 from cifar_flax.config import ConfigError, default_config, phase, validate
 
 

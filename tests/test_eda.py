@@ -95,7 +95,7 @@ def test_eda_cli_missing_folder_is_one_line(tmp_path):
 def test_samples_grid_has_no_empty_band(tmp_path):
     from PIL import Image
 
-    from cifar_flax.analysis.eda import plot_samples
+    from cifar_flax.analysis.dataset_stats import plot_samples
 
     rng = np.random.default_rng(0)
     names = tuple(f"class{i}" for i in range(10))

@@ -26,8 +26,8 @@ def exported_dir(smoke_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(smoke_run):
     """Images at batch 1 and 7 and the run's in-process logits (its own conv_impl, eval step)."""
-    from cifar_flax.inference.predictor import Predictor
-    from cifar_flax.inference.run import load_run
+    from cifar_flax.inference.trained_run import Predictor
+    from cifar_flax.inference.trained_run import load_run
 
     run = load_run(str(smoke_run))
     rng = np.random.default_rng(0)

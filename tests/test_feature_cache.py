@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from cifar_flax.train import feature_cache, optim, parallel
+from cifar_flax.training import feature_cache, optim, devices
 from cifar_flax import models
 from cifar_flax.data import preprocessing
 
@@ -89,7 +89,7 @@ def test_cached_head_training_matches_uncached(setup):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    head_step = feature_cache.make_state_head_step(model, plan, parallel.make_mesh(), params,
+    head_step = feature_cache.make_state_head_step(model, plan, devices.make_mesh(), params,
                                                    NUM_CLASSES)
     h_c, s_c, step = jax.tree.map(jnp.copy, params["head"]), tx.init(params), jnp.int32(0)
     p_u, s_u = params, tx.init(params)

@@ -8,7 +8,7 @@ import types
 import pytest
 
 from cifar_flax.config import ConfigError, phase
-from cifar_flax.train.fingerprint import check_resume, differences, fingerprint
+from cifar_flax.training.workdir import check_resume, differences, fingerprint
 from train_utils import tiny_config
 
 INFO = types.SimpleNamespace(class_names=("a", "b"), split_sizes={"train": 48, "validation": 16,

@@ -11,8 +11,8 @@ import pytest
 from train_utils import tiny_config
 
 from cifar_flax.config import ConfigError, phase, validate
-from cifar_flax.inference.run import load_run, read_config
-from cifar_flax.train.initialize import build_model, variables_from_run
+from cifar_flax.inference.trained_run import load_run, read_config
+from cifar_flax.training.initialize import build_model, variables_from_run
 
 
 def _equal(a, b) -> bool:

@@ -8,7 +8,7 @@ import tensorflow_datasets as tfds
 
 from cifar_flax.data import input_pipeline as ip
 from cifar_flax.config import default_config
-from cifar_flax.data.types import DataError
+from cifar_flax.data.sources import DataError
 from train_utils import make_image_tree as make_tree
 
 

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from cifar_flax.train.metrics_writer import read_metrics
+from cifar_flax.training.metrics import read_metrics
 from train_utils import default_sigint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

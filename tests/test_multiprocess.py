@@ -24,11 +24,11 @@ import jax
 import numpy as np
 import pytest
 
-from cifar_flax.train.metrics_writer import read_metrics
+from cifar_flax.training.metrics import read_metrics
 from cifar_flax.data import input_pipeline
-from cifar_flax.train import parallel
-from cifar_flax.train.checkpointing import Checkpointer
-from cifar_flax.train.initialize import build_model, init_variables
+from cifar_flax.training import devices
+from cifar_flax.training.checkpoints import Checkpointer
+from cifar_flax.training.initialize import build_model, init_variables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,7 +85,7 @@ def _final_variables(workdir, config) -> dict:
     shapes = jax.eval_shape(lambda: init_variables(config, model, load_weights=False)[0])
     ckpt = Checkpointer(str(workdir))
     try:
-        like = parallel.abstract(parallel.make_mesh(), shapes)
+        like = devices.abstract(devices.make_mesh(), shapes)
         return jax.device_get(ckpt.restore_best(like))
     finally:
         ckpt.close()

@@ -14,8 +14,8 @@ import pytest
 
 from cifar_flax import main
 from cifar_flax.config import ConfigError, phase
-from cifar_flax.train.checkpointing import CheckpointError, Checkpointer
-from cifar_flax.train.workdir import LOCK_NAME, WorkdirError, WorkdirLock
+from cifar_flax.training.checkpoints import CheckpointError, Checkpointer
+from cifar_flax.training.workdir import LOCK_NAME, WorkdirError, WorkdirLock
 from train_utils import enable_compilation_cache, tiny_config
 
 enable_compilation_cache()

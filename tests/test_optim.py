@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from cifar_flax.train import optim
+from cifar_flax.training import optim
 from cifar_flax.config import default_config, phase
 from cifar_flax.models import create_model
 

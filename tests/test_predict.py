@@ -15,7 +15,7 @@ from PIL import Image
 
 from cifar_flax import predict
 from cifar_flax.inference import images as images_lib
-from cifar_flax.inference.run import load_run, read_config
+from cifar_flax.inference.trained_run import load_run, read_config
 
 
 def _classes(run_dir) -> list[str]:
@@ -26,7 +26,7 @@ def test_predict_equals_the_eval_step_on_mixed_images(smoke_run, tmp_path):
     """Files of several sizes and modes: predict's logits equal the run's Evaluator on the same
     files read as an ImageFolder through the input pipeline (host resize to the run's size)."""
     from cifar_flax.data import input_pipeline
-    from cifar_flax.train.evaluation import Evaluator
+    from cifar_flax.training.evaluation import Evaluator
 
     paths = image_folder(tmp_path / "data", _classes(smoke_run))
     rows, skipped = predict.predict(str(smoke_run), [str(tmp_path / "data" / "test")],
@@ -165,7 +165,7 @@ def test_run_info_is_written_and_old_runs_fall_back(smoke_run, tmp_path, caplog)
     """Training writes run_info.json; a run without it (older) re-reads its dataset's info."""
     import logging
 
-    from cifar_flax.train.run_info import read_run_info
+    from cifar_flax.training.workdir import read_run_info
 
     info = read_run_info(str(smoke_run))
     assert info["class_names"] == [f"class_{i}" for i in range(4)]

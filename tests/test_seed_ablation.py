@@ -18,7 +18,7 @@ from train_utils import make_image_tree
 
 from cifar_flax.config import load_module
 from cifar_flax.data.subset import link_subset
-from cifar_flax.data.types import DataError
+from cifar_flax.data.sources import DataError
 
 SCRIPT = ROOT / "experiments" / "seed_ablation.py"
 ROWS = ["linear", "dense", "top", "all", "aug", "staged", "scratch"]  # The seed's progression.

@@ -19,13 +19,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cifar_flax.train import feature_cache, optim, parallel, steps as step_lib
+from cifar_flax.training import feature_cache, optim, devices, steps as step_lib
 from cifar_flax.data import input_pipeline
-from cifar_flax.train.checkpointing import Checkpointer
+from cifar_flax.training.checkpoints import Checkpointer
 from cifar_flax.config import ConfigError, phase, validate
-from cifar_flax.train.initialize import build_model, init_variables
-from cifar_flax.train.loop import train_and_evaluate
-from cifar_flax.train.metrics_writer import read_metrics
+from cifar_flax.training.initialize import build_model, init_variables
+from cifar_flax.training.loop import train_and_evaluate
+from cifar_flax.training.metrics import read_metrics
 from train_utils import enable_compilation_cache, state_at, tiny_config
 
 enable_compilation_cache()
@@ -168,11 +168,11 @@ def test_config_rejects_bad_feature_cache_values(bad):
 def test_augmented_passes_cycle_per_epoch():
     c = _config()
     c.augment.flip, c.feature_cache.passes = True, 2
-    info, mesh = input_pipeline.get_info(c), parallel.make_mesh()
+    info, mesh = input_pipeline.get_info(c), devices.make_mesh()
     model = build_model(c, info.num_classes)
     variables, prep = init_variables(c, model)
     plan = optim.build_phase(c, variables["params"], 0, 3)
-    state = parallel.replicate(
+    state = devices.replicate(
         mesh, step_lib.create_train_state(variables, plan.tx, jax.random.key(1)))
     cached = feature_cache.CachedPhase(c, info, model, mesh, prep, state, plan)
     feats = cached.cache.features

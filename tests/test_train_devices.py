@@ -21,7 +21,7 @@ _SCRIPT = r"""
 import json, sys
 import jax, numpy as np
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
-from cifar_flax.train import parallel, steps as step_lib
+from cifar_flax.training import devices, steps as step_lib
 from cifar_flax.config import phase
 from train_utils import fake_batch, setup_step, tiny_config
 
@@ -32,10 +32,10 @@ config.phases = [phase("all", steps=2, lr=0.1, weight_decay=1e-4)]
 batch = fake_batch(n=16)
 out = {}
 for n in (8, 1):
-    mesh = parallel.make_mesh(jax.devices()[:n])
+    mesh = devices.make_mesh(jax.devices()[:n])
     _, _, state, fn = setup_step(config, mesh)
     for _ in range(2):
-        state, metrics = fn(state, parallel.shard_batch(mesh, batch))
+        state, metrics = fn(state, devices.shard_batch(mesh, batch))
     leaves = jax.tree.leaves({"p": state.params, "s": state.batch_stats})
     out[n] = {"leaves": [np.asarray(x).ravel().tolist() for x in leaves],
               "loss": float(metrics["loss"]), "shards": len(state.params["head"]["out"]["kernel"].sharding.device_set)}
@@ -46,10 +46,10 @@ from cifar_flax.data import augment
 from cifar_flax.data.preprocessing import SIMPLE
 config.sync_batchnorm = False
 config.phases = [phase("all", steps=1, lr=0.1)]
-mesh = parallel.make_mesh(jax.devices()[:8])
+mesh = devices.make_mesh(jax.devices()[:8])
 model, plan, state, fn = setup_step(config, mesh)
 params0, stats0 = jax.device_get(state.params), jax.device_get(state.batch_stats)
-state, _ = fn(state, parallel.shard_batch(mesh, batch))
+state, _ = fn(state, devices.shard_batch(mesh, batch))
 per_shard = []
 for i in range(8):
     rows = slice(2 * i, 2 * i + 2)

@@ -8,9 +8,9 @@ import pytest
 
 from cifar_flax.data import augment, input_pipeline
 from cifar_flax.data.preprocessing import SIMPLE
-from cifar_flax.train import parallel
-from cifar_flax.train.evaluation import Evaluator
-from cifar_flax.train.initialize import build_model
+from cifar_flax.training import devices
+from cifar_flax.training.evaluation import Evaluator
+from cifar_flax.training.initialize import build_model
 from train_utils import init_variables, tiny_config
 
 
@@ -20,7 +20,7 @@ def setup():
     info = input_pipeline.get_info(config)
     model = build_model(config, info.num_classes)
     variables = init_variables(model, config.augment.resolution, seed=3)
-    evaluator = Evaluator(config, info, model, parallel.make_mesh(), SIMPLE)
+    evaluator = Evaluator(config, info, model, devices.make_mesh(), SIMPLE)
     return config, info, model, variables, evaluator
 
 

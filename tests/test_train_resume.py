@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from cifar_flax.config import phase
-from cifar_flax.train import optim
+from cifar_flax.training import optim
 from cifar_flax.main import run as train_and_evaluate
-from cifar_flax.train.metrics_writer import read_metrics
+from cifar_flax.training.metrics import read_metrics
 from train_utils import enable_compilation_cache, state_at, tiny_config
 
 enable_compilation_cache()

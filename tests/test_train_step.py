@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cifar_flax.train import parallel, steps as step_lib
+from cifar_flax.training import devices, steps as step_lib
 from cifar_flax.config import phase
 from cifar_flax.data import augment
 from cifar_flax.data.preprocessing import SIMPLE
@@ -16,14 +16,14 @@ from train_utils import fake_batch, setup_step, tiny_config
 
 @pytest.fixture(scope="module")
 def mesh():
-    return parallel.make_mesh()
+    return devices.make_mesh()
 
 
 def test_overfits_a_small_batch_to_full_accuracy(mesh):
     config = tiny_config()
     config.phases = [phase("all", steps=60, optimizer="adamw", lr=3e-3, schedule="constant")]
     model, _, state, fn = setup_step(config, mesh)
-    batch = parallel.shard_batch(mesh, fake_batch())
+    batch = devices.shard_batch(mesh, fake_batch())
     losses = []
     for _ in range(60):
         state, metrics = fn(state, batch)
@@ -45,7 +45,7 @@ def test_frozen_groups_stay_bit_identical(mesh):
     config.phases = [phase("upper", steps=3, trainable=("stage4", "head"), lr=0.1)]
     _, plan, state, fn = setup_step(config, mesh)
     before_p, before_s = _flat(state.params), _flat(state.batch_stats)
-    batch = parallel.shard_batch(mesh, fake_batch())
+    batch = devices.shard_batch(mesh, fake_batch())
     for _ in range(3):
         state, _ = fn(state, batch)
     after_p, after_s = _flat(state.params), _flat(state.batch_stats)
@@ -63,7 +63,7 @@ def test_frozen_groups_stay_bit_identical(mesh):
 
 def _flops(config, mesh) -> float:
     _, _, state, fn = setup_step(config, mesh)
-    batch = parallel.shard_batch(mesh, fake_batch(size=32))
+    batch = devices.shard_batch(mesh, fake_batch(size=32))
     cost = fn.lower(state, batch).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
@@ -85,7 +85,7 @@ def test_frozen_backbone_step_costs_far_fewer_flops(mesh):
 def test_bfloat16_computes_in_bf16_with_float32_params(mesh):
     config = tiny_config(dtype="bfloat16")
     _, _, state, fn = setup_step(config, mesh)
-    batch = parallel.shard_batch(mesh, fake_batch())
+    batch = devices.shard_batch(mesh, fake_batch())
     new_state, metrics = jax.eval_shape(fn, state, batch)
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(new_state.params))
     assert metrics["loss"].dtype == np.float32
@@ -130,7 +130,7 @@ def test_train_step_draws_dropout_from_its_step_key(mesh):
         return float(step_lib.cross_entropy(logits, soft))
 
     expected, other = loss_with(step), loss_with(step + 1)
-    _, metrics = fn(state, parallel.shard_batch(mesh, batch))
+    _, metrics = fn(state, devices.shard_batch(mesh, batch))
     assert abs(float(metrics["loss"]) - expected) < 1e-5 * max(1.0, abs(expected))
     assert abs(other - expected) > 1e-3  # The test can tell the keys apart.
 
@@ -142,7 +142,7 @@ def test_head_dropout_acts_before_the_output_layer():
     config.model.head_hidden = ()
     config.model.head_dropout = 0.5
     config.model.zero_init_head = False
-    model, _, state, _ = setup_step(config, parallel.make_mesh())
+    model, _, state, _ = setup_step(config, devices.make_mesh())
     params = {"head": jax.device_get(state.params["head"])}
     width = params["head"]["out"]["kernel"].shape[0]
     feats = np.random.default_rng(0).normal(size=(8, width)).astype(np.float32) + 1.0

@@ -15,9 +15,9 @@ import pytest
 
 from cifar_flax.config import phase
 from cifar_flax.main import run as train_and_evaluate
-from cifar_flax.train import loop
-from cifar_flax.train.checkpointing import Checkpointer
-from cifar_flax.train.metrics_writer import read_metrics
+from cifar_flax.training import loop
+from cifar_flax.training.checkpoints import Checkpointer
+from cifar_flax.training.metrics import read_metrics
 from train_utils import default_sigint, enable_compilation_cache, state_at, tiny_config
 
 enable_compilation_cache()

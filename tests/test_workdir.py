@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from cifar_flax.train.workdir import (LOCK_NAME, WorkdirError, WorkdirLock, check_workdir,
+from cifar_flax.training.workdir import (LOCK_NAME, WorkdirError, WorkdirLock, check_workdir,
                                       move_aside)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +56,7 @@ def test_a_lock_from_another_host_is_never_taken(tmp_path):
 def test_of_many_processes_starting_at_once_exactly_one_gets_the_lock(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
-        from cifar_flax.train.workdir import WorkdirLock, WorkdirError
+        from cifar_flax.training.workdir import WorkdirLock, WorkdirError
         time.sleep(max(0.0, {__import__('time').time() + 3.0} - time.time()))  # Start together.
         try:
             WorkdirLock({str(tmp_path)!r}).acquire()

@@ -9,10 +9,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from cifar_flax.train import optim, parallel, steps as step_lib
+from cifar_flax.training import optim, devices, steps as step_lib
 from cifar_flax.config import default_config, phase
 from cifar_flax.data.preprocessing import SIMPLE
-from cifar_flax.train.initialize import build_model
+from cifar_flax.training.initialize import build_model
 
 
 def enable_compilation_cache() -> None:
@@ -78,7 +78,7 @@ def state_at(workdir: str, step: int | None = None, kind: str = "latest") -> dic
     holds at ``step`` (default: the newest), as numpy, restored without a target (as saved)."""
     import orbax.checkpoint as ocp
 
-    from cifar_flax.train.checkpointing import Checkpointer
+    from cifar_flax.training.checkpoints import Checkpointer
 
     ckpt = Checkpointer(workdir)
     mngr = getattr(ckpt, kind)
@@ -119,7 +119,7 @@ def setup_step(config, mesh, num_classes: int = 4, phase_index: int = 0, seed: i
     model = build_model(config, num_classes)
     variables = init_variables(model, config.augment.resolution, seed)
     plan = optim.build_phase(config, variables["params"], phase_index, steps_per_epoch=10)
-    state = parallel.replicate(
+    state = devices.replicate(
         mesh, step_lib.create_train_state(variables, plan.tx, jax.random.key(seed + 1))
     )
     fn = step_lib.make_train_step(model, plan, mesh, config.augment, SIMPLE, num_classes,

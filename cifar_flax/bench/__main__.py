@@ -2,6 +2,6 @@
 
 import sys
 
-from cifar_flax.bench.cli import main
+from cifar_flax.bench.compare import main
 
 sys.exit(main())

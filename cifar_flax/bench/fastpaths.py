@@ -28,7 +28,7 @@ import numpy as np
 from cifar_flax.bench import train_step as bench_train_step
 from cifar_flax.bench.timing import compile_then_time, time_steps
 from cifar_flax.bench.workload import NUM_CLASSES, stage_sizes
-from cifar_flax.train import feature_cache
+from cifar_flax.training import feature_cache
 
 
 def _train_step_s(args: argparse.Namespace, trainable: Sequence[str] | None, **kw) -> float:

@@ -3,7 +3,7 @@
 initialize.build_model (synchronised BatchNorm over the ``data`` axis), optim.build_phase (regex
 parameter groups -> optax.multi_transform), steps.make_train_step (jax.shard_map over a mesh of
 all devices inside jax.jit, on-device augmentation: padded random crop + flip, soft-label
-cross-entropy, pmean of the gradients) and parallel.shard_batch (uint8 images on the mesh).
+cross-entropy, pmean of the gradients) and devices.shard_batch (uint8 images on the mesh).
 The work per step otherwise matches the bare row: ResNet50 v1.5, linear head, all layers
 trainable, SGD momentum 0.9 (no Nesterov, no weight decay), lr 0.1.
 """
@@ -49,19 +49,19 @@ def build(config: Any, seed: int = 0) -> tuple[Any, Any, Any, dict]:
     holds model, variables, plan, preprocessing, mesh (for the fast-path benchmarks)."""
     import jax
 
-    from cifar_flax.train import initialize as train, optim, parallel, steps as step_lib
+    from cifar_flax.training import initialize as train, optim, devices, steps as step_lib
 
     model = train.build_model(config, NUM_CLASSES)
     variables, prep = train.init_variables(config, model, load_weights=False)
     plan = optim.build_phase(config, variables["params"], 0, steps_per_epoch=100)
-    mesh = parallel.make_mesh()
-    state = parallel.replicate(mesh, step_lib.create_train_state(
+    mesh = devices.make_mesh()
+    state = devices.replicate(mesh, step_lib.create_train_state(
         variables, plan.tx, jax.random.PRNGKey(seed)))
     fn = step_lib.make_train_step(model, plan, mesh, config.augment, prep, NUM_CLASSES,
                                   config.sync_batchnorm)
     rng = np.random.default_rng(seed)
     size = config.augment.resolution
-    batch = parallel.shard_batch(mesh, {
+    batch = devices.shard_batch(mesh, {
         "image": rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8),
         "label": rng.integers(0, NUM_CLASSES, config.batch_size).astype(np.int32)})
     parts = {"model": model, "variables": variables, "plan": plan, "prep": prep, "mesh": mesh}
@@ -71,7 +71,8 @@ def build(config: Any, seed: int = 0) -> tuple[Any, Any, Any, dict]:
 def run(args: argparse.Namespace) -> dict:
     """Compile, then time the real step on one synthetic batch already on the device(s)."""
     try:
-        from cifar_flax.train import initialize, steps  # noqa: F401
+        from cifar_flax.training import initialize
+        from cifar_flax.train import steps  # noqa: F401
     except ImportError as e:
         raise FrameworkUnavailable(f"cifar_flax.train not importable ({e})") from e
     import jax

@@ -1,4 +1,4 @@
-"""Host input pipeline: any source (datasets.py) -> per-host numpy batches of uint8 images.
+"""Host input pipeline: any source (sources.py) -> per-host numpy batches of uint8 images.
 
 Logical splits: "train" (``config.train_split`` minus the validation hold-out), "validation"
 (``config.val_split``, or a seeded ``config.val_fraction`` of the train split, or nothing) and
@@ -26,8 +26,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from cifar_flax.data.datasets import data_key, source_for_key
-from cifar_flax.data.types import DataError, DatasetInfo, SplitSource
+from cifar_flax.data.sources import data_key, source_for_key
+from cifar_flax.data.sources import DataError, DatasetInfo, SplitSource
 
 __all__ = [
     "get_info", "local_batch_size", "train_batches", "eval_batches",
@@ -326,8 +326,8 @@ def eval_batches(
 
 def clear_caches() -> None:
     """Forget memoised sources, hold-outs and cached datasets (tests; changed files on disk)."""
-    from cifar_flax.data import datasets
+    from cifar_flax.data import sources
 
-    datasets.source_for_key.cache_clear()
+    sources.source_for_key.cache_clear()
     _holdout.cache_clear()
     _host_dataset.cache_clear()

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cifar_flax.data.types import DataError
+from cifar_flax.data.sources import DataError
 
 
 def link_subset(

@@ -12,10 +12,10 @@ from cifar_flax import cli
 def user_errors() -> tuple[type[Exception], ...]:
     """Problems of the user's inputs: printed as one line ``error: ...``, exit status 1."""
     from cifar_flax.config import ConfigError
-    from cifar_flax.data.types import DataError
+    from cifar_flax.data.sources import DataError
     from cifar_flax.inference.images import InputError
-    from cifar_flax.train.run_checkpoint import RunError
-    from cifar_flax.train.workdir import WorkdirError
+    from cifar_flax.training.checkpoints import RunError
+    from cifar_flax.training.workdir import WorkdirError
 
     return RunError, InputError, ConfigError, DataError, WorkdirError
 

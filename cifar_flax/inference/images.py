@@ -18,9 +18,9 @@ import numpy as np
 import tensorflow as tf
 from etils import epath
 
-from cifar_flax.data.imagefolder import IMAGE_EXTENSIONS
+from cifar_flax.data.sources import IMAGE_EXTENSIONS
 from cifar_flax.data.input_pipeline import resize_example
-from cifar_flax.data.types import decode
+from cifar_flax.data.sources import decode
 
 
 class InputError(ValueError):

@@ -14,7 +14,7 @@ import jax
 from absl import logging
 from etils import epath
 
-from cifar_flax.inference.run import LoadedRun
+from cifar_flax.inference.trained_run import LoadedRun
 
 
 def write(run: LoadedRun, serve: Callable[[Any, Any], Any], directory: epath.Path) -> bool:

@@ -1,21 +1,30 @@
-"""Orbax checkpoints: ``<workdir>/checkpoints/latest`` (keep-N, for resuming) and ``.../best``.
+"""Orbax checkpoints of a run, written by training and read by everything that uses a trained run.
 
-Each checkpoint holds the TrainState (params, batch_stats, opt_state, step, rng) and a JSON
-``meta`` item (phase index and start step, early-stopping state, metrics history, the run's
-fingerprint). The data position is the step itself (input_pipeline.train_batches(start_step=step)).
-Orbax writes into a temporary directory and renames it when complete, so a run killed at any
-moment leaves either the previous checkpoints or a complete new one; a save that fails (a full
-disk) leaves the previous ones as they were and raises :class:`CheckpointError` (one line).
+Training writes ``<workdir>/checkpoints/latest`` (keep-N, for resuming) and ``.../best`` with
+:class:`Checkpointer`. Each checkpoint holds the TrainState (params, batch_stats, opt_state, step,
+rng) and a JSON ``meta`` item (phase index and start step, early-stopping state, metrics history,
+the run's fingerprint). The data position is the step itself
+(input_pipeline.train_batches(start_step=step)). Orbax writes into a temporary directory and
+renames it when complete, so a run killed at any moment leaves either the previous checkpoints or
+a complete new one; a save that fails (a full disk) leaves the previous ones as they were and
+raises a one-line UserError.
 
-Damaged checkpoints (a file deleted or truncated after the fact): before resuming from (or testing)
-a checkpoint, its meta and every array are read back. An unreadable step is logged with the
-reason and moved to ``checkpoints/unreadable/`` (never deleted), and the next older step is tried,
-in ``latest`` and in ``best`` (which keeps two for that reason). Only when no step of a folder
-reads back does :class:`CheckpointError` stop the run, naming the folder.
+Damaged checkpoints (a file deleted or truncated after the fact): before resuming from (or
+testing) a checkpoint, its meta and every array are read back. An unreadable step is logged with
+the reason and moved to ``checkpoints/unreadable/`` (never deleted), and the next older step is
+tried, in ``latest`` and in ``best`` (which keeps two for that reason). Only when no step of a
+folder reads back does the run stop, naming the folder.
+
+Reading a run (``config.init_from``, predict, evaluate, export): :func:`find_checkpoint` names a
+step folder of a workdir, a ``checkpoints/<kind>`` folder or a step folder, and
+:func:`restore_variables` reads only ``params`` and ``batch_stats``, read-only, with explicit
+replicated shardings on the current mesh (a checkpoint written by another device count or
+topology restores). Nothing is created or written there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -27,6 +36,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 BEST_KEEP = 2  # The previous best is the fallback when the newest best is unreadable.
 
@@ -266,3 +277,121 @@ class Checkpointer:
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+KINDS = ("best", "latest")
+
+
+class RunError(ValueError):
+    """A run folder or checkpoint that cannot be used; the message names the path and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunCheckpoint:
+    """One checkpoint step folder of a run: ``<workdir>/checkpoints/<kind>/<step>``."""
+
+    path: epath.Path
+    step: int
+    kind: str  # "best", "latest" or "" (a step folder given directly, outside that layout).
+
+    @property
+    def workdir(self) -> epath.Path | None:
+        """The run's workdir when the checkpoint sits in the usual layout, else None."""
+        root = self.path.parent.parent
+        return root.parent if root.name == "checkpoints" else None
+
+
+def _steps(manager_dir: epath.Path) -> list[int]:
+    """Finished step folders (Orbax renames a folder to its step number when complete)."""
+    if not manager_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in manager_dir.iterdir() if p.name.isdigit()
+                  and (p / "state").is_dir())
+
+
+def find_checkpoint(run: str, which: str = "best") -> RunCheckpoint:
+    """The checkpoint of ``run`` to use: ``which="best"`` (the run's best by its validation
+    metric; its last checkpoint when it has no best, e.g. trained without validation) or
+    ``"latest"``. ``run`` is a workdir, a ``checkpoints/<kind>`` folder or a step folder."""
+    if which not in KINDS:
+        raise RunError(f"--checkpoint={which!r} must be one of {KINDS}.")
+    path = epath.Path(run)
+    if not path.exists():
+        raise RunError(f"{run} does not exist; pass the --workdir of a training run.")
+    if (path / "state").is_dir():  # A step folder.
+        kind = path.parent.name if path.parent.name in KINDS else ""
+        return RunCheckpoint(path, int(path.name) if path.name.isdigit() else 0, kind)
+    if path.name in KINDS and _steps(path):  # A checkpoints/<kind> folder.
+        return RunCheckpoint(path / str(_steps(path)[-1]), _steps(path)[-1], path.name)
+    order = (which, "latest") if which == "best" else (which,)
+    for kind in order:
+        steps = _steps(path / "checkpoints" / kind)
+        if steps:
+            return RunCheckpoint(path / "checkpoints" / kind / str(steps[-1]), steps[-1], kind)
+    raise RunError(
+        f"{run} has no finished checkpoint (expected {path / 'checkpoints' / which}/<step>); "
+        "train it first or pass the workdir of a run that saved one."
+    )
+
+
+def read_meta(ckpt: RunCheckpoint) -> dict[str, Any]:
+    """The checkpoint's JSON meta item (step, phase, early stopping, history, ...); {} if none."""
+    path = ckpt.path / "meta" / "metadata"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def stored_shapes(ckpt: RunCheckpoint) -> dict[str, Any]:
+    """``{"params", "batch_stats"}`` as stored: a tree of ``jax.ShapeDtypeStruct`` (no values)."""
+    import orbax.checkpoint as ocp
+
+    tree = ocp.PyTreeCheckpointHandler().metadata(ckpt.path / "state")
+    missing = [k for k in ("params", "batch_stats") if k not in tree]
+    if missing:
+        raise RunError(f"{ckpt.path} holds no {missing}; it is not a cifar_flax checkpoint.")
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
+                        {"params": tree["params"], "batch_stats": tree["batch_stats"]})
+
+
+def restore_variables(ckpt: RunCheckpoint, mesh: Mesh, like: Any = None) -> dict[str, Any]:
+    """``{"params", "batch_stats"}`` of ``ckpt``, replicated on ``mesh``.
+
+    ``like`` (a tree of arrays or ShapeDtypeStructs, e.g. the model's ``eval_shape``) fixes the
+    expected structure and shapes; a mismatch is a RunError naming the differing entries. Without
+    it the stored structure is used."""
+    import orbax.checkpoint as ocp
+
+    stored = stored_shapes(ckpt)
+    if like is not None:
+        problems = shape_differences(stored, like)
+        if problems:
+            raise RunError(
+                f"{ckpt.path} does not fit this model ({len(problems)} differences: "
+                f"{'; '.join(problems[:6])}); was it trained with another model config?"
+            )
+    rep = NamedSharding(mesh, P())
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), stored)
+    args = jax.tree.map(
+        lambda s: ocp.ArrayRestoreArgs(sharding=rep, global_shape=s.shape, dtype=s.dtype), target)
+    out = ocp.PyTreeCheckpointer().restore(
+        ckpt.path / "state",
+        args=ocp.args.PyTreeRestore(item=target, restore_args=args, partial_restore=True),
+    )
+    return {"params": out["params"], "batch_stats": out["batch_stats"]}
+
+
+def flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """'/'-joined path -> shape of every leaf (arrays or ShapeDtypeStructs)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+            for path, leaf in flat}
+
+
+def shape_differences(stored: Any, expected: Any) -> list[str]:
+    """Human-readable differences between two trees' leaf paths and shapes ([] when equal)."""
+    a, b = flat_shapes(stored), flat_shapes(expected)
+    order = lambda keys: sorted(keys, key=lambda k: (not k.startswith("params"), k))  # noqa
+    out = [f"{k} missing from the checkpoint" for k in order(b.keys() - a.keys())]
+    out += [f"{k} unexpected in the checkpoint" for k in order(a.keys() - b.keys())]
+    out += [f"{k} {a[k]} in the checkpoint vs {b[k]} expected" for k in order(a.keys() & b.keys())
+            if a[k] != b[k]]
+    return out

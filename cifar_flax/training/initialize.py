@@ -15,9 +15,9 @@ from absl import logging
 
 from cifar_flax.config import ConfigError
 from cifar_flax.models import create_model
-from cifar_flax.train import run_checkpoint
-from cifar_flax.train.parallel import AXIS
-from cifar_flax.train.run_info import read_run_info
+from cifar_flax.training import checkpoints
+from cifar_flax.training.devices import AXIS
+from cifar_flax.training.workdir import read_run_info
 from cifar_flax.weights.convert import merge_into
 from cifar_flax.weights.registry import source_spec
 from cifar_flax.weights.store import load_pretrained
@@ -62,7 +62,7 @@ def input_preprocessing(config: ml_collections.ConfigDict) -> Any:
     return source_spec(p.source, p.variant, config.model.layout).preprocessing
 
 
-def _check_preprocessing(config: ml_collections.ConfigDict, ckpt: run_checkpoint.RunCheckpoint):
+def _check_preprocessing(config: ml_collections.ConfigDict, ckpt: checkpoints.RunCheckpoint):
     """The earlier run must have normalised its inputs as this config will (same weight source)."""
     import json
 
@@ -90,15 +90,15 @@ def variables_from_run(config: ml_collections.ConfigDict, variables: dict, run: 
     the earlier run's class names are ``class_names``: a head trained on other classes (a class
     split with the same count) maps features to the wrong labels."""
     try:
-        ckpt = run_checkpoint.find_checkpoint(run, "best")
-        stored = run_checkpoint.stored_shapes(ckpt)
-    except run_checkpoint.RunError as e:
+        ckpt = checkpoints.find_checkpoint(run, "best")
+        stored = checkpoints.stored_shapes(ckpt)
+    except checkpoints.RunError as e:
         raise ConfigError(f"init_from={run!r}: {e}") from None
     _check_preprocessing(config, ckpt)
     target = {k: variables[k] for k in ("params", "batch_stats")}
     backbone = lambda tree: {k: {m: v for m, v in tree[k].items() if m != "head"}  # noqa: E731
                              for k in ("params", "batch_stats")}
-    problems = run_checkpoint.shape_differences(backbone(stored), backbone(target))
+    problems = checkpoints.shape_differences(backbone(stored), backbone(target))
     if problems:
         raise ConfigError(
             f"init_from={run!r}: its backbone does not fit this model ({len(problems)} "
@@ -106,9 +106,9 @@ def variables_from_run(config: ml_collections.ConfigDict, variables: dict, run: 
             "and base_width as that run."
         )
     mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()[:1]), ("data",))
-    loaded = jax.device_get(run_checkpoint.restore_variables(ckpt, mesh))
+    loaded = jax.device_get(checkpoints.restore_variables(ckpt, mesh))
     head = lambda tree: {k: tree[k].get("head", {}) for k in ("params", "batch_stats")}  # noqa
-    same_shapes = not run_checkpoint.shape_differences(head(stored), head(target))
+    same_shapes = not checkpoints.shape_differences(head(stored), head(target))
     old_names = _run_class_names(ckpt)
     same_classes = class_names is None or old_names is None or list(class_names) == old_names
     keep_head = same_shapes and same_classes
@@ -124,7 +124,7 @@ def variables_from_run(config: ml_collections.ConfigDict, variables: dict, run: 
     return out
 
 
-def _run_class_names(ckpt: run_checkpoint.RunCheckpoint) -> list[str] | None:
+def _run_class_names(ckpt: checkpoints.RunCheckpoint) -> list[str] | None:
     """The class names the checkpoint's run trained on (None when its workdir does not say)."""
     if ckpt.workdir is None:
         return None

@@ -20,8 +20,8 @@ import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from cifar_flax.data import datasets, input_pipeline  # noqa: E402
-from cifar_flax.data.types import DatasetInfo  # noqa: E402
+from cifar_flax.data import sources, input_pipeline  # noqa: E402
+from cifar_flax.data.sources import DatasetInfo  # noqa: E402
 
 CHANNELS = ("R", "G", "B")
 SCAN_BATCH = 512
@@ -155,7 +155,7 @@ def run_eda(config: Any, workdir: str, samples_per_class: int = 8) -> dict:
     config = config.copy_and_resolve_references()
     config.cache = False  # one pass; nothing to reuse
     info = input_pipeline.get_info(config)
-    sizes = sorted(set().union(*[s.sizes or set() for s in datasets.get_source(config).splits.values()]))
+    sizes = sorted(set().union(*[s.sizes or set() for s in sources.get_source(config).splits.values()]))
     stats = {
         "dataset": info.name, "class_names": list(info.class_names),
         "image_shape": list(info.image_shape), "dtype": "uint8",

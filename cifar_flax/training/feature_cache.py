@@ -49,8 +49,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cifar_flax.data import augment, input_pipeline
-from cifar_flax.train import steps
-from cifar_flax.train.evaluation import batch_sums
+from cifar_flax.training import steps
+from cifar_flax.training.evaluation import batch_sums
 
 PreprocessFn = Callable[[jnp.ndarray], jnp.ndarray]  # uint8-valued images -> normalised float
 AugmentFn = Callable[[jax.Array, jnp.ndarray], jnp.ndarray]  # (rng, images) -> images

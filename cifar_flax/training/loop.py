@@ -40,15 +40,15 @@ from etils import epath
 
 from cifar_flax.config import validate
 from cifar_flax.data import input_pipeline
-from cifar_flax.data.types import DatasetInfo
-from cifar_flax.train import distributed, feature_cache, optim, parallel, steps
-from cifar_flax.train.checkpointing import Checkpointer
-from cifar_flax.train.early_stopping import EarlyStopping
-from cifar_flax.train.evaluation import Evaluator
-from cifar_flax.train.fingerprint import check_resume, fingerprint
-from cifar_flax.train.initialize import build_model, init_variables, input_preprocessing
-from cifar_flax.train.metrics_writer import MetricsWriter, Progress
-from cifar_flax.train.run_info import write_run_info
+from cifar_flax.data.sources import DatasetInfo
+from cifar_flax.training import devices, feature_cache, optim, steps
+from cifar_flax.training.checkpoints import Checkpointer
+from cifar_flax.training.evaluation import EarlyStopping
+from cifar_flax.training.evaluation import Evaluator
+from cifar_flax.training.workdir import check_resume, fingerprint
+from cifar_flax.training.initialize import build_model, init_variables, input_preprocessing
+from cifar_flax.training.metrics import MetricsWriter, Progress
+from cifar_flax.training.workdir import write_run_info
 
 # (history, test labels, test logits, class names, results) -> None; main.py writes the report.
 ReportFn = Callable[[list, np.ndarray, np.ndarray, list, dict], None]
@@ -79,7 +79,7 @@ def train_and_evaluate(
     """
     validate(config)
     t_start = time.time()
-    mesh = parallel.make_mesh()
+    mesh = devices.make_mesh()
     info = input_pipeline.get_info(config)
     model = build_model(config, info.num_classes)
     ckpt = Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
@@ -103,7 +103,7 @@ def train_and_evaluate(
                fingerprint=run_fingerprint, wall_before=meta.get("wall_seconds", 0.0) if meta else 0.0,
                t_start=t_start)
     try:
-        shapes = parallel.abstract(mesh, variables)  # The step donates (deletes) the buffers.
+        shapes = devices.abstract(mesh, variables)  # The step donates (deletes) the buffers.
         state = _initial_state(run, pos, variables, fresh=meta is None)
         stopped = state is not None and _train_phases(run, pos, state, fresh=meta is None)
         if stopped:
@@ -209,8 +209,8 @@ def _state_like(run: _Run, step: int, variables: Any, plan: optim.PhasePlan) -> 
     rng = jax.random.key(run.config.seed + 1)
     make = lambda v: steps.create_train_state(v, plan.tx, rng, step)  # noqa: E731
     if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(variables)):
-        return parallel.abstract(run.mesh, jax.eval_shape(make, variables))
-    return parallel.replicate(run.mesh, make(variables))
+        return devices.abstract(run.mesh, jax.eval_shape(make, variables))
+    return devices.replicate(run.mesh, make(variables))
 
 
 def _initial_state(run: _Run, pos: Position, variables: Any, fresh: bool):
@@ -220,7 +220,7 @@ def _initial_state(run: _Run, pos: Position, variables: Any, fresh: bool):
     logging.info("Resuming from step %d (phase %d) in %s", pos.step, pos.phase_index, run.workdir)
     if pos.phase_index >= len(run.config.phases):
         return None  # Training had finished; only the test evaluation and report remain.
-    shapes = parallel.abstract(run.mesh, variables)
+    shapes = devices.abstract(run.mesh, variables)
     plan = run.plan(pos.phase_index, shapes["params"])
     return run.ckpt.restore(_state_like(run, pos.step, shapes, plan))
 
@@ -257,7 +257,7 @@ def _start_phase(run: _Run, pos: Position, state: steps.TrainState) -> steps.Tra
     plan = run.plan(pos.phase_index, state.params)
     pos.phase_start = pos.step
     pos.early_stopping.start_phase()
-    opt_state = parallel.replicate(run.mesh, plan.tx.init(state.params))
+    opt_state = devices.replicate(run.mesh, plan.tx.init(state.params))
     cached = feature_cache.cache_decision(run.config, plan)[0]
     run.writer.write(pos.step, "phase",
                      {"index": plan.index, "name": plan.name, "feature_cache": cached})
@@ -293,7 +293,7 @@ def _full_fns(run: _Run, plan: optim.PhasePlan, batches: "_TrainBatches"):
     )
 
     def step_fn(state, step):
-        return train_step(state, parallel.shard_batch(run.mesh, batches.at(step)))
+        return train_step(state, devices.shard_batch(run.mesh, batches.at(step)))
 
     def validate(state):
         return run.evaluator({"params": state.params, "batch_stats": state.batch_stats},
@@ -409,7 +409,7 @@ def _restore_phase_best(run: _Run, pos: Position, state: steps.TrainState) -> st
     marked by a ``restore_best`` metrics record; the optimizer state and step are kept."""
     run.phase_best.wait()
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    best = run.phase_best.restore_best(parallel.abstract(run.mesh, variables))
+    best = run.phase_best.restore_best(devices.abstract(run.mesh, variables))
     best_step = pos.early_stopping.phase_best_step
     run.writer.write(pos.step, "restore_best",
                      {"phase": pos.phase_index, "restored_step": best_step})
@@ -496,7 +496,7 @@ def _stop_requested(run: _Run, pos: Position, state, stop: _Stop, plan: optim.Ph
     requested = stop.requested or at_limit
     if jax.process_count() > 1 and not at_limit and pos.step % _stop_sync_every(run.config):
         return False  # Agreeing is a collective that drains the step pipeline: not every step.
-    if not distributed.any_process(requested):
+    if not devices.any_process(requested):
         return False
     _check_finite(run, pos, plan, pending)
     run.save(pos, state)
@@ -514,7 +514,7 @@ def _test_and_report(run: _Run, pos: Position, variables: Any, wall_seconds: flo
                      report_fn: ReportFn | None) -> dict[str, Any]:
     """Test the best (or last) weights, write predictions and the report; results.json."""
     es = pos.early_stopping
-    like = parallel.abstract(run.mesh, variables)
+    like = devices.abstract(run.mesh, variables)
     use_best = run.config.early_stopping.restore_best and run.ckpt.best_step() is not None
     if use_best:
         run.ckpt.wait()

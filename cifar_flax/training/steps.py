@@ -34,8 +34,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from cifar_flax.data import augment
-from cifar_flax.train.optim import PhasePlan
-from cifar_flax.train.parallel import AXIS
+from cifar_flax.training.optim import PhasePlan
+from cifar_flax.training.devices import AXIS
 from cifar_flax.data.preprocessing import Preprocessing
 
 

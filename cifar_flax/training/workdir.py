@@ -1,29 +1,50 @@
-"""The workdir before training touches it: usable (a writable folder), one run at a time (a lock),
-and an old run moved aside when the user asks to replace it.
+"""The workdir of a run and what guards it, before and while training touches it.
 
-- ``check_workdir``: a path that is a file, cannot be created or is not writable is one
-  :class:`WorkdirError` line naming the path, before any data or weights are read.
-- ``WorkdirLock``: ``<workdir>/.lock`` holds ``{"pid", "host", "started"}``, created atomically
-  (``O_CREAT | O_EXCL``) so of two runs started at once exactly one gets it; the other stops with
-  "workdir in use by pid N on host H". A lock left by a killed run (its pid no longer alive on this
-  host) is taken over with a warning; a lock from another host cannot be checked and must be
-  deleted by hand if that run is dead (the message says so). Multi-host runs: process 0 holds it.
-  On ``gs://`` workdirs the create is not atomic (object stores have no O_EXCL): best effort.
-- ``move_aside``: ``--config.resume=replace`` keeps the old run's files in
+- :func:`check_workdir`: a path that is a file, cannot be created or is not writable is one
+  UserError line naming the path, before any data or weights are read.
+- :class:`WorkdirLock`: ``<workdir>/.lock`` holds ``{"pid", "host", "started"}``, created
+  atomically (``O_CREAT | O_EXCL``) so of two runs started at once exactly one gets it; the other
+  stops with "workdir in use by pid N on host H". A lock left by a killed run (its pid no longer
+  alive on this host) is taken over with a warning; a lock from another host cannot be checked
+  and must be deleted by hand if that run is dead (the message says so). Multi-host runs: process
+  0 holds it. On ``gs://`` workdirs the create is not atomic (object stores have no O_EXCL).
+- :func:`fingerprint` / :func:`check_resume`: what a checkpoint was trained with, so a rerun
+  resumes only what is resumable. Every checkpoint's meta holds the config flattened to
+  ``"phases[1].lr": 0.05``-style keys plus the data it saw (class names, split sizes). A
+  difference in anything that shapes the state or the training stops the run with one line
+  listing the fields, old -> new, and the two ways on (a new ``--workdir``, or
+  ``--config.resume=replace``); a difference only in :data:`HARMLESS` fields (logging, checkpoint
+  cadence, where files live) is allowed and logged. A lengthened phase counts as a difference:
+  its cosine schedule depends on its length.
+- :func:`move_aside`: ``--config.resume=replace`` keeps the old run's files in
   ``<workdir>/previous/<UTC time>/`` instead of deleting them.
+- ``run_info.json`` (:func:`write_run_info`, :func:`read_run_info`): what a trained run's users
+  need besides its config (class names in label order, the uint8 image shape the pipeline fed
+  the model), so predict, evaluate and export work where the training data is not.
+- :func:`check_output_folder` / :func:`output_folder`: a command's ``--output`` (export,
+  evaluate) never deletes or overwrites what the command did not write.
 """
 
 from __future__ import annotations
 
+from typing import Any
+from typing import Any, Callable, Iterator
 import contextlib
+import functools
 import json
 import os
+import re
 import socket
 import time
-from typing import Any, Callable, Iterator
 
 from absl import logging
 from etils import epath
+import jax
+import ml_collections
+
+from cifar_flax.config import ConfigError
+from cifar_flax.data.sources import DatasetInfo
+
 
 LOCK_NAME = ".lock"
 RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "report", "config.json",
@@ -245,3 +266,152 @@ def output_folder(output: str) -> Iterator[epath.Path]:
     tmp.rename(out)
     if old.exists():
         old.rmtree()
+
+
+# Fields whose change cannot alter the trained parameters or the data (prefix match on the key).
+HARMLESS = (
+    "log_every_steps", "progress_bar", "tensorboard", "checkpoint.", "eval_batch_size", "data_dir",
+    "cache",
+    "distributed.", "model.conv_impl", "pretrained.file", "pretrained.cache_dir", "test_split",
+    "data.num_test",
+)
+IGNORED = ("resume",)  # How to resume is not part of what was trained.
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+        for k in sorted(value.keys()):
+            _flatten(value[k], f"{prefix}.{k}" if prefix else str(k), out)
+    elif isinstance(value, (list, tuple)) and any(
+        isinstance(v, (ml_collections.ConfigDict, dict)) for v in value
+    ):
+        out[f"{prefix}.count"] = len(value)
+        for i, v in enumerate(value):
+            _flatten(v, f"{prefix}[{i}]", out)
+    elif isinstance(value, (list, tuple)):
+        out[prefix] = [_plain(v) for v in value]
+    else:
+        out[prefix] = _plain(value)
+
+
+def _plain(v: Any) -> Any:
+    """A JSON value that compares the same before and after a JSON round trip."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return repr(v)
+
+
+def fingerprint(config: ml_collections.ConfigDict, info: Any = None) -> dict[str, Any]:
+    """Flat ``{key: JSON value}`` of everything that determined a run; ``info`` (a DatasetInfo)
+    adds the data it saw. Without ``info``: the config part alone (checkable before any data)."""
+    out: dict[str, Any] = {}
+    _flatten(config, "", out)
+    for key in [k for k in out if k.startswith(IGNORED)]:
+        del out[key]
+    if info is not None:
+        sizes = dict(info.split_sizes)
+        out["data.class_names"] = list(info.class_names)
+        out["data.num_train"] = int(sizes.get("train", 0))
+        out["data.num_validation"] = int(sizes.get("validation", 0))
+        out["data.num_test"] = int(sizes.get("test", 0))
+    return out
+
+
+def serious(diffs: list[str]) -> list[str]:
+    """The lines of ``differences`` outside HARMLESS fields (those that make a run unresumable)."""
+    return [d for d in diffs if not d.split(":", 1)[0].startswith(HARMLESS)]
+
+
+_UNSET = "(unset)"
+
+
+@functools.lru_cache(maxsize=1)
+def _defaults() -> dict[str, Any]:
+    from cifar_flax.config import default_config
+
+    return fingerprint(default_config())
+
+
+def _default(key: str) -> Any:
+    """The default_config value of ``key`` (a phase field: phase()'s default), or _UNSET."""
+    return _defaults().get(re.sub(r"^phases\[\d+\]", "phases[0]", key), _UNSET)
+
+
+def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"key: old -> new"`` for every key whose value differs (sorted).
+
+    A key the checkpoint lacks counts only when the current value is not the field's default
+    (a field a newer version added, left at its default, resumes). The data part is compared only
+    when both sides have it (one may be taken before reading the data)."""
+    keys = set(saved) | set(current)
+    has_data = lambda fp: any(k.startswith("data.") for k in fp)  # noqa: E731
+    if not (has_data(saved) and has_data(current)):
+        keys = {k for k in keys if not k.startswith("data.")}
+    out = []
+    for key in sorted(keys):
+        old, new = saved.get(key, _UNSET), current.get(key, _UNSET)
+        if old == new or (old is _UNSET and new == _default(key)):
+            continue
+        out.append(f"{key}: {_short(old)} -> {_short(new)}")
+    return out
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    text = v if v is _UNSET else repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_resume(saved: dict | None, current: dict, config: ml_collections.ConfigDict,
+                 workdir: str = "the workdir") -> list[str]:
+    """Whether a run with fingerprint ``current`` may resume a checkpoint fingerprinted ``saved``.
+
+    Raises ConfigError (one line listing the differing fields and the ways on) when any field
+    outside HARMLESS differs; returns the harmless differences (the caller logs them). ``saved``
+    None (a checkpoint written before fingerprints existed) resumes with a note.
+    ``config.resume == "replace"`` is handled before (main.run moves the old run aside), so here
+    every value of it refuses a different run.
+    """
+    if saved is None:
+        return ["the checkpoint records no fingerprint (an older version wrote it): not checked"]
+    diffs = differences(saved, current)
+    bad = serious(diffs)
+    if bad:
+        shown = "; ".join(bad[:8]) + (f"; and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise ConfigError(
+            f"{workdir} holds a run with a different config ({shown}): resuming would mix the "
+            "two. Use a new --workdir, or --config.resume=replace to move the old run to "
+            f"{workdir}/previous/ and start this one there."
+        )
+    return diffs
+
+
+FILENAME = "run_info.json"
+
+
+def write_run_info(workdir: str, info: DatasetInfo) -> None:
+    """Write ``<workdir>/run_info.json`` (process 0 only; any other process returns)."""
+    if jax.process_index() != 0:
+        return
+    path = epath.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    record = {
+        "dataset": info.name,
+        "num_classes": info.num_classes,
+        "class_names": list(info.class_names),
+        "image_shape": list(info.image_shape),
+    }
+    (path / FILENAME).write_text(json.dumps(record, indent=2))
+
+
+def read_run_info(workdir: str) -> dict[str, Any]:
+    """The content of ``<workdir>/run_info.json``; FileNotFoundError when the run has none
+    (runs trained before it existed)."""
+    path = epath.Path(workdir) / FILENAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    record = json.loads(path.read_text())
+    record["class_names"] = list(record["class_names"])
+    record["image_shape"] = tuple(int(x) for x in record["image_shape"])
+    return record

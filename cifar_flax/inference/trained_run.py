@@ -1,29 +1,35 @@
-"""Load a trained run for inference: its config, class names, input shape, model and variables.
+"""A trained run loaded for inference: its config, class names, input shape, model and variables,
+and the logits and class probabilities it gives for uint8 images.
 
 Everything comes from the run's workdir (``config.json``, ``run_info.json`` and a checkpoint), so
 the user passes nothing the run already knows and the data need not be on this machine. Runs
 trained before ``run_info.json`` existed fall back to re-reading the dataset's info (which needs
-the data) and say so.
+the data) and say so. :class:`Predictor` runs images through the evaluation's logits step
+(training.evaluation.make_logits_step: eval preprocessing, inference-mode BatchNorm, no dropout),
+sharded over the mesh's devices; a batch is padded to a multiple of the device count and the
+padding dropped from the result.
 """
 
 from __future__ import annotations
 
+from typing import Any
 import dataclasses
 import json
-from typing import Any
 
-import jax
-import ml_collections
 from absl import logging
 from etils import epath
 from jax.sharding import Mesh
+import jax
+import ml_collections
+import numpy as np
 
 from cifar_flax.config import default_config, phase
 from cifar_flax.data.preprocessing import Preprocessing
-from cifar_flax.train import parallel, run_checkpoint
-from cifar_flax.train.initialize import build_model, input_preprocessing
-from cifar_flax.train.run_checkpoint import RunCheckpoint, RunError
-from cifar_flax.train.run_info import read_run_info
+from cifar_flax.training import devices, checkpoints
+from cifar_flax.training import devices, steps
+from cifar_flax.training.initialize import build_model, input_preprocessing
+from cifar_flax.training.checkpoints import RunCheckpoint, RunError
+from cifar_flax.training.workdir import read_run_info
 
 
 @dataclasses.dataclass
@@ -104,18 +110,53 @@ def load_run(run: str, checkpoint: str = "best", conv_impl: str | None = None,
     """Load ``run`` (a workdir, or a checkpoint folder inside one) with its ``checkpoint``
     ("best": the run's best, else its last; or "latest"), restored replicated on ``mesh``
     (default: all devices). ``conv_impl`` overrides ``config.model.conv_impl`` (export: "xla")."""
-    ckpt = run_checkpoint.find_checkpoint(run, checkpoint)
+    ckpt = checkpoints.find_checkpoint(run, checkpoint)
     workdir = ckpt.workdir or epath.Path(run)
     config = read_config(workdir)
     if conv_impl is not None:
         config.model.conv_impl = conv_impl
     facts = _dataset_info(workdir, config)
     model = build_model(config, len(facts["class_names"]))
-    mesh = mesh or parallel.make_mesh()
+    mesh = mesh or devices.make_mesh()
     res = config.augment.resolution
     like = jax.eval_shape(lambda: model.init(
         jax.random.key(0), jax.numpy.zeros((1, res, res, 3)), train=False))
     like = {"params": like["params"], "batch_stats": like["batch_stats"]}
-    variables = run_checkpoint.restore_variables(ckpt, mesh, like)
+    variables = checkpoints.restore_variables(ckpt, mesh, like)
     return LoadedRun(workdir, config, list(facts["class_names"]), tuple(facts["image_shape"]),
                      facts["dataset"], model, variables, input_preprocessing(config), ckpt, mesh)
+
+
+TTA_MODES = ("none", "flip")  # Also in predict.py (its --tta choices).
+
+
+class Predictor:
+    """``predictor.logits(images)``, ``predictor.probabilities(images, tta)`` for a LoadedRun."""
+
+    def __init__(self, run: LoadedRun) -> None:
+        self.run = run
+        self.fn = steps.make_logits_step(run.model, run.mesh, run.config.augment,
+                                         run.preprocessing)
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (n, H, W, 3) at the run's image shape -> float32 logits (n, C)."""
+        n = len(images)
+        pad = -n % self.run.mesh.size
+        if pad:
+            images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+        dev = devices.shard_batch(self.run.mesh, {"image": np.ascontiguousarray(images)})
+        out = self.fn(self.run.variables, dev["image"])
+        return np.asarray(devices.to_host(out), np.float32)[:n]
+
+    def probabilities(self, images: np.ndarray, tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
+        """(logits, probabilities); ``tta="flip"`` averages the probabilities (and logits) of
+        each image and its horizontal mirror."""
+        if tta not in TTA_MODES:
+            raise ValueError(f"tta={tta!r} must be one of {TTA_MODES}.")
+        logits = self.logits(images)
+        probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+        if tta == "flip":
+            flipped = self.logits(images[:, :, ::-1])
+            logits = (logits + flipped) / 2
+            probs = (probs + np.asarray(jax.nn.softmax(flipped, axis=-1))) / 2
+        return logits, probs

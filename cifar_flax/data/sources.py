@@ -1,0 +1,341 @@
+"""Dataset sources behind one interface: tfds by name, ``imagefolder:<dir>`` and ``synthetic``.
+
+A source hands out, per physical split (a tfds split name or an ImageFolder sub-folder), the
+number of examples and a ``tf.data`` reader of decoded uint8 RGB images for any subset of example
+indices (:class:`Source`, :class:`SplitSource`; :func:`decode` is the one image decoder).
+Everything above that (validation hold-out, host sharding, batching) lives in input_pipeline.py
+and is the same for every source.
+
+``imagefolder:<dir>``: ``<dir>/<split>/<class>/<image>`` trees of JPEG/PNG/BMP/GIF files. Class
+names are the sorted class folder names, and every split the config uses must have the same
+class folders. Before any training the split is checked, so data problems surface at once with
+the offending path: a missing/empty split folder, a class folder missing from a split, a file
+that is not an image, an empty file, a file that does not decode. With ``skip_bad_files`` the
+bad files are left out instead, counted and logged. Hidden entries (names starting with ".") are
+ignored. The decode check is one parallel ``tf.data`` pass that also records each image's size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from typing import Callable
+import dataclasses
+import functools
+import json
+import os
+
+from absl import logging
+from tqdm import tqdm
+import numpy as np
+import tensorflow as tf
+
+
+
+class DataError(ValueError):
+    """Bad data or a bad data config; the message names the file/folder/field and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the rest of the project needs to know about the selected dataset."""
+
+    name: str
+    class_names: tuple[str, ...]
+    image_shape: tuple[int, int, int]  # uint8 HWC the host pipeline yields.
+    split_sizes: dict[str, int]  # Logical splits: "train", "validation" (0 if none), "test".
+    uniform_size: bool = True  # Whether all source images have one size (before any resize).
+    skipped_files: dict[str, int] = dataclasses.field(default_factory=dict)  # Per split folder.
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_skipped(self) -> int:
+        """Bad files skipped because of ``config.skip_bad_files`` (ImageFolder only)."""
+        return sum(self.skipped_files.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitSource:
+    """One physical split: its size and a reader for a sorted subset of example indices.
+
+    ``read(indices)`` returns a ``tf.data.Dataset`` of ``{"image": uint8 (h, w, 3), "label":
+    int32}`` in the order of ``indices``; image sizes may vary (``sizes`` says whether they do).
+    """
+
+    num_examples: int
+    read: Callable[[np.ndarray], tf.data.Dataset]
+    sizes: frozenset[tuple[int, int]] | None  # Distinct (h, w); None = unknown (may vary).
+    skipped: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    name: str
+    class_names: tuple[str, ...]
+    splits: dict[str, SplitSource]
+
+
+def decode(encoded: tf.Tensor) -> tf.Tensor:
+    """JPEG/PNG/BMP/GIF bytes -> uint8 (h, w, 3) (grayscale expanded, first GIF frame)."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
+    image.set_shape([None, None, 3])
+    return image
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+def imagefolder_source(root: str, splits: list[str], skip_bad_files: bool) -> Source:
+    """Scan and check the split folders of ``root``; all must share one class list."""
+    root = os.path.abspath(os.path.expanduser(root))
+    if not os.path.isdir(root):
+        raise DataError(
+            f"ImageFolder directory {root} does not exist (config.dataset=imagefolder:{root})."
+        )
+    classes = {split: _class_folders(root, split) for split in dict.fromkeys(splits)}
+    first = splits[0]
+    for split, names in classes.items():
+        for missing in sorted(set(classes[first]) - set(names)):
+            raise DataError(
+                f"Class folder {os.path.join(root, first, missing)} has no counterpart "
+                f"{os.path.join(root, split, missing)}; every split needs the same class folders."
+            )
+        for extra in sorted(set(names) - set(classes[first])):
+            raise DataError(
+                f"Class folder {os.path.join(root, split, extra)} has no counterpart "
+                f"{os.path.join(root, first, extra)}; every split needs the same class folders."
+            )
+    class_names = tuple(classes[first])
+    out = {s: _split_source(root, s, class_names, skip_bad_files) for s in classes}
+    return Source(f"imagefolder:{root}", class_names, out)
+
+
+def _class_folders(root: str, split: str) -> list[str]:
+    path = os.path.join(root, split)
+    if not os.path.isdir(path):
+        found = sorted(e for e in os.listdir(root) if os.path.isdir(os.path.join(root, e)))
+        raise DataError(
+            f"Split folder {path} does not exist (folders found: {found or 'none'}); create it "
+            "or set --config.train_split/--config.test_split/--config.val_split."
+        )
+    names = sorted(
+        e for e in os.listdir(path) if not e.startswith(".") and os.path.isdir(os.path.join(path, e))
+    )
+    if not names:
+        raise DataError(f"Split folder {path} has no class folders (expected {path}/<class>/<img>).")
+    return names
+
+
+def _list_files(root: str, split: str, class_names: tuple[str, ...]):
+    """Sorted (path, label) of candidate images, plus (path, reason) of obviously bad entries."""
+    paths, labels, bad = [], [], []
+    split_dir = os.path.join(root, split)
+    for entry in sorted(os.listdir(split_dir)):
+        full = os.path.join(split_dir, entry)
+        if not entry.startswith(".") and not os.path.isdir(full):
+            bad.append((full, "is a file outside any class folder"))
+    for label, name in enumerate(class_names):
+        class_dir = os.path.join(split_dir, name)
+        files = sorted(e for e in os.listdir(class_dir) if not e.startswith("."))
+        if not files:
+            logging.warning("Class folder %s is empty.", class_dir)
+        for f in files:
+            full = os.path.join(class_dir, f)
+            if os.path.isdir(full):
+                bad.append((full, "is a folder inside a class folder"))
+            elif not f.lower().endswith(IMAGE_EXTENSIONS):
+                bad.append((full, f"is not an image file (expected {'/'.join(IMAGE_EXTENSIONS)})"))
+            elif os.path.getsize(full) == 0:
+                bad.append((full, "is empty"))
+            else:
+                paths.append(full)
+                labels.append(label)
+    return paths, np.asarray(labels, np.int32), bad
+
+
+def decode_check(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every file once (parallel); returns (ok mask, (h, w) per file, 0 where bad)."""
+    ds = tf.data.Dataset.from_tensor_slices((np.asarray(paths, object), np.arange(len(paths))))
+    ds = ds.map(
+        lambda p, i: (i, tf.shape(decode(tf.io.read_file(p)))[:2]),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    ds = ds.ignore_errors().batch(1024)
+    sizes = np.zeros((len(paths), 2), np.int64)
+    ok = np.zeros(len(paths), bool)
+    with tqdm(total=len(paths), desc="checking images", unit="img", disable=None) as bar:
+        for idx, hw in ds.as_numpy_iterator():
+            ok[idx] = True
+            sizes[idx] = hw
+            bar.update(len(idx))
+    return ok, sizes
+
+
+def _split_source(
+    root: str, split: str, class_names: tuple[str, ...], skip_bad_files: bool
+) -> SplitSource:
+    paths, labels, bad = _list_files(root, split, class_names)
+    ok, sizes = decode_check(paths)
+    bad += [(p, "cannot be decoded as an image") for p, good in zip(paths, ok) if not good]
+    if bad and not skip_bad_files:
+        more = f" (and {len(bad) - 1} more bad files)" if len(bad) > 1 else ""
+        raise DataError(
+            f"{bad[0][0]} {bad[0][1]}{more}; fix or remove it, or set "
+            "--config.skip_bad_files=True to skip bad files."
+        )
+    if bad:
+        logging.warning(
+            "Skipped %d bad files in %s (config.skip_bad_files), e.g. %s %s.",
+            len(bad), os.path.join(root, split), bad[0][0], bad[0][1],
+        )
+    paths = [p for p, good in zip(paths, ok) if good]
+    labels, sizes = labels[ok], sizes[ok]
+    if not paths:
+        raise DataError(f"Split folder {os.path.join(root, split)} has no readable images.")
+    read = functools.partial(_read, np.asarray(paths, object), labels)
+    return SplitSource(len(paths), read, frozenset(map(tuple, sizes.tolist())), len(bad))
+
+
+def _read(paths: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_tensor_slices((paths[indices], labels[indices]))
+    return ds.map(
+        lambda p, y: {"image": decode(tf.io.read_file(p)), "label": y},
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+
+
+def data_key(config: Any) -> str:
+    """A hashable summary of the config fields that define the data (for memoisation)."""
+    fields = ("dataset", "data_dir", "train_split", "test_split", "val_split", "skip_bad_files")
+    d = {f: config[f] for f in fields}
+    d["seed"] = config.seed
+    d["synthetic"] = config.synthetic.to_dict() if config.dataset == "synthetic" else None
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def get_source(config: Any) -> Source:
+    """The source that ``config.dataset`` selects, with the splits the config uses."""
+    return source_for_key(data_key(config))
+
+
+@functools.lru_cache(maxsize=8)
+def source_for_key(key: str) -> Source:
+    d = json.loads(key)
+    splits = [d["train_split"], d["test_split"]] + ([d["val_split"]] if d["val_split"] else [])
+    name = d["dataset"]
+    if not name:
+        raise DataError("config.dataset is empty; use a tfds name, imagefolder:<dir> or synthetic.")
+    if name.startswith("imagefolder:"):
+        return imagefolder_source(name.split(":", 1)[1], splits, d["skip_bad_files"])
+    if name == "synthetic":
+        return _synthetic_source(d["synthetic"], d["seed"], d["train_split"], d["test_split"])
+    return _tfds_source(name, d["data_dir"], splits)
+
+
+# ---------------------------------------------------------------------------------------- tfds
+
+
+def _tfds_source(name: str, data_dir: str, splits: list[str]) -> Source:
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir or None)
+    except Exception as e:  # tfds raises several types for unknown or broken names.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"config.dataset={name!r} is not a tfds dataset ({first}); use a tfds name, "
+            "imagefolder:<dir> or synthetic."
+        ) from None
+    try:
+        builder.download_and_prepare()  # No-op when already prepared in data_dir.
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"tfds dataset {name!r} is not in data_dir {builder.data_dir!r} and its download "
+            f"failed ({type(e).__name__}: {first[:200]}). Set --config.data_dir to a directory "
+            "holding the prepared dataset, or use --config.dataset=imagefolder:<dir>."
+        ) from None
+    image_key, label_key = builder.info.supervised_keys or ("image", "label")
+    features = builder.info.features
+    if image_key not in features or label_key not in features:
+        raise DataError(f"tfds dataset {name!r} has no {image_key!r}/{label_key!r} features.")
+    h, w, _ = features[image_key].shape
+    sizes = frozenset([(h, w)]) if h and w else None
+    out = {}
+    for split in dict.fromkeys(splits):
+        try:
+            full = builder.as_dataset(
+                split=split,
+                shuffle_files=False,
+                decoders={image_key: tfds.decode.SkipDecoding()},
+            )
+        except Exception as e:
+            raise DataError(
+                f"tfds dataset {name!r} has no split {split!r} ({e}); available: "
+                f"{sorted(builder.info.splits)}. Fix config.train_split/test_split/val_split."
+            ) from None
+        n = int(full.cardinality().numpy())
+        if n < 0:
+            n = builder.info.splits[split].num_examples
+        read = functools.partial(_tfds_read, full, n, image_key, label_key)
+        out[split] = SplitSource(n, read, sizes)
+    return Source(name, tuple(features[label_key].names), out)
+
+
+def _tfds_read(
+    full: tf.data.Dataset, n: int, image_key: str, label_key: str, indices: np.ndarray
+) -> tf.data.Dataset:
+    """Read the examples at ``indices``: filter by index on the encoded records, then decode."""
+    mask = np.zeros(n, bool)
+    mask[indices] = True
+    mask_t = tf.constant(mask)
+    ds = full.enumerate().filter(lambda i, ex: tf.gather(mask_t, i))
+    return ds.map(
+        lambda i, ex: {"image": decode(ex[image_key]), "label": tf.cast(ex[label_key], tf.int32)},
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+
+
+# ----------------------------------------------------------------------------------- synthetic
+
+
+def synthetic_images(cfg: dict, seed: int, split_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """A learnable toy dataset: class colour + class-specific stripes + noise, uint8.
+
+    Class colours and stripe periods depend only on ``seed`` (shared by all splits); the examples
+    of each split come from ``(seed, split_id)``. Labels are balanced.
+    """
+    k, n, s = int(cfg["num_classes"]), int(cfg["num_train" if split_id == 0 else "num_test"]), int(
+        cfg["size"]
+    )
+    classes = np.random.default_rng([seed, 1000])
+    colours = classes.uniform(50, 205, size=(k, 3))
+    periods = 2 + np.arange(k) % 5
+    vertical = (np.arange(k) // 5) % 2 == 1
+    rng = np.random.default_rng([seed, split_id])
+    labels = rng.permutation(np.arange(n) % k).astype(np.int32)
+    coords = np.arange(s)
+    stripes = np.where((coords[None, :] // periods[:, None]) % 2 == 0, 40.0, -40.0)  # (k, s)
+    pattern = np.where(vertical[:, None, None], stripes[:, None, :], stripes[:, :, None])
+    images = colours[labels][:, None, None, :] + pattern[labels][..., None]
+    images = images + rng.normal(0, 25, size=(n, s, s, 3))
+    return np.clip(np.round(images), 0, 255).astype(np.uint8), labels
+
+
+def _synthetic_source(cfg: dict, seed: int, train_split: str, test_split: str) -> Source:
+    k = int(cfg["num_classes"])
+    if k < 2 or cfg["num_train"] < 1 or cfg["num_test"] < 1 or cfg["size"] < 1:
+        raise DataError(f"config.synthetic={cfg} needs num_classes >= 2 and positive sizes.")
+    out = {}
+    for split_id, split in enumerate((train_split, test_split)):
+        images, labels = synthetic_images(cfg, seed, split_id)
+
+        def read(indices: np.ndarray, images=images, labels=labels) -> tf.data.Dataset:
+            return tf.data.Dataset.from_tensor_slices(
+                {"image": images[indices], "label": labels[indices]}
+            )
+
+        out[split] = SplitSource(len(labels), read, frozenset([(cfg["size"], cfg["size"])]))
+    return Source("synthetic", tuple(f"class_{i}" for i in range(k)), out)
