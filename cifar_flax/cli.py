@@ -1,13 +1,23 @@
-"""What every command-line entry point shares (main, eda, and any other ``python -m`` tool).
+"""The command boundary every ``python -m cifar_flax.<command>`` shares: flags, one error handler,
+signals, a quiet start-up.
 
-- One line for a user's slip, never a traceback: an unknown or misspelled ``--config.field``
-  (with the near name, difflib), an index out of range (``--config.phases[5].lr``), a value of the
-  wrong type, a config file that is not there (with where it was looked for, and the project's
-  own ``configs/`` file when a relative path was given from another directory).
-- Ctrl-C outside the training loop (compilation, feature extraction, EDA) exits with one line and
-  status 130; the loop itself saves first (train/loop.py).
-- Quiet start-up: TensorFlow's import-time C++ notices (oneDNN, CPU features) and JAX's libtpu
-  probe and Orbax's per-save INFO lines do not reach the user. ``CIFAR_FLAX_VERBOSE=1`` keeps them.
+- Flags: absl with ml_collections ``config_flags`` for every command; each command keeps its
+  flags in its own ``FlagValues`` (commands can be called in one process, as the tests do).
+  Positional arguments come through absl's argv. A slip is one line, found before JAX starts: an
+  unknown or misspelled ``--config.field`` (with the near name), an index out of range
+  (``--config.phases[5].lr``), a value of the wrong type, a config file that is not there (with
+  where it was looked for, and the project's own ``configs/`` file when a relative path was given
+  from another directory).
+- One handler (:func:`run`): a UserError prints ``error: <one line>`` and exits 1; an
+  interrupted training run prints how to resume (interrupts.Interrupted); an OSError outside the
+  checkpoints (a full disk, a permission) is one line too. Nothing else is caught.
+- Signals: Ctrl-C or SIGTERM outside the training steps ends the command with one line
+  (training/interrupts.py); after the command finished, they are ignored (a finished command
+  exits 0).
+- Quiet start-up: TensorFlow's import-time C++ notices (oneDNN, CPU features), JAX's backend
+  probe and Orbax's per-save lines do not reach the user (``CIFAR_FLAX_VERBOSE=1`` keeps them);
+  TensorFlow runs only the host input pipeline, so it is kept off every accelerator (on a GPU it
+  would take memory JAX needs; two runtimes opening one TPU fail).
 """
 
 from __future__ import annotations
@@ -17,75 +27,95 @@ import os
 import re
 import signal
 import sys
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, Sequence
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-INTERRUPTED_EXIT = 130  # The shell's status for a process ended by SIGINT.
+from cifar_flax import UserError
+from cifar_flax.config import load_config_file
+from cifar_flax.training import interrupts
+
 _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # configs/ lives here.
 
 
-def fail(message: str, status: int = 1) -> NoReturn:
-    """Print ``error: <first line of message>`` (and its further lines) to stderr and exit."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(status)
-
-
-_real_stderr = [2]  # The file descriptor of the user's stderr (fd 2 is silenced during imports).
-
-
-def verbose() -> bool:
-    return os.environ.get("CIFAR_FLAX_VERBOSE", "") not in ("", "0")
-
-
-def import_tensorflow_quietly() -> None:
-    """Import TensorFlow (when installed) with the process's stderr silenced: its C++ start-up
-    notices are printed before any log level applies. Errors still surface (as exceptions)."""
-    if verbose() or "tensorflow" in sys.modules:
-        return
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    sys.stderr.flush()
-    os.dup2(null, 2)
-    _real_stderr[0] = saved  # Where a Ctrl-C during the import still reports.
+def run(main: Callable[[list[str]], Any], flag_values: flags.FlagValues,
+        argv: Sequence[str] | None = None,
+        interrupted: str = "nothing new was saved; rerun the same command to resume") -> int:
+    """Parse ``argv`` (default: sys.argv) into ``flag_values``, then ``main(positional args)``;
+    the command's exit status. ``interrupted`` completes the line a signal outside the training
+    steps prints. With ``argv`` given (a test) the signal handlers are put back afterwards."""
+    previous = interrupts.exit_on_signal(interrupted)
     try:
-        import tensorflow  # noqa: F401
-    except ImportError:
-        pass
+        args = parse_flags(flag_values, [sys.argv[0]] + list(sys.argv[1:] if argv is None else argv))
+        prepare_runtime()
+        main(args)
+        return 0
+    except UserError as e:
+        return _fail(f"error: {_one_line(str(e))}")
+    except interrupts.Interrupted as e:
+        print(e, flush=True)
+        return e.status
+    except OSError as e:  # A disk or permission problem outside the checkpoints.
+        return _fail(f"error: {type(e).__name__}: {_one_line(str(e.strerror or e))}"
+                     f"{f' ({e.filename})' if e.filename else ''}; what was saved before is "
+                     "intact: fix that (free space, permissions) and rerun the same command.")
     finally:
-        os.dup2(saved, 2)
-        _real_stderr[0] = 2
-        os.close(saved)
-        os.close(null)
+        if argv is None:  # The command is done: a late Ctrl-C changes nothing any more.
+            for sig in interrupts.SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+        else:
+            interrupts.restore(previous)
 
 
-def _quiet_record(record: Any) -> bool:
-    """Drop INFO chatter of Orbax (dozens of lines per save) and JAX's backend probe."""
-    noisy = "orbax" in record.pathname or record.pathname.endswith("xla_bridge.py")
-    return not noisy or record.levelno >= logging.logging.WARNING  # Python's level, not absl's.
+def exit(status: int) -> None:  # noqa: A001 - the commands' ``cli.exit(cli.run(...))``.
+    """End the command with ``status``; a failed one at once (``os._exit``), so that its error
+    line stays the last thing printed (no teardown noise of background threads after it)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if status:
+        os._exit(status)
+    sys.exit(0)
 
 
-def prepare_runtime() -> None:
-    """What every command does first: quiet logs, TensorFlow imported quietly and kept off
-    every accelerator (data/tf_runtime.py) before any TensorFlow op."""
-    quiet_logs()
-    import_tensorflow_quietly()
-    from cifar_flax.data.tf_runtime import hide_accelerators
-
-    hide_accelerators()
+def _fail(line: str) -> int:
+    print(line, file=sys.stderr, flush=True)
+    return 1
 
 
-def quiet_logs() -> None:
-    if not verbose():
-        logging.get_absl_handler().addFilter(_quiet_record)
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 # ---- flags and config files ----
+
+
+def parse_flags(flag_values: flags.FlagValues, argv: list[str]) -> list[str]:
+    """absl's parsing of ``argv`` into ``flag_values`` (and absl's own logging flags); returns
+    argv[0] and the positional arguments. ``--help`` prints the command's flags and exits 0;
+    every slip is a UserError of one line."""
+    if any(a in ("-h", "--help", "--helpshort", "-?") for a in argv[1:]):
+        print(flag_values.get_help(), flush=True)
+        raise SystemExit(0)
+    flag_values.unparse_flags()  # A second call in one process starts from the defaults.
+    try:
+        rest = flags.FLAGS(flag_values(argv, known_only=True))
+        for name in _config_flag_names(flag_values):
+            if flag_values[name].value is not None:
+                flag_values[name].value.keys()  # A config file that failed to load raises here.
+    except Exception as e:  # noqa: BLE001 - every parsing failure is a user's slip.
+        raise UserError(describe_flag_error(e, argv, flag_values)) from None
+    unknown = [a for a in rest[1:] if a.startswith("-")]
+    if unknown:
+        raise UserError(f"unknown flag {unknown[0]}; --help lists this command's flags.")
+    return rest
+
+
 _OVERRIDE = re.compile(r"^--?(\w+)\.([^=]+)(?:=.*)?$")
 
 
-def _config_flag_names() -> list[str]:
-    """The flags defined with ml_collections' DEFINE_config_file (their type names it)."""
-    return [name for name, f in flags.FLAGS._flags().items() if f.flag_type() == "config object"]
+def _config_flag_names(flag_values: flags.FlagValues) -> list[str]:
+    """The flags defined with ml_collections' config_flags (their type names it)."""
+    return [name for name, f in flag_values._flags().items() if f.flag_type() == "config object"]
 
 
 def _flag_value(argv: list[str], name: str) -> str | None:
@@ -104,22 +134,18 @@ def missing_config_file(path: str) -> str | None:
     file = path.split(":", 1)[0]
     if os.path.isfile(file):
         return None
-    where = os.path.abspath(file)
-    msg = (f"config file {file!r} not found (looked for {where}; relative paths start at "
-           f"{os.getcwd()})")
+    msg = (f"config file {file!r} not found (looked for {os.path.abspath(file)}; relative paths "
+           f"start at {os.getcwd()})")
     ours = os.path.join(_PROJECT_ROOT, file)
     if not os.path.isabs(file) and os.path.isfile(ours):
         return f"{msg}: did you mean --config={ours}{path[len(file):]}?"
-    shipped = os.path.join(_PROJECT_ROOT, "configs")
-    return f"{msg}; the project's configs are in {shipped}."
+    return f"{msg}; the project's configs are in {os.path.join(_PROJECT_ROOT, 'configs')}."
 
 
 def _split_path(path: str) -> list[str | int]:
     """``phases[1].lr`` -> ["phases", 1, "lr"]."""
-    parts: list[str | int] = []
-    for name, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", path):
-        parts.append(int(index) if index else name)
-    return parts
+    return [int(index) if index else name
+            for name, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", path)]
 
 
 def override_error(config: Any, path: str) -> str | None:
@@ -145,24 +171,23 @@ def override_error(config: Any, path: str) -> str | None:
     return None
 
 
-def describe_flag_error(error: BaseException, argv: list[str]) -> str:
+def describe_flag_error(error: BaseException, argv: list[str],
+                        flag_values: flags.FlagValues) -> str:
     """One line for a failure while parsing flags: config-file or override problems first."""
-    for name in _config_flag_names():
+    for name in _config_flag_names(flag_values):
         path = _flag_value(argv, name)
-        if path is None:
-            continue
-        missing = missing_config_file(path)
-        if missing:
-            return missing
-        try:
-            from cifar_flax.config import load_config_file
-
-            config = load_config_file(path)
-        except Exception as e:  # noqa: BLE001 - the config file itself raised.
-            return f"config file {path!r} failed to load: {type(e).__name__}: {_last_line(e)}"
+        config = flag_values[name].default if path is None else None
+        if path is not None:
+            missing = missing_config_file(path)
+            if missing:
+                return missing
+            try:
+                config = load_config_file(path)
+            except Exception as e:  # noqa: BLE001 - the config file itself raised.
+                return f"config file {path!r} failed to load: {type(e).__name__}: {_last_line(e)}"
         for arg in argv[1:]:
             m = _OVERRIDE.match(arg)
-            if m and m.group(1) == name:
+            if m and m.group(1) == name and config is not None:
                 problem = override_error(config, m.group(2))
                 if problem:
                     return problem
@@ -174,84 +199,80 @@ def _last_line(error: BaseException) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with every failure turned into one ``error:`` line and status 1."""
-    try:
-        rest = flags.FLAGS(argv)
-        for name in _config_flag_names():
-            config = flags.FLAGS[name].value
-            if config is not None:
-                config.keys()  # A config file that failed to load raises here.
-    except SystemExit:
-        raise
-    except Exception as e:  # noqa: BLE001 - every parsing failure is a user's slip.
-        fail(describe_flag_error(e, argv))
-    return rest
+def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
+    """``config`` with the ``--config.<path>=value`` values of a config_dict flag
+    (config_flags.get_override_values) set into it; a path it lacks is a UserError."""
+    for path, value in overrides.items():
+        problem = override_error(config, path)
+        if problem:
+            raise UserError(problem)
+        *parents, last = _split_path(path)
+        node = config
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return config
 
 
-# ---- Ctrl-C and running an entry point ----
-_interrupted = ["nothing new was saved"]
-_ctrl_c_seen = [False]  # Set by the handler: a library may swallow the SystemExit it raises.
+# ---- the runtime: quiet, TensorFlow off the accelerators ----
 
 
-def _exit_on_ctrl_c(signum: int, frame: Any) -> None:
-    """SIGINT outside the training loop (start-up, compilation, feature extraction, EDA): one
-    line and status 130. SystemExit unwinds normally (pending checkpoint writes are waited for)
-    and prints no traceback. The training loop installs its own handler while it trains."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # A second Ctrl-C aborts at once.
-    if not _ctrl_c_seen[0]:
-        os.write(_real_stderr[0], f"\nInterrupted (Ctrl-C): {_interrupted[0]}.\n".encode())
-    _ctrl_c_seen[0] = True
-    sys.exit(INTERRUPTED_EXIT)
+def verbose() -> bool:
+    return os.environ.get("CIFAR_FLAX_VERBOSE", "") not in ("", "0")
 
 
-def _retry_swallowed_exit(unraisable: Any) -> None:
-    """``sys.unraisablehook``: our SystemExit raised where Python cannot raise (a GC callback,
-    e.g. JAX's ``_xla_gc_callback``; a ``__del__``) is printed as "Exception ignored" and lost.
-    Print nothing and deliver the Ctrl-C again a moment later, from another thread, so that it
-    runs once the callback has returned."""
-    if _ctrl_c_seen[0] and isinstance(unraisable.exc_value, SystemExit):
-        import threading
-        import time
+def start() -> None:
+    """What a command does first, before the imports that bring TensorFlow in: signals end it
+    with one line, quiet logs, TensorFlow imported quietly and kept off every accelerator."""
+    interrupts.exit_on_signal()
+    prepare_runtime()
 
-        signal.signal(signal.SIGINT, _exit_on_ctrl_c)
-        resend = lambda: (time.sleep(0.05), os.kill(os.getpid(), signal.SIGINT))  # noqa: E731
-        threading.Thread(target=resend, daemon=True).start()
+
+def prepare_runtime() -> None:
+    """Quiet logs; TensorFlow imported quietly and kept off every accelerator (before any of its
+    ops). Idempotent."""
+    logging.use_absl_handler()
+    if not verbose() and _quiet_record not in logging.get_absl_handler().filters:
+        logging.get_absl_handler().addFilter(_quiet_record)
+    _import_tensorflow_quietly()
+    hide_accelerators()
+
+
+def _quiet_record(record: Any) -> bool:
+    """Drop INFO chatter of Orbax (dozens of lines per save) and JAX's backend probe."""
+    noisy = "orbax" in record.pathname or record.pathname.endswith("xla_bridge.py")
+    return not noisy or record.levelno >= logging.logging.WARNING  # Python's level, not absl's.
+
+
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow (when installed) with the process's stderr silenced: its C++ start-up
+    notices are printed before any log level applies. Errors still surface (as exceptions)."""
+    if verbose() or "tensorflow" in sys.modules:
         return
-    sys.__unraisablehook__(unraisable)
-
-
-def _exit_if_swallowed() -> None:
-    """Exit 130 when a Ctrl-C was seen but its SystemExit did not stop us: TensorFlow's import
-    swallows exceptions raised inside it (seen when Ctrl-C lands during ``import tensorflow``)."""
-    if _ctrl_c_seen[0]:
-        sys.exit(INTERRUPTED_EXIT)
-
-
-def install_ctrl_c_handler(message: str | None = None) -> None:
-    """Make Ctrl-C exit with one line (``message`` completes "Interrupted (Ctrl-C): ...")."""
-    if message:
-        _interrupted[0] = message
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    sys.stderr.flush()
+    os.dup2(null, 2)
     try:
-        signal.signal(signal.SIGINT, _exit_on_ctrl_c)
-    except ValueError:  # Not the main thread (imported by tests from a worker thread).
-        return
-    sys.unraisablehook = _retry_swallowed_exit
+        import tensorflow  # noqa: F401 - the import is the point (optional: not on Colab TPU).
+    except ImportError:
+        pass
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
-def run(main: Callable[[list[str]], None], interrupted: str = "nothing new was saved") -> None:
-    """``app.run(main)`` with one-line flag errors, quiet start-up and Ctrl-C as one line
-    (``interrupted`` says what happened to the work)."""
-    install_ctrl_c_handler(interrupted)
-
-    def guarded(argv: list[str]) -> None:
-        prepare_runtime()  # After flag parsing: a slip in the flags stops sooner.
-        _exit_if_swallowed()
+def hide_accelerators() -> list[str]:
+    """Make TensorFlow see only the CPU; returns the device types TF still sees (["CPU"]). A
+    no-op without TensorFlow; once TF is initialised its visible devices cannot change, and the
+    returned list says what it sees."""
+    try:
+        import tensorflow as tf  # Optional: the Colab TPU runtime and exported models lack it.
+    except ImportError:
+        return []
+    for kind in ("GPU", "TPU"):
         try:
-            main(argv)
-        except KeyboardInterrupt:  # A handler restored to Python's default raised it.
-            print(f"Interrupted (Ctrl-C): {_interrupted[0]}.", file=sys.stderr, flush=True)
-            sys.exit(INTERRUPTED_EXIT)
-        _exit_if_swallowed()
-
-    app.run(guarded, flags_parser=parse_flags)
+            tf.config.set_visible_devices([], kind)
+        except (RuntimeError, ValueError):  # Already initialised, or TF knows no such type.
+            pass
+    return sorted({d.device_type for d in tf.config.get_visible_devices()})

@@ -11,6 +11,7 @@ import types
 
 import ml_collections
 
+from cifar_flax import UserError
 from cifar_flax.models import CONV_IMPLS, LAYOUTS
 from cifar_flax.weights.registry import SOURCE_LAYOUT
 
@@ -161,12 +162,10 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     return load_module(file).get_config(*arg)
 
 
-class ConfigError(ValueError):
-    """An invalid config value; the message names the field and the fix (one line per problem)."""
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Check a config before any work starts; raise ConfigError with one line per invalid field.
+    """Check a config before any work starts; raise UserError with one line per invalid field.
 
     ``num_devices`` (default: ``jax.device_count()``) is what the global batch must divide by.
     Checks needing the parameters (orphan or doubly matched parameters) live in optim.py.
@@ -182,7 +181,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         + _distributed_errors(config.distributed)
     )
     if errors:
-        raise ConfigError("\n".join(errors))
+        raise UserError("\n".join(errors))
 
 
 def validate_distributed(config: ml_collections.ConfigDict) -> None:
@@ -190,7 +189,7 @@ def validate_distributed(config: ml_collections.ConfigDict) -> None:
     config needs the global device count, known only after it)."""
     errors = _distributed_errors(config.distributed)
     if errors:
-        raise ConfigError("\n".join(errors))
+        raise UserError("\n".join(errors))
 
 
 def _data_errors(c: ml_collections.ConfigDict, num_devices: int | None) -> list[str]:

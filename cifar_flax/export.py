@@ -13,33 +13,42 @@ DIR receives (cifar_flax/exported.py loads it with jax and numpy alone):
   with a ``serving_default`` signature ``images`` uint8 -> ``logits``, ``probabilities``.
 """
 
-from __future__ import annotations
+from cifar_flax import cli
 
-import argparse
-import datetime
-import json
-import sys
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+if __name__ == "__main__":  # Before the imports below: Ctrl-C as one line, TensorFlow quiet.
+    cli.start()
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from etils import epath
+import datetime  # noqa: E402
+import json  # noqa: E402
+from typing import Any, Callable  # noqa: E402
 
-import cifar_flax
-from cifar_flax import exported
-from cifar_flax.data.augment import eval_preprocess
-from cifar_flax.inference.cli import run_cli
-from cifar_flax.training.checkpoints import flat_shapes
-from cifar_flax.training.workdir import check_output_folder, output_folder
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import flags, logging  # noqa: E402
+from etils import epath  # noqa: E402
 
-if TYPE_CHECKING:  # It imports TensorFlow, which run_cli imports first (quietly).
-    from cifar_flax.inference.trained_run import LoadedRun
+import cifar_flax  # noqa: E402
+from cifar_flax import UserError, exported  # noqa: E402
+from cifar_flax.data.augment import eval_preprocess  # noqa: E402
+from cifar_flax.inference.trained_run import TrainedRun, load_run  # noqa: E402
+from cifar_flax.training.checkpoints import flat_shapes  # noqa: E402
+from cifar_flax.training.workdir import check_output_folder, output_folder  # noqa: E402
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("workdir", None, "The training run's --workdir.", flag_values=FLAGS)
+flags.DEFINE_string("output", None, "A new (or empty) folder for the export.", flag_values=FLAGS)
+flags.DEFINE_boolean("force", False, "Replace an earlier export in --output.", flag_values=FLAGS)
+flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "The run's checkpoint.",
+                  flag_values=FLAGS)
+flags.DEFINE_boolean("saved_model", True, "Also write a TF SavedModel (--nosaved_model: skip).",
+                     flag_values=FLAGS)
+flags.mark_flags_as_required(["workdir", "output"], flag_values=FLAGS)
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 
 
-def serving_function(run: LoadedRun) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:
+def serving_function(run: TrainedRun) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:
     """``(variables, uint8 images) -> (logits, probabilities)``: eval preprocessing + model."""
     model = run.model.clone(bn_axis_name=None)  # Inference BatchNorm: no cross-device axis.
 
@@ -51,13 +60,13 @@ def serving_function(run: LoadedRun) -> Callable[[Any, jax.Array], tuple[jax.Arr
     return serve
 
 
-def host_variables(run: LoadedRun) -> dict[str, np.ndarray]:
+def host_variables(run: TrainedRun) -> dict[str, np.ndarray]:
     """The run's variables as numpy, flattened to '/'-joined paths (params.npz's keys)."""
     flat = jax.tree_util.tree_flatten_with_path(jax.device_get(run.variables))[0]
     return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v) for path, v in flat}
 
 
-def export_stablehlo(run: LoadedRun) -> jax.export.Exported:
+def export_stablehlo(run: TrainedRun) -> jax.export.Exported:
     """jax.export of serving_function for PLATFORMS, batch dimension symbolic."""
     (batch,) = jax.export.symbolic_shape("batch")
     images = jax.ShapeDtypeStruct((batch, *run.image_shape), jnp.uint8)
@@ -65,7 +74,7 @@ def export_stablehlo(run: LoadedRun) -> jax.export.Exported:
     return jax.export.export(jax.jit(serving_function(run)), platforms=PLATFORMS)(variables, images)
 
 
-def model_info(run: LoadedRun, exp: jax.export.Exported) -> dict[str, Any]:
+def model_info(run: TrainedRun, exp: jax.export.Exported) -> dict[str, Any]:
     """model.json: what a user of the folder needs to know, and where it came from."""
     trained = epath.Path(run.workdir) / "report" / "results.json"
     trained = json.loads(trained.read_text()) if trained.exists() else {}
@@ -106,8 +115,6 @@ def _is_export(folder: epath.Path) -> bool:
 def export(workdir: str, output: str, force: bool = False, checkpoint: str = "best",
            savedmodel: bool = True) -> dict[str, Any]:
     """Write the export folder; returns model.json's content (+ "saved_model": bool)."""
-    from cifar_flax.inference.trained_run import load_run
-
     check_output_folder(output, force, "export", _is_export, EXPORT_FILES)
     run = load_run(workdir, checkpoint, conv_impl="xla")
     exp = export_stablehlo(run)
@@ -115,7 +122,7 @@ def export(workdir: str, output: str, force: bool = False, checkpoint: str = "be
         return _write(run, exp, out, savedmodel)
 
 
-def _write(run: LoadedRun, exp: jax.export.Exported, out: epath.Path,
+def _write(run: TrainedRun, exp: jax.export.Exported, out: epath.Path,
            savedmodel: bool) -> dict[str, Any]:
     """The export folder's files into ``out``; model.json's content (+ "saved_model": bool)."""
     (out / exported.MODEL_FILE).write_bytes(bytes(exp.serialize()))
@@ -124,35 +131,54 @@ def _write(run: LoadedRun, exp: jax.export.Exported, out: epath.Path,
     info = model_info(run, exp)
     (out / exported.INFO_FILE).write_text(json.dumps(info, indent=2))
     (out / "exported.py").write_text(epath.Path(exported.__file__).read_text())
-    info["saved_model"] = False
-    if savedmodel:
-        from cifar_flax.inference import savedmodel as sm
-
-        info["saved_model"] = sm.write(run, serving_function(run), out / "saved_model")
+    info["saved_model"] = savedmodel and write_saved_model(run, serving_function(run),
+                                                           out / "saved_model")
     return info
 
 
-def _main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m cifar_flax.export",
-                                description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", required=True, help="the training run's --workdir")
-    p.add_argument("--output", required=True, help="a new (or empty) folder")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --output")
-    p.add_argument("--checkpoint", default="best", choices=("best", "latest"))
-    p.add_argument("--no-saved-model", "--no_saved_model", action="store_true", help="skip the TF SavedModel")
-    args = p.parse_args(argv)
-    info = export(args.workdir, args.output, args.force, args.checkpoint, not args.no_saved_model)
-    extra = " + saved_model/" if info["saved_model"] else " (no TensorFlow: no SavedModel)"
+def write_saved_model(run: TrainedRun, serve: Callable[[Any, Any], Any],
+                      directory: epath.Path) -> bool:
+    """The TF SavedModel (jax2tf, native serialization: the same StableHLO as model.jax for CPU,
+    CUDA and TPU; the weights as TF variables), for TF Serving / TFLite users: signature
+    ``serving_default``, ``images`` uint8 (None, H, W, 3) -> ``logits``, ``probabilities``.
+    False (and a log line) without TensorFlow (the Colab TPU runtime has none)."""
+    try:  # Optional: TensorFlow is not on every machine that exports.
+        import tensorflow as tf
+        from jax.experimental import jax2tf
+    except ImportError:
+        logging.warning("TensorFlow is not importable: no SavedModel written.")
+        return False
+    h, w, c = run.image_shape
+    converted = jax2tf.convert(serve, polymorphic_shapes=[None, f"(b, {h}, {w}, {c})"],
+                               native_serialization_platforms=PLATFORMS, with_gradient=False)
+    module = tf.Module()
+    module.variables_tree = tf.nest.map_structure(tf.Variable, jax.device_get(run.variables))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, h, w, c], tf.uint8, name="images")],
+                 autograph=False)
+    def serving(images):
+        logits, probabilities = converted(module.variables_tree, images)
+        return {"logits": logits, "probabilities": probabilities}
+
+    module.serving = serving
+    tf.saved_model.save(module, str(directory), signatures={"serving_default": serving})
+    return True
+
+
+def _main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments {argv[1:]}; every input is a --flag.")
+    info = export(FLAGS.workdir, FLAGS.output, FLAGS.force, FLAGS.checkpoint, FLAGS.saved_model)
+    extra = " + saved_model/" if info["saved_model"] else " (no SavedModel)"
     print(f"exported {len(info['class_names'])}-class model, input uint8 (N, "
           f"{', '.join(map(str, info['input']['shape']))}), for {'/'.join(info['platforms'])} "
-          f"to {args.output}{extra}")
-    return 0
+          f"to {FLAGS.output}{extra}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit status (1 with one ``error:`` line on bad input)."""
-    return run_cli(_main, argv)
+def main(argv: list[str] | None = None) -> int:
+    """The command; ``argv`` (without the program name) for a call in-process. Its status."""
+    return cli.run(_main, FLAGS, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit(main())

@@ -4,34 +4,41 @@ INPUT: image files, folders (recursively) or ``.npy`` files of uint8 (N, H, W, 3
 run's config, class names, input size and best checkpoint (``--checkpoint latest`` for its last)
 come from RUN. Images are read and resized the way the run's pipeline did (inference/images.py),
 then go through the run's evaluation step. Prints a table of the top-k classes per image;
-``--output preds.csv`` or ``preds.json`` also writes them. Bad inputs: one ``error:`` line, exit 1.
+``--output preds.csv`` or ``preds.json`` also writes them (its folder is checked before any
+work). Bad inputs: one ``error:`` line, exit 1.
 """
 
-from __future__ import annotations
+from cifar_flax import cli
 
-import argparse
-import csv
-import json
-import sys
-from typing import Any, Sequence
+if __name__ == "__main__":  # Before the imports below: Ctrl-C as one line, TensorFlow quiet.
+    cli.start()
 
-from cifar_flax.inference.cli import run_cli
+import csv  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from typing import Any, Sequence  # noqa: E402
 
-TTA_MODES = ("none", "flip")  # inference/predictor.py's (imported lazily: it imports jax + TF).
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+from etils import epath  # noqa: E402
 
+from cifar_flax import UserError  # noqa: E402
+from cifar_flax.inference.images import ImageInputs  # noqa: E402
+from cifar_flax.inference.trained_run import TTA_MODES, Predictor, load_run  # noqa: E402
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cifar_flax.predict",
-                                description=__doc__.split("\n")[0])
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, .npy files")
-    p.add_argument("--workdir", required=True, help="the training run's --workdir")
-    p.add_argument("--checkpoint", default="best", choices=("best", "latest"))
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--tta", default="none", choices=TTA_MODES, help="flip: average with the mirror")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--output", default="", help="preds.csv or preds.json")
-    p.add_argument("--skip-bad", action="store_true", help="skip undecodable files (and count)")
-    return p
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("workdir", None, "The training run's --workdir.", flag_values=FLAGS)
+flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "The run's checkpoint.",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("top_k", 5, "Classes shown per image.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_enum("tta", "none", list(TTA_MODES), "flip: average with the mirror image.",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 64, "Images per model call.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_string("output", "", "Also write the predictions to this .csv or .json file.",
+                    flag_values=FLAGS)
+flags.DEFINE_boolean("skip_bad", False, "Skip undecodable files (and count them).",
+                     flag_values=FLAGS)
+flags.mark_flags_as_required(["workdir"], flag_values=FLAGS)
 
 
 def predict(workdir: str, inputs: Sequence[str], top_k: int = 5, tta: str = "none",
@@ -41,9 +48,9 @@ def predict(workdir: str, inputs: Sequence[str], top_k: int = 5, tta: str = "non
     "logits": np.ndarray (C,)}`` in input order."""
     import numpy as np
 
-    from cifar_flax.inference.images import ImageInputs, InputError
-    from cifar_flax.inference.trained_run import Predictor
-    from cifar_flax.inference.trained_run import load_run
+    from cifar_flax import UserError
+    from cifar_flax.inference.images import ImageInputs
+    from cifar_flax.inference.trained_run import Predictor, load_run
 
     run = load_run(workdir, checkpoint)
     images = ImageInputs(inputs, run.image_shape, skip_bad)
@@ -56,7 +63,7 @@ def predict(workdir: str, inputs: Sequence[str], top_k: int = 5, tta: str = "non
             rows.append({"file": name, "logits": lg,
                          "top": [(run.class_names[i], float(pr[i])) for i in order]})
     if not rows:
-        raise InputError(f"no readable images among {list(inputs)} "
+        raise UserError(f"no readable images among {list(inputs)} "
                          f"({len(images.skipped)} skipped).")
     return rows, images.skipped
 
@@ -75,8 +82,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def write_output(rows: list[dict[str, Any]], path: str) -> None:
     """CSV (file, class_1, prob_1, ...) or JSON (a list of {"file", "top": [{"class",
     "probability"}, ...]})."""
-    from etils import epath
-
     out = epath.Path(path)
     if path.endswith(".json"):
         data = [{"file": r["file"], "top": [{"class": c, "probability": p} for c, p in r["top"]]}
@@ -91,29 +96,42 @@ def write_output(rows: list[dict[str, Any]], path: str) -> None:
             w.writerow([r["file"]] + [x for c, p in r["top"] for x in (c, f"{p:.6f}")])
 
 
-def _main(argv: Sequence[str]) -> int:
-    from cifar_flax.inference.images import InputError
+def check_output(path: str) -> None:
+    """``--output`` before any work: a .csv or .json file whose folder exists (or can be made)
+    and is writable."""
+    if not path.endswith((".csv", ".json")):
+        raise UserError(f"--output={path} must end in .csv or .json.")
+    folder = epath.Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".predict_write_test.{id(path)}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--output={path}: cannot write into {folder} ({type(e).__name__}: "
+                        f"{e.strerror or e}); choose another --output.") from None
 
-    args = _parser().parse_args(argv)
-    if args.output and not args.output.endswith((".csv", ".json")):
-        raise InputError(f"--output={args.output} must end in .csv or .json.")
-    if args.batch_size < 1 or args.top_k < 1:
-        raise InputError("--batch-size and --top-k must be >= 1.")
-    rows, skipped = predict(args.workdir, args.inputs, args.top_k, args.tta, args.batch_size,
-                            args.checkpoint, args.skip_bad)
+
+def _main(argv: list[str]) -> None:
+    if len(argv) < 2:
+        raise UserError("no INPUT given: pass image files, folders or .npy files after the "
+                        "flags (python -m cifar_flax.predict --workdir RUN images/).")
+    if FLAGS.output:
+        check_output(FLAGS.output)
+    rows, skipped = predict(FLAGS.workdir, argv[1:], FLAGS.top_k, FLAGS.tta, FLAGS.batch_size,
+                            FLAGS.checkpoint, FLAGS.skip_bad)
     print(format_table(rows))
     if skipped:
-        print(f"skipped {len(skipped)} bad files (--skip-bad), e.g. {skipped[0]}", file=sys.stderr)
-    if args.output:
-        write_output(rows, args.output)
-        print(f"wrote {len(rows)} predictions to {args.output}")
-    return 0
+        print(f"skipped {len(skipped)} bad files (--skip_bad), e.g. {skipped[0]}", file=sys.stderr)
+    if FLAGS.output:
+        write_output(rows, FLAGS.output)
+        print(f"wrote {len(rows)} predictions to {FLAGS.output}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit status (1 with one ``error:`` line on bad input)."""
-    return run_cli(_main, argv)
+def main(argv: list[str] | None = None) -> int:
+    """The command; ``argv`` (without the program name) for a call in-process. Its status."""
+    return cli.run(_main, FLAGS, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit(main())

@@ -2,7 +2,7 @@
 
     python experiments/bench_multiprocess.py --devices 4 --processes 2 --size 32 --batch 128
 
-Each topology runs the real train step (bench.train_step: the one train/loop.py runs) on a
+Each topology runs the real train step (bench/train_step.py: the one cifar_flax/train.py runs) on a
 synthetic batch, every process feeding its own share of the global batch, then saves the full
 TrainState with the project's Checkpointer (synchronously, into one directory from all
 processes) a few times. Prints a table and writes JSON with ``--json``. On one machine the
@@ -21,24 +21,23 @@ import sys
 import tempfile
 import time
 
+import jax
+import numpy as np
+
+from cifar_flax.bench.train_step import bench_config, build
+from cifar_flax.bench.workload import NUM_CLASSES, compile_then_time
+from cifar_flax.models import STAGE_SIZES
+from cifar_flax.training import devices
+from cifar_flax.training.checkpoints import Checkpointer
+
 RESULT = "MP_RESULT "
 
 
 def worker(args: argparse.Namespace) -> None:
     """One process of one topology (launched by :func:`launch`)."""
-    import jax
-    import numpy as np
-
-    if args.num_processes > 1:
+    if args.num_processes > 1:  # Before any JAX computation (importing is fine).
         jax.distributed.initialize(coordinator_address=args.coordinator,
                                    num_processes=args.num_processes, process_id=args.process_id)
-    from cifar_flax.bench.timing import compile_then_time
-    from cifar_flax.bench.train_step import bench_config, build
-    from cifar_flax.bench.workload import NUM_CLASSES
-    from cifar_flax.models import STAGE_SIZES
-    from cifar_flax.training import devices
-    from cifar_flax.training.checkpoints import Checkpointer
-
     config = bench_config(args.size, args.batch, "float32", STAGE_SIZES)
     fn, state, _, parts = build(config)
     local = args.batch // jax.process_count()
@@ -53,7 +52,7 @@ def worker(args: argparse.Namespace) -> None:
     saves = []
     for step in range(1, args.saves + 1):
         t0 = time.perf_counter()
-        ckpt.save(step, to_save, {"step": step})
+        ckpt.save("latest", step, to_save, {"step": step})
         ckpt.wait()
         saves.append(time.perf_counter() - t0)
     ckpt.close()

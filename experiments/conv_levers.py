@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 from cifar_flax import models
 from cifar_flax.bench import bare_step
-from cifar_flax.bench.workload import stage_sizes
+from cifar_flax.bench.workload import Workload, stage_sizes
 
 VARIANTS = {
     "xla": ("xla", models.MatmulRules()),
@@ -43,9 +43,9 @@ def compiled_variant(name: str, args: argparse.Namespace) -> tuple[Any, Any, Any
     """(compiled step, state, x, y, compile info) of one variant."""
     conv_impl, rules = VARIANTS[name]
     models.MATMUL_RULES = rules  # read while tracing, i.e. inside build + compile below
-    ns = argparse.Namespace(size=args.size, batch=args.batch, dtype="float32",
-                            stage_sizes=stage_sizes(args.tiny), conv_impl=conv_impl)
-    fn, state, x, y = bare_step.build(ns)
+    fn, state, x, y = bare_step.build(Workload(size=args.size, batch=args.batch,
+                                               stage_sizes=stage_sizes(args.tiny),
+                                               conv_impl=conv_impl))
     t0 = time.perf_counter()
     compiled = fn.lower(state, x, y).compile()
     compile_s = time.perf_counter() - t0

@@ -2,9 +2,10 @@
 
 The candidate flags are the XLA:CPU options that jaxlib 0.10.2 actually lists (dump them with
 ``XLA_FLAGS=--help python -c "import jax; jax.numpy.ones(1)"``). Each variant runs the bare jit
-step (cifar_flax.bench.bare_step) in its own process with that ``XLA_FLAGS``; the first-step
-loss (forward only, same init and batch) and the loss after the last step are compared with the
-default run to check that results stay within tolerance. A flag is worth making the CPU default
+step (cifar_flax.bench.bare_step, through the benchmark's `flax_bare` worker) in its own process
+with that ``XLA_FLAGS``; the first-step loss (forward only, same init and batch) and the loss
+after the last step are compared with the default run to check that results stay within
+tolerance. A flag is worth making the CPU default
 only if it is >= 10% faster than the default and within tolerance.
 
     python experiments/cpu_compiler_flags.py --size 32 --batch 64 --steps 8 --json cpu_flags.json
@@ -18,9 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Sequence
 
-from cifar_flax.bench import compare as bench
+import jax
+import jax.numpy as jnp
+
+from cifar_flax.bench.frameworks import run_worker
+from cifar_flax.bench.workload import Workload, machine_info, stage_sizes
 
 # (name, XLA_FLAGS or "conv_impl=..."). Only flags in jaxlib 0.10.2's --help output. Every flag
 # variant runs with model.conv_impl="xla" (XLA's own convolutions), so the flags are measured
@@ -47,11 +53,11 @@ FINAL_LOSS_RTOL = 2e-2  # after several SGD steps at lr 0.1: rounding difference
 
 def run_variant(name: str, flags: str, args: argparse.Namespace, batch: int) -> dict:
     conv_impl = flags.split("=", 1)[1] if flags.startswith("conv_impl=") else "xla"
-    ns = argparse.Namespace(size=args.size, batch=batch, steps=args.steps, warmup=args.warmup,
-                            dtype="float32", tiny=args.tiny, conv_impl=conv_impl)
+    w = Workload(size=args.size, batch=batch, steps=args.steps, warmup=args.warmup,
+                 stage_sizes=stage_sizes(args.tiny), conv_impl=conv_impl)
     print(f"[cpu_flags] {name} batch {batch}: {flags!r}", file=sys.stderr, flush=True)
     env = {} if flags.startswith("conv_impl=") else {"XLA_FLAGS": flags}
-    r = bench.run_worker("flax_bare", ns, env=env, timeout=1800)
+    r = run_worker("flax_bare", w, env=env, timeout=1800)
     r.update(variant=name, xla_flags=flags)
     return r
 
@@ -81,11 +87,6 @@ def compare(rows: list[dict], ref: dict) -> None:
 def conv_layouts(batch: int, steps: int = 5) -> list[dict]:
     """Logical NHWC vs NCHW for ResNet50-shaped 3x3 convs (forward + both gradients), to see
     whether a layout other than Flax's NHWC would help XLA:CPU."""
-    import time
-
-    import jax
-    import jax.numpy as jnp
-
     rows = []
     for hw, ch in ((8, 64), (4, 128), (2, 256)):  # stage 1-3 of a 32x32 input
         for dims in (("NHWC", "HWIO", "NHWC"), ("NCHW", "OIHW", "NCHW")):
@@ -153,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{speed} | {r['compile_s']:.0f} | {diffs} | {r.get('within_tolerance', '')} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": bench.machine_info(), "rows": rows}, f, indent=2)
+            json.dump({"machine": machine_info(), "rows": rows}, f, indent=2)
     return 0
 
 

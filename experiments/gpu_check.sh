@@ -89,7 +89,7 @@ fi
 for dtype in $DTYPES; do
   for size in $SIZES; do
     run "$PYTHON" -m cifar_flax.bench --frameworks "$FRAMEWORKS" --size "$size" --batch "$BATCH" \
-      --steps "$STEPS" --warmup "$WARMUP" --dtype "$dtype" --input-steps 0 "${BENCH_EXTRA[@]}" \
+      --steps "$STEPS" --warmup "$WARMUP" --dtype "$dtype" --input_steps 0 "${BENCH_EXTRA[@]}" \
       --json "$OUT/bench_${size}_${dtype}.json"
   done
 done

@@ -16,7 +16,13 @@ import argparse
 import json
 import time
 
+import jax
 import numpy as np
+
+from cifar_flax.bench import bare_step
+from cifar_flax.bench.train_step import bench_config, build
+from cifar_flax.bench.workload import Workload
+from cifar_flax.models import STAGE_SIZES
 
 
 def main() -> None:
@@ -26,22 +32,15 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=6, help="timed steps of each, interleaved")
     p.add_argument("--json", default="", help="also write the numbers here")
     args = p.parse_args()
-    import jax
-
-    from cifar_flax.bench import bare_step
-    from cifar_flax.bench.train_step import bench_config, build
-
     steps = {}
     for sync in (True, False):
-        config = bench_config(args.size, args.batch, "float32", (3, 4, 6, 3))
+        config = bench_config(args.size, args.batch, "float32", STAGE_SIZES)
         config.sync_batchnorm = sync
         fn, state, batch, _ = build(config)
         state, metrics = fn(state, batch)  # Compile.
         jax.block_until_ready(metrics)
         steps[f"ours (sync_batchnorm={sync})"] = [fn, state, batch]
-    bare = argparse.Namespace(size=args.size, batch=args.batch, dtype="float32",
-                              stage_sizes=(3, 4, 6, 3), conv_impl="auto")
-    fn, state, x, y = bare_step.build(bare)
+    fn, state, x, y = bare_step.build(Workload(size=args.size, batch=args.batch))
     state, loss = fn(state, x, y)
     jax.block_until_ready(loss)
     times: dict[str, list[float]] = {k: [] for k in [*steps, "bare jit"]}

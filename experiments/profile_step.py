@@ -35,6 +35,12 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import flax.linen as nn
+import jax
+
+from cifar_flax.bench import bare_step
+from cifar_flax.bench.workload import LR, MOMENTUM, NUM_CLASSES, Workload, stage_sizes
+
 Key = tuple  # (kh, kw, cin, cout, input H): one convolution shape
 
 _CONV_PATH = re.compile(r"/((?:stem|stage\d/block\d+)/(?:conv\d?|proj_conv))/")
@@ -49,9 +55,6 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 def conv_shapes(model: Any, variables: dict, x: Any) -> dict[str, dict]:
     """``{"stage1/block1/conv2": {kernel, stride, key}}`` for every convolution of the model,
     read by intercepting each nn.Conv call on an abstract forward pass."""
-    import flax.linen as nn
-    import jax
-
     found = {}
 
     def record(next_fun, args, kwargs, context):
@@ -159,15 +162,11 @@ def _trace_durations(trace_dir: str, names: set[str]) -> collections.Counter:
 
 def profile_xla(args: argparse.Namespace) -> dict[str, Any]:
     """Per-op milliseconds per step of the bare jit step (best of ``args.rounds`` rounds)."""
-    import jax
-
-    from cifar_flax.bench import bare_step
-
-    ns = argparse.Namespace(size=args.size, batch=args.batch, dtype="float32",
-                            stage_sizes=args.stage_sizes, conv_impl=args.conv_impl)
-    fn, state, x, y = bare_step.build(ns)
+    w = Workload(size=args.size, batch=args.batch, stage_sizes=args.stage_sizes,
+                 conv_impl=args.conv_impl)
+    fn, state, x, y = bare_step.build(w)
     model_vars = {"params": state[0], "batch_stats": state[1]}
-    convs = conv_shapes(bare_step_model(ns), model_vars, x)
+    convs = conv_shapes(bare_step.bare_model(w), model_vars, x)
     compiled = fn.lower(state, x, y).compile()
     lines, comps = hlo_index(compiled.as_text())
     for _ in range(args.warmup):
@@ -188,16 +187,6 @@ def profile_xla(args: argparse.Namespace) -> dict[str, Any]:
             best = (wall, durations)
     wall, durations = best
     return _xla_summary(wall, durations, lines, comps, convs, args.steps)
-
-
-def bare_step_model(ns: argparse.Namespace) -> Any:
-    """The model bare_step.build trains (same arguments), for reading its conv shapes."""
-    from cifar_flax import models
-    from cifar_flax.bench.workload import NUM_CLASSES
-
-    return models.create_model(NUM_CLASSES, "v1.5", head_hidden=(), head_dropout=0.0,
-                               zero_init_head=False, dtype="float32",
-                               stage_sizes=ns.stage_sizes, conv_impl=ns.conv_impl)
 
 
 def _xla_summary(wall, durations, lines, comps, convs, steps) -> dict[str, Any]:
@@ -253,10 +242,9 @@ def _torch_key(shapes: list) -> Key | None:
 
 def profile_torch(args: argparse.Namespace) -> dict[str, Any]:
     """Per-op milliseconds per step of the torch row's step (best of ``args.rounds`` rounds)."""
-    import torch
+    import torch  # Optional (pip install -e ".[torch]"): only with --frameworks ...,torch.
 
-    from cifar_flax.bench.torch_resnet import ResNet50
-    from cifar_flax.bench.workload import LR, MOMENTUM, NUM_CLASSES
+    from cifar_flax.bench.torch_resnet import ResNet50  # Imports torch too.
 
     torch.manual_seed(0)
     model = ResNet50(NUM_CLASSES, stage_sizes=args.stage_sizes)
@@ -360,8 +348,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="stage_sizes (1,1,1,1) (tests only)")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
-    from cifar_flax.bench.workload import stage_sizes
-
     args.stage_sizes = stage_sizes(args.tiny)
     return args
 

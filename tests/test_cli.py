@@ -58,8 +58,8 @@ def test_ctrl_c_landing_in_a_gc_callback_still_exits_130_without_a_traceback(tmp
     script = tmp_path / "gc_ctrl_c.py"
     script.write_text(
         "import gc, os, signal, time\n"
-        "from cifar_flax import cli\n"
-        "cli.install_ctrl_c_handler('stopped in a GC callback')\n"
+        "from cifar_flax.training import interrupts\n"
+        "interrupts.exit_on_signal('stopped in a GC callback')\n"
         "def callback(phase, info):\n"
         "    if phase == 'start':\n"
         "        os.kill(os.getpid(), signal.SIGINT)\n"

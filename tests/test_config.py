@@ -9,7 +9,8 @@ import pytest
 from conftest import load_config
 
 from cifar_flax.training import optim
-from cifar_flax.config import ConfigError, default_config, phase, validate
+from cifar_flax.config import default_config, phase, validate
+from cifar_flax import UserError
 
 
 
@@ -21,7 +22,7 @@ def test_shipped_configs_are_valid(name):
 
 
 def _error(config, num_devices: int = 1) -> str:
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(UserError) as e:
         validate(config, num_devices=num_devices)
     return str(e.value)
 
@@ -83,7 +84,7 @@ def _params():
 
 def test_overlapping_groups_list_the_doubles():
     groups = {"stem": "^stem/", "stage1": "^stage1/", "head": "^head/", "kernels": "kernel$"}
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(UserError) as e:
         optim.assign_groups(_params(), groups)
     msg = str(e.value)
     assert "\n" not in msg and "several" in msg and "stem/conv/kernel (stem, kernels)" in msg
@@ -91,7 +92,7 @@ def test_overlapping_groups_list_the_doubles():
 
 def test_orphans_are_listed_at_most_ten():
     params = {f"extra{i}": {"w": np.zeros(1)} for i in range(15)} | _params()
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(UserError) as e:
         optim.assign_groups(params, {"stem": "^stem/", "stage1": "^stage1/", "head": "^head/"})
     msg = str(e.value)
     assert msg.startswith("15 parameters match no entry") and msg.count("extra") == 10

@@ -36,7 +36,7 @@ def test_another_dataset_with_the_same_classes(smoke_run, tmp_path):
     classes = json.loads((smoke_run / "run_info.json").read_text())["class_names"]
     paths = image_folder(tmp_path / "data", classes, split="holdout")
     results = evaluate.evaluate(str(smoke_run), str(tmp_path / "eval"), split="holdout",
-                                overrides=[f"--config.dataset=imagefolder:{tmp_path / 'data'}"])
+                                overrides={"dataset": f"imagefolder:{tmp_path / 'data'}"})
     assert results["test_examples"] == len(paths)
     assert results["split"] == "holdout" and results["dataset"].startswith("imagefolder:")
     assert 0.0 <= results["test_accuracy"] <= 1.0

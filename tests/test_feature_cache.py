@@ -1,7 +1,7 @@
 """Cached-feature head training matches recomputing the frozen backbone every step.
 
 These use the parts CachedPhase (the training loop's cached phase) is built from: build_cache,
-FeatureCache.take, make_state_head_step and evaluate_features; tests/test_train_cached.py checks
+FeatureCache.take, train.make_head_step and evaluate_features; tests/test_train_cached.py checks
 CachedPhase itself inside train_and_evaluate.
 """
 
@@ -13,9 +13,9 @@ import numpy as np
 import optax
 import pytest
 
-from cifar_flax.training import feature_cache, optim, devices
-from cifar_flax import models
+from cifar_flax import models, train
 from cifar_flax.data import preprocessing
+from cifar_flax.training import devices, feature_cache, optim
 
 NUM_CLASSES, N, SIZE, BATCH, EPOCHS = 4, 96, 16, 16, 12
 
@@ -89,8 +89,7 @@ def test_cached_head_training_matches_uncached(setup):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    head_step = feature_cache.make_state_head_step(model, plan, devices.make_mesh(), params,
-                                                   NUM_CLASSES)
+    head_step = train.make_head_step(model, plan, devices.make_mesh(), params, NUM_CLASSES)
     h_c, s_c, step = jax.tree.map(jnp.copy, params["head"]), tx.init(params), jnp.int32(0)
     p_u, s_u = params, tx.init(params)
     rng = jax.random.key_data(jax.random.key(1))

@@ -61,6 +61,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
     assert message in lines[0]
 
 
+@pytest.mark.slow
 def test_cpu_smoke_writes_its_files(tmp_path, smoke_run):
     """The script on a CPU: one tiny benchmark and the summary (the training command is checked
     in the dry-run test; its metrics come from the session's smoke run, read by the summary)."""

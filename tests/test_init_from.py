@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from train_utils import tiny_config
 
-from cifar_flax.config import ConfigError, phase, validate
+from cifar_flax.config import phase, validate
+from cifar_flax import UserError
 from cifar_flax.inference.trained_run import load_run, read_config
 from cifar_flax.training.initialize import build_model, variables_from_run
 
@@ -57,7 +58,7 @@ def test_other_class_count_keeps_the_backbone_and_reinitialises_the_head(smoke_r
 
 def test_backbone_mismatch_lists_the_names(smoke_run):
     config = tiny_config(init_from=str(smoke_run))  # base_width 4, the smoke run's is 8.
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(UserError) as e:
         variables_from_run(config, _fake(config, 4), str(smoke_run))
     msg = str(e.value)
     assert "backbone does not fit" in msg and "params/stage1/block1/conv1/kernel" in msg
@@ -67,16 +68,16 @@ def test_backbone_mismatch_lists_the_names(smoke_run):
 def test_preprocessing_must_match_the_earlier_run(smoke_run):
     config = read_config(smoke_run)
     config.init_from, config.pretrained.source = str(smoke_run), "torchvision"
-    with pytest.raises(ConfigError, match="pretrained.source=''"):
+    with pytest.raises(UserError, match="pretrained.source=''"):
         variables_from_run(config, _fake(config, 4), str(smoke_run))
 
 
 def test_missing_or_empty_run(tmp_path):
     config = tiny_config(init_from=str(tmp_path / "none"))
-    with pytest.raises(ConfigError, match="init_from=.*does not exist"):
+    with pytest.raises(UserError, match="init_from=.*does not exist"):
         validate(config)
     config.init_from = str(tmp_path)  # Exists, but holds no checkpoint.
-    with pytest.raises(ConfigError, match="no finished checkpoint"):
+    with pytest.raises(UserError, match="no finished checkpoint"):
         variables_from_run(config, _fake(config, 4), str(tmp_path))
 
 

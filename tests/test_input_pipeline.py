@@ -8,7 +8,7 @@ import tensorflow_datasets as tfds
 
 from cifar_flax.data import input_pipeline as ip
 from cifar_flax.config import default_config
-from cifar_flax.data.sources import DataError
+from cifar_flax import UserError
 from train_utils import make_image_tree as make_tree
 
 
@@ -81,16 +81,16 @@ def test_tfds_download_failure_is_one_clear_error(monkeypatch, tmp_path):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fail)
-    with pytest.raises(DataError, match=r"download failed.*data_dir.*imagefolder:") as e:
+    with pytest.raises(UserError, match=r"download failed.*data_dir.*imagefolder:") as e:
         ip.get_info(cfg("cifar10", data_dir=str(tmp_path)))
     assert "\n" not in str(e.value)
-    with pytest.raises(DataError, match="not a tfds dataset"):
+    with pytest.raises(UserError, match="not a tfds dataset"):
         ip.get_info(cfg("no_such_dataset_xyz"))
 
 
 def test_varying_sizes_need_image_size(tmp_path):
     make_tree(tmp_path, TREE, sizes=[(6, 6), (9, 5), (4, 8)])
-    with pytest.raises(DataError, match="image_size"):
+    with pytest.raises(UserError, match="image_size"):
         ip.get_info(cfg(f"imagefolder:{tmp_path}"))
     c = cfg(f"imagefolder:{tmp_path}", image_size=7)
     info = ip.get_info(c)
@@ -122,7 +122,7 @@ def _text(root):
 def test_bad_files_are_named_or_skipped_and_counted(tmp_path, damage):
     make_tree(tmp_path, TREE)
     bad = damage(tmp_path)
-    with pytest.raises(DataError, match="skip_bad_files") as e:
+    with pytest.raises(UserError, match="skip_bad_files") as e:
         ip.get_info(cfg(f"imagefolder:{tmp_path}"))
     assert os.path.abspath(bad) in str(e.value) and "\n" not in str(e.value)
     ip.clear_caches()
@@ -135,18 +135,18 @@ def test_bad_files_are_named_or_skipped_and_counted(tmp_path, damage):
 
 
 def test_folder_problems_name_the_folder(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         ip.get_info(cfg(f"imagefolder:{tmp_path}/nowhere"))
     make_tree(tmp_path, {"train": {"cat": 2, "dog": 2}, "test": {"cat": 2}})
-    with pytest.raises(DataError, match=f"{tmp_path}/train/dog has no counterpart {tmp_path}/test/dog"):
+    with pytest.raises(UserError, match=f"{tmp_path}/train/dog has no counterpart {tmp_path}/test/dog"):
         ip.get_info(cfg(f"imagefolder:{tmp_path}"))
     ip.clear_caches()
-    with pytest.raises(DataError, match=f"{tmp_path}/val does not exist"):
+    with pytest.raises(UserError, match=f"{tmp_path}/val does not exist"):
         ip.get_info(cfg(f"imagefolder:{tmp_path}", test_split="val"))
     os.makedirs(tmp_path / "empty" / "cat")
     os.makedirs(tmp_path / "empty" / "dog")
     ip.clear_caches()
-    with pytest.raises(DataError, match=f"{tmp_path}/empty has no readable images"):
+    with pytest.raises(UserError, match=f"{tmp_path}/empty has no readable images"):
         ip.get_info(cfg(f"imagefolder:{tmp_path}", test_split="empty"))
 
 
@@ -205,7 +205,7 @@ def test_train_batches_resume_exactly(tmp_path):
 
 def test_batch_must_divide_over_devices():
     assert ip.local_batch_size(128, device_count=8, process_count=2) == 64
-    with pytest.raises(DataError, match=r"config.eval_batch_size=100 .*device count \(8\)"):
+    with pytest.raises(UserError, match=r"config.eval_batch_size=100 .*device count \(8\)"):
         ip.local_batch_size(100, "eval_batch_size", device_count=8, process_count=1)
 
 

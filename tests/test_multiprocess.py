@@ -82,7 +82,7 @@ def _final_variables(workdir, config) -> dict:
     explicit target shardings, whatever topology wrote it."""
     info = input_pipeline.get_info(config)
     model = build_model(config, info.num_classes)
-    shapes = jax.eval_shape(lambda: init_variables(config, model, load_weights=False)[0])
+    shapes = jax.eval_shape(lambda: init_variables(config, model, load_weights=False))
     ckpt = Checkpointer(str(workdir))
     try:
         like = devices.abstract(devices.make_mesh(), shapes)

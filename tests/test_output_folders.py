@@ -39,7 +39,7 @@ def _one_error(capsys, *words: str) -> str:
 
 
 def _export(run, out, *extra) -> int:
-    return export.main(["--workdir", str(run), "--output", str(out), "--no_saved_model", *extra])
+    return export.main(["--workdir", str(run), "--output", str(out), "--nosaved_model", *extra])
 
 
 @pytest.mark.parametrize("target", ["workdir", "parent"])

@@ -64,7 +64,7 @@ def test_cli_writes_csv_and_json_top_k(smoke_run, tmp_path, capsys):
         write_image(tmp_path / "in" / f"x{i}.png", h, w, "RGB", seed=i)
     np.save(tmp_path / "batch.npy", np.zeros((3, 32, 32, 3), np.uint8))
     inputs = [str(tmp_path / "in"), str(tmp_path / "batch.npy")]
-    assert predict.main(["--workdir", str(smoke_run), *inputs, "--top-k", "3",
+    assert predict.main(["--workdir", str(smoke_run), *inputs, "--top_k", "3",
                          "--output", str(tmp_path / "p.csv")]) == 0
     table = capsys.readouterr().out
     assert "x1.png" in table and "batch.npy[2]" in table
@@ -74,7 +74,7 @@ def test_cli_writes_csv_and_json_top_k(smoke_run, tmp_path, capsys):
     assert len(rows) == 1 + 2 + 3
     probs = [float(p) for p in rows[1][2::2]]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
-    assert predict.main(["--workdir", str(smoke_run), *inputs, "--top-k", "9", "--tta", "flip",
+    assert predict.main(["--workdir", str(smoke_run), *inputs, "--top_k", "9", "--tta", "flip",
                          "--output", str(tmp_path / "p.json")]) == 0
     data = json.loads((tmp_path / "p.json").read_text())
     classes = _classes(smoke_run)
@@ -112,7 +112,7 @@ def test_bad_input_is_one_error_line(smoke_run, tmp_path, capsys, case):
 def test_skip_bad_skips_and_counts(smoke_run, tmp_path, capsys):
     write_image(tmp_path / "in" / "ok.png", 32, 32, "RGB", seed=0)
     (tmp_path / "in" / "bad.jpg").write_bytes(b"nope")
-    assert predict.main(["--workdir", str(smoke_run), str(tmp_path / "in"), "--skip-bad"]) == 0
+    assert predict.main(["--workdir", str(smoke_run), str(tmp_path / "in"), "--skip_bad"]) == 0
     out = capsys.readouterr()
     assert "ok.png" in out.out and "bad.jpg" not in out.out
     assert "skipped 1 bad files" in out.err
@@ -151,7 +151,7 @@ def test_two_devices_restore_and_pad_like_one(smoke_run, tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "JAX_PLATFORMS": "cpu"}
     p = subprocess.run([sys.executable, "-m", "cifar_flax.predict", "--workdir", str(smoke_run),
-                        str(tmp_path / "x.npy"), "--top-k", "4", "--output",
+                        str(tmp_path / "x.npy"), "--top_k", "4", "--output",
                         str(tmp_path / "p.json")], capture_output=True, text=True, timeout=300,
                        env=env)
     assert p.returncode == 0, p.stderr[-2000:]

@@ -1,12 +1,16 @@
 """Bad inputs get one clear error: missing, wrong-architecture, truncated and corrupt files,
-checksum mismatches, offline downloads, weights that don't fit the model. Also the download ->
-verify -> convert -> cache path, through ``file://`` URLs (no network)."""
+checksum mismatches, offline downloads (a refused connection; a host name that does not resolve,
+which fails at once), weights that don't fit the model. Also the download -> verify -> convert ->
+cache path, through ``file://`` URLs. No test touches the network."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 import h5py
 import jax
@@ -14,9 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cifar_flax import models
-from cifar_flax.weights import cli, convert, files, registry, store
-from cifar_flax.weights.files import WeightsError
+from cifar_flax import UserError, models, pretrained
+from cifar_flax.weights import convert, files, registry, store
 from cifar_flax.weights.registry import Release
 
 
@@ -78,9 +81,9 @@ def _set_release(monkeypatch, url, digest, source="torchvision", variant="IMAGEN
 
 
 def test_missing_file(tmp_path, cache):
-    with pytest.raises(WeightsError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         convert.convert_file("torchvision", str(tmp_path / "nope.pth"))
-    with pytest.raises(WeightsError, match="pretrained.file .* does not exist"):
+    with pytest.raises(UserError, match="pretrained.file .* does not exist"):
         store.load_pretrained("torchvision", file=str(tmp_path / "nope.pth"))
 
 
@@ -107,7 +110,7 @@ def test_resnet18_is_rejected_with_names(tmp_path, fmt):
         from safetensors.numpy import save_file
 
         save_file(sd, str(path))
-    with pytest.raises(WeightsError) as e:
+    with pytest.raises(UserError) as e:
         convert.convert_file("torchvision", str(path))
     msg = str(e.value)
     assert "not a torchvision ResNet50" in msg and "\n" not in msg
@@ -117,12 +120,12 @@ def test_resnet18_is_rejected_with_names(tmp_path, fmt):
 
 def test_wrong_source_and_extra_tensors(tmp_path, resnet50_npz):
     match = r"not a keras ResNet50.*conv1_conv/kernel.*conv1.weight"
-    with pytest.raises(WeightsError, match=match):
+    with pytest.raises(UserError, match=match):
         convert.convert_file("keras", str(resnet50_npz))
     sd = dict(np.load(resnet50_npz))
     sd["layer5.0.conv1.weight"] = np.zeros((1, 1, 1, 1), np.float32)
     np.savez(tmp_path / "extra.npz", **sd)
-    with pytest.raises(WeightsError, match=r"1 unexpected \[layer5.0.conv1.weight\]"):
+    with pytest.raises(UserError, match=r"1 unexpected \[layer5.0.conv1.weight\]"):
         convert.convert_file("torchvision", str(tmp_path / "extra.npz"))
 
 
@@ -161,7 +164,7 @@ def test_truncated_files(tmp_path, resnet50_npz):
     for path in paths:
         _truncate(path)
         source = "keras" if path.suffix == ".h5" else "torchvision"
-        with pytest.raises(WeightsError, match=r"t\.\w+.*(truncated|corrupt)") as e:
+        with pytest.raises(UserError, match=r"t\.\w+.*(truncated|corrupt)") as e:
             convert.convert_file(source, str(path))
         assert "\n" not in str(e.value)
 
@@ -171,7 +174,7 @@ def test_checksum_mismatch_discards_download(tmp_path, cache, monkeypatch):
     junk.write_bytes(b"not the weights" * 100)
     _set_release(monkeypatch, junk.as_uri(), "0" * 64)
     match = "Checksum mismatch for file://.*--config.pretrained.file="
-    with pytest.raises(WeightsError, match=match):
+    with pytest.raises(UserError, match=match):
         store.load_pretrained("torchvision", cache_dir="")
     assert os.listdir(cache / "downloads") == []  # neither the file nor a partial download
 
@@ -179,13 +182,89 @@ def test_checksum_mismatch_discards_download(tmp_path, cache, monkeypatch):
 def test_offline_download_is_one_clear_line(cache, monkeypatch):
     url = "http://127.0.0.1:9/resnet50-11ad3fa6.pth"
     _set_release(monkeypatch, url, "0" * 64)
-    with pytest.raises(WeightsError) as e:
+    with pytest.raises(UserError) as e:
         store.load_pretrained("torchvision")
     msg = str(e.value)
     assert msg.startswith(f"Could not download {url}") and "\n" not in msg
     assert "--config.pretrained.file=/path/to/resnet50-11ad3fa6.pth" in msg
-    assert "convert --source torchvision --input" in msg
+    assert "convert --source=torchvision --input=" in msg
     assert not (cache / "converted").exists()
+
+
+_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+@pytest.fixture
+def no_dns(monkeypatch):
+    """A machine without a network: every host name lookup fails (nothing is ever contacted).
+    The names looked up are recorded; proxy settings of the environment are removed."""
+    for var in _PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.upper(), raising=False)
+    looked_up = []
+
+    def getaddrinfo(host, *args, **kwargs):
+        looked_up.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return looked_up
+
+
+def test_unresolvable_host_fails_at_once_naming_it(cache, no_dns):
+    """No DNS: one line at once (no retries) naming the host, that the machine seems offline,
+    and how to pass the file instead; nothing is left in the cache."""
+    release = registry.RELEASES["torchvision"]["IMAGENET1K_V2"]
+    start = time.monotonic()
+    with pytest.raises(UserError) as e:
+        store.load_pretrained("torchvision")
+    assert time.monotonic() - start < 5
+    msg = str(e.value)
+    print(f"\n{msg}")
+    assert no_dns == ["download.pytorch.org"]
+    assert msg == (
+        f"Could not download {release.url}: its host download.pytorch.org cannot be resolved "
+        "(DNS), so this machine seems to be offline. Download resnet50-11ad3fa6.pth elsewhere "
+        "and pass it with --config.pretrained.file=/path/to/resnet50-11ad3fa6.pth (or convert "
+        "it first: python -m cifar_flax.pretrained convert --source=torchvision "
+        "--input=/path/to/resnet50-11ad3fa6.pth --output=DIR, then --config.pretrained.file=DIR)."
+    )
+    assert os.listdir(cache / "downloads") == [] and not (cache / "converted").exists()
+
+
+def test_unresolvable_host_keras_names_its_file(cache, no_dns):
+    with pytest.raises(UserError) as e:
+        store.load_pretrained("keras")
+    msg = str(e.value)
+    assert "\n" not in msg and "its host storage.googleapis.com cannot be resolved" in msg
+    assert "seems to be offline" in msg
+    name = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    assert f"--config.pretrained.file=/path/to/{name}" in msg
+    assert f"convert --source=keras --input=/path/to/{name} --output=DIR" in msg
+
+
+def test_unresolvable_proxy_is_named(cache, no_dns, monkeypatch):
+    """Behind a proxy the proxy's name is the one that must resolve (and is named)."""
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    urllib.request.install_opener(None)  # urlopen's opener reads the proxy variables once.
+    try:
+        with pytest.raises(UserError, match="its proxy host proxy.example cannot be resolved"):
+            store.load_pretrained("torchvision")
+    finally:
+        urllib.request.install_opener(None)
+    assert no_dns == ["proxy.example"]
+
+
+def test_long_download_error_is_cut_at_a_word(cache, monkeypatch):
+    def urlopen(url, timeout):
+        raise OSError("the server said " + "something rather long " * 20 + "endword")
+
+    monkeypatch.setattr(files.urllib.request, "urlopen", urlopen)
+    with pytest.raises(UserError) as e:
+        store.load_pretrained("torchvision")
+    reason = str(e.value).split(" (", 1)[1].split("). ", 1)[0]
+    assert reason.endswith("...") and len(reason) <= 203 and "endword" not in reason
+    assert reason[:-3].split()[-1] in {"something", "rather", "long"}  # a whole word
 
 
 def test_download_verify_convert_cache(resnet50_npz, weights, cache, monkeypatch, tmp_path):
@@ -204,7 +283,7 @@ def test_download_verify_convert_cache(resnet50_npz, weights, cache, monkeypatch
     store.save_weights(again, str(tmp_path / "conv"))
     from_dir = store.load_pretrained("torchvision", file=str(tmp_path / "conv"))
     assert from_dir.spec == again.spec
-    with pytest.raises(WeightsError, match="not torchvision|set pretrained.source"):
+    with pytest.raises(UserError, match="not torchvision|set pretrained.source"):
         store.load_pretrained("keras", file=str(tmp_path / "conv"))
 
 
@@ -216,7 +295,7 @@ def test_local_file_is_cached_by_hash(resnet50_npz, cache):
 
 def test_save_refuses_foreign_directory(weights, tmp_path):
     (tmp_path / "mine.txt").write_text("keep me")
-    with pytest.raises(WeightsError, match="does not hold converted weights"):
+    with pytest.raises(UserError, match="does not hold converted weights"):
         store.save_weights(weights, str(tmp_path))
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
@@ -242,15 +321,15 @@ def test_merge_into_fills_backbone_only(weights):
     ({"layout": "v1.5", "base_width": 8}, "model.base_width=64"),
 ])
 def test_merge_into_mismatch_names_the_field(weights, kw, field):
-    with pytest.raises(WeightsError, match="don't fit the model") as e:
+    with pytest.raises(UserError, match="don't fit the model") as e:
         convert.merge_into(_abstract_variables(**kw), weights)
     assert field in str(e.value)
 
 
 def test_unknown_source_and_variant():
-    with pytest.raises(WeightsError, match="pretrained.source"):
+    with pytest.raises(UserError, match="pretrained.source"):
         registry.source_spec("timm")
-    with pytest.raises(WeightsError, match="pretrained.variant 'IMAGENET1K_V2'.*notop"):
+    with pytest.raises(UserError, match="pretrained.variant 'IMAGENET1K_V2'.*notop"):
         registry.source_spec("keras", "IMAGENET1K_V2")
     spec = registry.source_spec("", layout="v1")
     assert spec.layout == "v1" and spec.preprocessing.name == "simple"
@@ -265,7 +344,7 @@ def test_unknown_source_and_variant():
 def test_features_cli_rejects_bad_images(weights, tmp_path, capsys, images, match):
     store.save_weights(weights, str(tmp_path / "w"))
     np.save(tmp_path / "x.npy", images)
-    rc = cli.main(["features", "--weights", str(tmp_path / "w"), "--images",
-                          str(tmp_path / "x.npy"), "--output", str(tmp_path / "f.npy")])
+    rc = pretrained.main(["features", f"--weights={tmp_path / 'w'}",
+                          f"--images={tmp_path / 'x.npy'}", f"--output={tmp_path / 'f.npy'}"])
     err = capsys.readouterr().err
     assert rc == 1 and match in err and not (tmp_path / "f.npy").exists()

@@ -1,8 +1,8 @@
 """Keras ResNet50 -> Flax: the conversion computes exactly what Keras computes.
 
 A ``keras.applications.ResNet50`` with random weights and non-trivial BatchNorm statistics is
-written in the HDF5 layout of the published notop file, converted with the ``convert`` CLI, and
-its features (``features`` CLI) are compared with Keras' own on Keras' own preprocessing.
+written in the HDF5 layout of the published notop file, converted with ``pretrained convert``, and
+its features (``pretrained features``) are compared with Keras' own on Keras' own preprocessing.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from cifar_flax.weights import cli, convert, store
-from weights_utils import assert_features_match, features_via_cli, random_images
+from cifar_flax import pretrained
+from cifar_flax.weights import convert, store
+from weights_utils import assert_features_match, features_via_command, random_images
 
 keras = pytest.importorskip("keras")
 
@@ -59,9 +60,9 @@ def write_published_layout(model, path, suffix: str = ":0") -> None:
 def converted(keras_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("keras")
     write_published_layout(keras_model, tmp / "notop.h5")
-    assert cli.main(
-        ["convert", "--source", "keras", "--input", str(tmp / "notop.h5"), "--output",
-         str(tmp / "converted")]
+    assert pretrained.main(
+        ["convert", "--source=keras", f"--input={tmp / 'notop.h5'}",
+         f"--output={tmp / 'converted'}"]
     ) == 0
     return tmp
 
@@ -82,7 +83,7 @@ def test_published_file_layout_is_what_keras_itself_reads(keras_model, converted
 @pytest.mark.parametrize("size", SIZES)
 def test_features_match_keras(keras_model, converted, size):
     images = random_images(size)
-    ours = features_via_cli(converted, images)
+    ours = features_via_command(converted, images)
     x = keras.applications.resnet.preprocess_input(images.astype(np.float32))
     assert_features_match(ours, np.asarray(keras_model(x, training=False)), f"keras {size}x{size}")
 

@@ -1,9 +1,9 @@
 """torchvision ResNet50 -> Flax: the conversion computes exactly what PyTorch computes.
 
-The reference is ``cifar_flax.bench.torch_resnet.ResNet50`` (torchvision's layout and state-dict keys)
-with random weights and BatchNorm statistics, saved with ``torch.save``; the Flax side goes through
-the ``convert`` and ``features`` CLIs. The same state dict as .safetensors / .npz (no torch needed
-to read) must convert to identical parameters.
+The reference is ``cifar_flax.bench.torch_resnet.ResNet50`` (torchvision's layout and state-dict
+keys) with random weights and BatchNorm statistics, saved with ``torch.save``; the Flax side goes
+through ``pretrained convert`` and ``pretrained features``. The same state dict as .safetensors /
+.npz (no torch needed to read) must convert to identical parameters.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from cifar_flax.weights import cli, convert, files, store
-from weights_utils import assert_features_match, features_via_cli, random_images
+from cifar_flax import pretrained
+from cifar_flax.weights import convert, files, store
+from weights_utils import assert_features_match, features_via_command, random_images
 
 torch = pytest.importorskip("torch")
 
@@ -47,9 +48,9 @@ def torch_model():
 def converted(torch_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("torch")
     torch.save(torch_model.state_dict(), tmp / "resnet50.pth")
-    assert cli.main(
-        ["convert", "--source", "torchvision", "--input", str(tmp / "resnet50.pth"), "--output",
-         str(tmp / "converted")]
+    assert pretrained.main(
+        ["convert", "--source=torchvision", f"--input={tmp / 'resnet50.pth'}",
+         f"--output={tmp / 'converted'}"]
     ) == 0
     return tmp
 
@@ -57,7 +58,7 @@ def converted(torch_model, tmp_path_factory):
 @pytest.mark.parametrize("size", SIZES)
 def test_features_match_torch(torch_model, converted, size):
     images = random_images(size)
-    ours = features_via_cli(converted, images)
+    ours = features_via_command(converted, images)
     x = (images.astype(np.float32) / 255.0 - MEAN) / STD
     with torch.no_grad():
         ref = torch_model.features(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
@@ -68,8 +69,7 @@ def test_spec_of_converted_weights(converted):
     weights = store.load_weights(str(converted / "converted"))
     assert weights.spec.source == "torchvision" and weights.spec.layout == "v1.5"
     assert weights.spec.preprocessing.name == "torch"
-    assert weights.spec.file_sha256 == files.file_hash(str(converted / "resnet50.pth"),
-                                                            "sha256")
+    assert weights.spec.file_sha256 == files.file_hash(str(converted / "resnet50.pth"), "sha256")
     assert weights.params["stem"]["conv"]["kernel"].shape == (7, 7, 3, 64)
     assert "bias" not in weights.params["stem"]["conv"]
 

@@ -18,7 +18,7 @@ from train_utils import make_image_tree
 
 from cifar_flax.config import load_module
 from cifar_flax.data.subset import link_subset
-from cifar_flax.data.sources import DataError
+from cifar_flax import UserError
 
 SCRIPT = ROOT / "experiments" / "seed_ablation.py"
 ROWS = ["linear", "dense", "top", "all", "aug", "staged", "scratch"]  # The seed's progression.
@@ -116,7 +116,7 @@ def test_link_subset_caps_train_links_test_and_refuses_another_recipe(tmp_path):
     assert all(os.path.islink(dst / "train" / "a" / f) for f in picked)
     assert os.path.islink(dst / "test" / "a")  # Uncapped: the class folder linked whole.
     assert link_subset(str(src), str(dst), ["a", "b"], per_class={"train": 3}, seed=1) == counts
-    with pytest.raises(DataError, match="holds another subset"):
+    with pytest.raises(UserError, match="holds another subset"):
         link_subset(str(src), str(dst), ["a", "b"], per_class={"train": 2}, seed=1)
     other = link_subset(str(src), str(tmp_path / "d2"), ["a", "b"], per_class={"train": 3}, seed=2)
     assert other == counts  # Another seed: another sample of the same size.

@@ -18,15 +18,18 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from train_utils import enable_compilation_cache, interrupted_at, state_at, steps_saved, tiny_config
 
-from cifar_flax.training import feature_cache, optim, devices, steps as step_lib
+from cifar_flax import UserError
+from cifar_flax import train as step_lib
+from cifar_flax.config import phase, validate
 from cifar_flax.data import input_pipeline
-from cifar_flax.training.checkpoints import Checkpointer
-from cifar_flax.config import ConfigError, phase, validate
-from cifar_flax.training.initialize import build_model, init_variables
-from cifar_flax.training.loop import train_and_evaluate
+from cifar_flax.main import run as train_and_evaluate
+from cifar_flax.training import devices, feature_cache, optim
+from cifar_flax.training.initialize import build_model, init_variables, input_preprocessing
 from cifar_flax.training.metrics import read_metrics
-from train_utils import enable_compilation_cache, state_at, tiny_config
+from cifar_flax.training.interrupts import Interrupted
+from cifar_flax.training.workdir import LOCK_NAME
 
 enable_compilation_cache()
 HEAD_END, END = 18, 20  # Last steps of the head phase and of the run.
@@ -56,7 +59,7 @@ def runs(tmp_path_factory):
     results = {
         "cached": train_and_evaluate(_config(True), dirs["cached"]),
         "full": train_and_evaluate(_config(False), dirs["full"]),
-        "first": train_and_evaluate(_config(True), dirs["resumed"], stop_after_steps=10),
+        "first": interrupted_at(_config(True), dirs["resumed"], 10),
         "resumed": train_and_evaluate(_config(True), dirs["resumed"]),
     }
     return dirs, results
@@ -66,7 +69,7 @@ def test_cached_head_phase_matches_the_full_step(runs):
     dirs, results = runs
     cached, full = state_at(dirs["cached"], HEAD_END), state_at(dirs["full"], HEAD_END)
     c = _config()
-    initial, _ = init_variables(c, build_model(c, c.synthetic.num_classes))
+    initial = init_variables(c, build_model(c, c.synthetic.num_classes))
     initial = jax.device_get(initial)
     head_c = jax.tree.leaves(cached["params"]["head"])
     head_f = jax.tree.leaves(full["params"]["head"])
@@ -111,7 +114,7 @@ def test_only_the_qualifying_phase_uses_the_cache(runs):
 
 def test_resume_inside_a_cached_phase_is_exact(runs):
     dirs, results = runs
-    assert results["first"] == {"interrupted": True, "step": 10}
+    assert results["first"] == 10
     a, b = state_at(dirs["cached"]), state_at(dirs["resumed"])
     assert int(a["step"]) == int(b["step"]) == results["resumed"]["steps"] == END
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -139,7 +142,7 @@ def test_cached_batches_follow_the_input_pipeline_order():
 
 def test_cache_decision():
     c = _config()
-    params = jax.eval_shape(lambda: init_variables(c, build_model(c, 4))[0])["params"]
+    params = jax.eval_shape(lambda: init_variables(c, build_model(c, 4)))["params"]
     head = optim.build_phase(c, params, 0, 3)
     every = optim.build_phase(c, params, 1, 3)
     assert feature_cache.cache_decision(c, head) == (True, "exact: augmentation is off")
@@ -159,7 +162,7 @@ def test_config_rejects_bad_feature_cache_values(bad):
     c = _config()
     c.feature_cache = ml_collections.ConfigDict({"enabled": True, "passes": 0, **bad})
     field = next(iter(bad))
-    with pytest.raises(ConfigError, match=f"feature_cache.{field}="):
+    with pytest.raises(UserError, match=f"feature_cache.{field}="):
         validate(c, num_devices=1)
     c.feature_cache = ml_collections.ConfigDict({"enabled": False, "passes": 2})
     validate(c, num_devices=1)  # Valid values pass.
@@ -170,11 +173,12 @@ def test_augmented_passes_cycle_per_epoch():
     c.augment.flip, c.feature_cache.passes = True, 2
     info, mesh = input_pipeline.get_info(c), devices.make_mesh()
     model = build_model(c, info.num_classes)
-    variables, prep = init_variables(c, model)
+    variables, prep = init_variables(c, model), input_preprocessing(c)
     plan = optim.build_phase(c, variables["params"], 0, 3)
     state = devices.replicate(
         mesh, step_lib.create_train_state(variables, plan.tx, jax.random.key(1)))
-    cached = feature_cache.CachedPhase(c, info, model, mesh, prep, state, plan)
+    head_step = step_lib.make_head_step(model, plan, mesh, state.params, info.num_classes)
+    cached = feature_cache.CachedPhase(c, info, model, mesh, prep, state, head_step)
     feats = cached.cache.features
     assert feats.shape[:2] == (2, 48)
     same = np.all(np.isclose(feats[0], feats[1], rtol=1e-5, atol=1e-6), axis=1)
@@ -189,7 +193,7 @@ def test_augmented_passes_cycle_per_epoch():
     assert sharding.is_equivalent_to(state.params["stem"]["conv"]["kernel"].sharding, 2)
 
 
-def test_sigterm_during_extraction_saves_and_returns(tmp_path, monkeypatch):
+def test_sigterm_during_extraction_saves_and_stops(tmp_path, monkeypatch):
     real = input_pipeline.eval_batches
 
     def signalling(config, info, split, **kw):  # SIGTERM once the first batch is read.
@@ -201,8 +205,9 @@ def test_sigterm_during_extraction_saves_and_returns(tmp_path, monkeypatch):
     monkeypatch.setattr(input_pipeline, "eval_batches", signalling)
     c = _config()
     c.phases = c.phases[:1]
-    assert train_and_evaluate(c, str(tmp_path)) == {"interrupted": True, "step": 0}
-    ckpt = Checkpointer(str(tmp_path))
-    assert ckpt.latest.latest_step() == 0  # Resumable from the start.
-    ckpt.close()
+    with pytest.raises(Interrupted) as stopped:
+        train_and_evaluate(c, str(tmp_path))
+    assert stopped.value.step == 0 and stopped.value.status == 0
+    assert steps_saved(str(tmp_path)) == [0]  # Resumable from the start.
     assert read_metrics(str(tmp_path), "feature_cache") == []  # The extraction did not finish.
+    assert not (tmp_path / LOCK_NAME).exists()

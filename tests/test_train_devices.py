@@ -21,7 +21,8 @@ _SCRIPT = r"""
 import json, sys
 import jax, numpy as np
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
-from cifar_flax.training import devices, steps as step_lib
+from cifar_flax.training import devices
+from cifar_flax import train as step_lib
 from cifar_flax.config import phase
 from train_utils import fake_batch, setup_step, tiny_config
 

@@ -7,12 +7,12 @@ import os
 import jax
 import numpy as np
 import pytest
+from train_utils import enable_compilation_cache, interrupted_at, state_at, tiny_config
 
 from cifar_flax.config import phase
-from cifar_flax.training import optim
 from cifar_flax.main import run as train_and_evaluate
+from cifar_flax.training import optim
 from cifar_flax.training.metrics import read_metrics
-from train_utils import enable_compilation_cache, state_at, tiny_config
 
 enable_compilation_cache()
 
@@ -37,14 +37,14 @@ def runs(tmp_path_factory):
     straight = str(tmp_path_factory.mktemp("straight"))
     resumed = str(tmp_path_factory.mktemp("resumed"))
     full = train_and_evaluate(_config(), straight)
-    first = train_and_evaluate(_config(), resumed, stop_after_steps=5)  # Inside phase 2.
+    first = interrupted_at(_config(), resumed, 5)  # Inside phase 2.
     second = train_and_evaluate(_config(), resumed)
     return straight, resumed, full, first, second
 
 
 def test_resumed_run_ends_with_identical_parameters(runs):
     straight, resumed, full, first, second = runs
-    assert first == {"interrupted": True, "step": 5}
+    assert first == 5
     a, b = state_at(straight), state_at(resumed)
     assert int(a["step"]) == int(b["step"]) == full["steps"] == 9
     leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cifar_flax.training import devices, steps as step_lib
+from cifar_flax.training import devices
+from cifar_flax import train as step_lib
+from cifar_flax.training.evaluation import make_logits_step
 from cifar_flax.config import phase
 from cifar_flax.data import augment
 from cifar_flax.data.preprocessing import SIMPLE
@@ -28,7 +30,7 @@ def test_overfits_a_small_batch_to_full_accuracy(mesh):
     for _ in range(60):
         state, metrics = fn(state, batch)
         losses.append(float(metrics["loss"]))
-    logits_fn = step_lib.make_logits_step(model, mesh, config.augment, SIMPLE)
+    logits_fn = make_logits_step(model, mesh, config.augment, SIMPLE)
     logits = logits_fn({"params": state.params, "batch_stats": state.batch_stats}, batch["image"])
     accuracy = np.mean(np.asarray(logits).argmax(-1) == fake_batch()["label"])
     assert accuracy == 1.0, (accuracy, losses[::10])

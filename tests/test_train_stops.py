@@ -12,13 +12,13 @@ import time
 import jax
 import numpy as np
 import pytest
+from train_utils import default_sigint, enable_compilation_cache, state_at, tiny_config
 
 from cifar_flax.config import phase
 from cifar_flax.main import run as train_and_evaluate
-from cifar_flax.training import loop
+from cifar_flax.training import interrupts
 from cifar_flax.training.checkpoints import Checkpointer
 from cifar_flax.training.metrics import read_metrics
-from train_utils import default_sigint, enable_compilation_cache, state_at, tiny_config
 
 enable_compilation_cache()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +59,7 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_p
     assert 3 <= good < diverged <= 9
     assert not (workdir / "report").exists()  # Nothing that looks like a finished result.
     ckpt = Checkpointer(str(workdir))
-    assert max(ckpt.latest.all_steps()) == good  # The diverged steps were never saved.
+    assert max(ckpt.managers["latest"].all_steps()) == good  # The diverged steps were never saved.
     ckpt.close()
     state = state_at(str(workdir))
     assert int(state["step"]) == good
@@ -100,20 +100,35 @@ def test_ctrl_c_saves_exits_130_and_the_rerun_is_bit_identical(tmp_path, smoke_r
         np.testing.assert_array_equal(a, b)  # Bit for bit.
 
 
+_TWO_CTRL_C = """
+import os, signal, sys, time
+from cifar_flax.training import interrupts
+signal.signal(signal.SIGINT, signal.default_int_handler)  # As in a foreground shell.
+with interrupts.StopRequest() as stop:
+    os.kill(os.getpid(), signal.SIGINT)
+    print("requested", stop.why, flush=True)  # The first only asks the loop to stop ...
+    os.kill(os.getpid(), signal.SIGINT)  # ... the second aborts at once.
+    time.sleep(5)
+print("not reached", flush=True)
+"""
+
+
 def test_second_ctrl_c_aborts_and_first_one_only_requests_a_stop():
-    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # As in a foreground shell.
+    p = subprocess.run([sys.executable, "-c", _TWO_CTRL_C], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60, preexec_fn=default_sigint)
+    assert p.returncode == 130 and p.stdout.split() == ["requested", "SIGINT"], (p.stdout, p.stderr)
+    assert p.stderr.strip().startswith("Interrupted (Ctrl-C): stopped again")
+    assert "Traceback" not in p.stderr
+
+
+def test_a_signal_inherited_as_ignored_stays_ignored():
+    outer = signal.signal(signal.SIGINT, signal.SIG_IGN)  # A job started with nohup or `&`.
+    before = signal.getsignal(signal.SIGTERM)
     try:
-        with loop._Stop() as stop:
-            assert not stop.requested
-            assert signal.getsignal(signal.SIGINT) == stop._handle  # Else the kill ends pytest.
-            os.kill(os.getpid(), signal.SIGINT)
-            assert stop.requested and stop.signal_name == "SIGINT"
-            with pytest.raises(KeyboardInterrupt):
-                os.kill(os.getpid(), signal.SIGINT)
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Restored.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Inherited as ignored (nohup, `&`) ...
-        with loop._Stop():
-            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # ... stays ignored.
+        with interrupts.StopRequest() as stop:
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop._handle
+        assert signal.getsignal(signal.SIGTERM) == before  # Restored.
     finally:
         signal.signal(signal.SIGINT, outer)
 
@@ -138,9 +153,11 @@ def test_early_stopping_restores_the_phase_best_weights(tmp_path, restore):
     c.early_stopping.restore_best = restore
     # Phase "head": eval at 3 (its best), at 6 (no improvement, patience 1) -> it stops at 6;
     # stopping at 7 keeps the best checkpoint of step 3 (phase "all" evaluates first at 9).
-    assert train_and_evaluate(c, str(tmp_path), stop_after_steps=7)["step"] == 7
+    with pytest.raises(interrupts.Interrupted) as stopped:
+        train_and_evaluate(c, str(tmp_path), stop_after_steps=7)
+    assert stopped.value.step == 7
     ckpt = Checkpointer(str(tmp_path))
-    assert 3 in ckpt.best.all_steps()  # (6 too if its accuracy beat 3's by less than min_delta.)
+    assert 3 in ckpt.managers["best"].all_steps()  # (6 too if its accuracy beat 3's by less than min_delta.)
     ckpt.close()
     best = state_at(str(tmp_path), 3, kind="best")
     at_6 = _variables(state_at(str(tmp_path), 6))  # The phase boundary: phase "all" starts here.

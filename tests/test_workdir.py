@@ -11,8 +11,8 @@ import textwrap
 
 import pytest
 
-from cifar_flax.training.workdir import (LOCK_NAME, WorkdirError, WorkdirLock, check_workdir,
-                                      move_aside)
+from cifar_flax import UserError
+from cifar_flax.training.workdir import LOCK_NAME, WorkdirLock, check_workdir, move_aside
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +27,7 @@ def test_a_second_run_is_refused_naming_pid_and_host(tmp_path):
     with WorkdirLock(str(tmp_path)):
         held = json.loads((tmp_path / LOCK_NAME).read_text())
         assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
-        with pytest.raises(WorkdirError) as e:
+        with pytest.raises(UserError) as e:
             WorkdirLock(str(tmp_path)).acquire()
         assert f"in use by pid {os.getpid()} on host {socket.gethostname()}" in str(e.value)
         assert "\n" not in str(e.value)
@@ -47,7 +47,7 @@ def test_stale_lock_of_a_dead_pid_is_taken_over_with_a_warning(tmp_path, caplog)
 
 def test_a_lock_from_another_host_is_never_taken(tmp_path):
     (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": 0}))
-    with pytest.raises(WorkdirError) as e:
+    with pytest.raises(UserError) as e:
         WorkdirLock(str(tmp_path)).acquire()
     assert "pid 1 on host elsewhere" in str(e.value) and f"delete {tmp_path / LOCK_NAME}" in str(e.value)
     assert json.loads((tmp_path / LOCK_NAME).read_text())["host"] == "elsewhere"
@@ -56,13 +56,14 @@ def test_a_lock_from_another_host_is_never_taken(tmp_path):
 def test_of_many_processes_starting_at_once_exactly_one_gets_the_lock(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
-        from cifar_flax.training.workdir import WorkdirLock, WorkdirError
+        from cifar_flax.training.workdir import WorkdirLock
+        from cifar_flax import UserError
         time.sleep(max(0.0, {__import__('time').time() + 3.0} - time.time()))  # Start together.
         try:
             WorkdirLock({str(tmp_path)!r}).acquire()
             print("got it")
             time.sleep(2)
-        except WorkdirError as e:
+        except UserError as e:
             print("refused:", e)
     """)
     procs = [subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
@@ -75,11 +76,11 @@ def test_of_many_processes_starting_at_once_exactly_one_gets_the_lock(tmp_path):
 def test_unusable_workdirs_are_one_clear_line(tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    with pytest.raises(WorkdirError, match="is a file, not a folder"):
+    with pytest.raises(UserError, match="is a file, not a folder"):
         check_workdir(str(a_file))
-    with pytest.raises(WorkdirError, match="not a writable folder"):
+    with pytest.raises(UserError, match="not a writable folder"):
         check_workdir(str(a_file / "below_a_file"))
-    with pytest.raises(WorkdirError, match="not a writable folder"):
+    with pytest.raises(UserError, match="not a writable folder"):
         check_workdir("/proc/self")  # Exists, is a folder, refuses new files (even for root).
     assert check_workdir(str(tmp_path / "new" / "run")).is_dir()
     assert os.listdir(tmp_path / "new" / "run") == []  # The write probe is cleaned up.

@@ -9,7 +9,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from cifar_flax.training import optim, devices, steps as step_lib
+from cifar_flax.training import optim, devices
+from cifar_flax import train as step_lib
 from cifar_flax.config import default_config, phase
 from cifar_flax.data.preprocessing import SIMPLE
 from cifar_flax.training.initialize import build_model
@@ -81,7 +82,7 @@ def state_at(workdir: str, step: int | None = None, kind: str = "latest") -> dic
     from cifar_flax.training.checkpoints import Checkpointer
 
     ckpt = Checkpointer(workdir)
-    mngr = getattr(ckpt, kind)
+    mngr = ckpt.managers[kind]
     step = mngr.latest_step() if step is None else step
     out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     ckpt.close()
@@ -131,3 +132,22 @@ def default_sigint() -> None:
     """``preexec_fn`` of a child that must get Ctrl-C as in a foreground shell, even when the
     tests run as a background job (started with SIGINT ignored, which a child inherits)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def interrupted_at(config, workdir: str, stop_after_steps: int) -> int:
+    """Run ``main.run`` until it stops at ``stop_after_steps`` (as on SIGTERM: saved, then
+    interrupts.Interrupted); the step it stopped at."""
+    import pytest
+
+    from cifar_flax import main
+    from cifar_flax.training.interrupts import Interrupted
+
+    with pytest.raises(Interrupted) as stopped:
+        main.run(config, workdir, stop_after_steps=stop_after_steps)
+    return stopped.value.step
+
+
+def steps_saved(workdir: str, kind: str = "latest") -> list[int]:
+    """The step folders in ``<workdir>/checkpoints/<kind>``, sorted."""
+    folder = os.path.join(workdir, "checkpoints", kind)
+    return sorted(int(p) for p in os.listdir(folder) if p.isdigit())

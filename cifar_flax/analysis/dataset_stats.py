@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from cifar_flax.data import sources, input_pipeline  # noqa: E402
+from cifar_flax.data import input_pipeline, sources  # noqa: E402
 from cifar_flax.data.sources import DatasetInfo  # noqa: E402
 
 CHANNELS = ("R", "G", "B")

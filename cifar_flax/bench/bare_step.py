@@ -1,20 +1,21 @@
 """The `flax_bare` benchmark row: our models.ResNet50 under a plain ``jax.jit`` step with
 ``optax.sgd`` (no shard_map, no multi_transform, no augmentation); the gap to the `flax` row is
-the cost of the training step's abstractions."""
+the cost of the training step's abstractions. Its process never loads TensorFlow."""
 
 from __future__ import annotations
 
-import argparse
 from typing import Any, Callable
 
-from cifar_flax.bench.timing import compile_then_time
-from cifar_flax.bench.workload import LR, MOMENTUM, NUM_CLASSES, require
+import jax
+import jax.numpy as jnp
+import optax
+
+from cifar_flax import models
+from cifar_flax.bench.workload import LR, MOMENTUM, NUM_CLASSES, Workload, compile_then_time
 
 
 def make_bare_step(model: Any, tx: Any) -> Callable:
     """``step(state, x, y) -> (state, loss)`` with ``state = (params, batch_stats, opt_state)``."""
-    import jax
-    import optax
 
     def step(state, x, y):
         params, batch_stats, opt_state = state
@@ -35,36 +36,32 @@ def make_bare_step(model: Any, tx: Any) -> Callable:
 
 def random_batch(batch: int, size: int, seed: int = 0) -> tuple[Any, Any]:
     """A float32 NHWC batch and integer labels, generated on the device."""
-    import jax
-    import jax.numpy as jnp
-
     kx, ky = jax.random.split(jax.random.PRNGKey(seed))
     x = jax.random.normal(kx, (batch, size, size, 3), jnp.float32)
     y = jax.random.randint(ky, (batch,), 0, NUM_CLASSES)
     return x, y
 
 
-def build(args: argparse.Namespace) -> tuple[Callable, Any, Any, Any]:
-    """(jitted step donating its state, state, x, y) for ``args`` (size, batch, dtype, ...)."""
-    import jax
-    import optax
-
-    from cifar_flax import models
-
-    model = models.create_model(
+def bare_model(w: Workload) -> Any:
+    """The ResNet50 the bare step trains: v1.5, linear head, ``w``'s dtype, stages, conv_impl."""
+    return models.create_model(
         NUM_CLASSES, "v1.5", head_hidden=(), head_dropout=0.0, zero_init_head=False,
-        dtype=args.dtype, stage_sizes=args.stage_sizes, conv_impl=args.conv_impl,
+        dtype=w.dtype, stage_sizes=w.stage_sizes, conv_impl=w.conv_impl,
     )
-    x, y = random_batch(args.batch, args.size)
+
+
+def build(w: Workload) -> tuple[Callable, Any, Any, Any]:
+    """(jitted step donating its state, state, x, y) for ``w`` (size, batch, dtype, ...)."""
+    model = bare_model(w)
+    x, y = random_batch(w.batch, w.size)
     variables = jax.jit(model.init)(jax.random.PRNGKey(1), x[:1])
     tx = optax.sgd(LR, momentum=MOMENTUM)
     state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
     return jax.jit(make_bare_step(model, tx), donate_argnums=0), state, x, y
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(w: Workload) -> dict:
     """Compile, then time the bare step on one batch already on the device."""
-    require("flax", "flax_bare")
-    fn, state, x, y = build(args)
-    out = compile_then_time(fn, state, x, y, warmup=args.warmup, steps=args.steps)
+    fn, state, x, y = build(w)
+    out = compile_then_time(fn, state, x, y, warmup=w.warmup, steps=w.steps)
     return {"layout": "v1.5 (NHWC)", "mode": "jax.jit, donated state", **out}

@@ -1,73 +1,163 @@
 """The benchmark worker: one framework's ResNet50 training step, timed in its own process.
 
 Every row does the same work (bench/workload.py) with channels-last activations; each framework
-runs in a fresh process (started by bench/cli.py) so that peak memory (``ru_maxrss``) and thread
-pools stay apart, and the Keras and PyTorch processes never import JAX. The worker prints one
-line ``BENCH_RESULT <json>`` that the CLI parses::
+runs in a fresh process (started by ``python -m cifar_flax.bench``) so that peak memory
+(``ru_maxrss``) and thread pools stay apart. A row's process loads only what the row uses:
+TensorFlow only in the `flax` (its input pipeline's import) and `keras` rows, torch only in the
+`torch` row (every process holds JAX: the command-line module imports it). The worker prints one
+line ``BENCH_RESULT <json>`` that :func:`run_worker` (the comparison's side) parses; a framework
+that is not installed is a ``skipped`` row::
 
-    python -m cifar_flax.bench.frameworks --framework torch --size 32 --batch 128 --steps 10
+    python -m cifar_flax.bench.frameworks --framework=torch --size=32 --batch=128 --steps=10
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import sys
-from typing import Callable, Sequence
 
-from cifar_flax.bench import bare_step, keras_step, torch_step, train_step
-from cifar_flax.bench.timing import peak_rss_mb
-from cifar_flax.bench.workload import FrameworkUnavailable, stage_sizes
+from cifar_flax import cli
+
+ROWS_WITHOUT_TENSORFLOW = ("flax_bare", "torch")
+
+
+def _framework(argv: list[str]) -> str | None:
+    """The ``--framework`` of a command line, read before the flags are parsed."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--framework="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--framework" and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
+if __name__ == "__main__":  # Before the imports below: Ctrl-C as one line, TensorFlow quiet.
+    if _framework(sys.argv) in ROWS_WITHOUT_TENSORFLOW:
+        # cli.start() imports TensorFlow when installed (~700 MB of resident memory that this
+        # row's peak_rss_mb would count); these rows never use it, so its import fails here.
+        sys.modules["tensorflow"] = None
+    cli.start()
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+from absl import flags  # noqa: E402
+
+from cifar_flax import UserError  # noqa: E402
+from cifar_flax.bench import bare_step, keras_resnet  # noqa: E402
+from cifar_flax.bench.workload import (  # noqa: E402
+    DTYPES,
+    FRAMEWORKS,
+    Workload,
+    missing_reason,
+    peak_rss_mb,
+    stage_sizes,
+)
+from cifar_flax.models import CONV_IMPLS  # noqa: E402
 
 RESULT_PREFIX = "BENCH_RESULT "
-RUNNERS: dict[str, Callable[[argparse.Namespace], dict]] = {
-    "flax": train_step.run,
+LOADED = ("jax", "tensorflow", "keras", "torch")  # The frameworks a row's result says it holds.
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_enum("framework", None, list(FRAMEWORKS), "The row to time.", flag_values=FLAGS)
+flags.DEFINE_integer("size", 32, "Image height = width.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("batch", 128, "Images per step.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("steps", 10, "Timed steps.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("warmup", 2, "Untimed steps (after compilation).", lower_bound=0,
+                     flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Compute dtype.", flag_values=FLAGS)
+flags.DEFINE_boolean("tiny", False, "stage_sizes (1,1,1,1) (tests only).", flag_values=FLAGS)
+flags.DEFINE_list("stage_sizes", None, "e.g. 3,4,6,3 (default: ResNet50's, or (1,1,1,1) with "
+                  "--tiny).", flag_values=FLAGS)
+flags.DEFINE_enum("conv_impl", "auto", list(CONV_IMPLS), "The flax rows' model.conv_impl.",
+                  flag_values=FLAGS)
+flags.mark_flag_as_required("framework", flag_values=FLAGS)
+
+
+def _run_flax(w: Workload) -> dict:
+    from cifar_flax.bench import train_step  # Loads TensorFlow, kept out of the other rows' RSS.
+
+    return train_step.run(w)
+
+
+def _run_torch(w: Workload) -> dict:
+    from cifar_flax.bench import torch_resnet  # Imports torch: this row's optional framework.
+
+    return torch_resnet.run(w)
+
+
+RUNNERS: dict[str, Callable[[Workload], dict]] = {
+    "flax": _run_flax,
     "flax_bare": bare_step.run,
-    "keras": keras_step.run,
-    "torch": torch_step.run,
+    "keras": keras_resnet.run,
+    "torch": _run_torch,
 }
 
 
-def finish(framework: str, args: argparse.Namespace, out: dict) -> dict:
-    """Derive images/s and ms/step from the timed block; add the process' peak RSS."""
+def finish(framework: str, w: Workload, out: dict) -> dict:
+    """Derive images/s and ms/step from the timed block; add the process' peak RSS and the
+    frameworks it holds (``loaded``: what that peak includes)."""
     out = dict(out)
-    out.update(framework=framework, status="ok", size=args.size, batch=args.batch,
-               steps=args.steps, dtype=args.dtype, peak_rss_mb=peak_rss_mb())
-    out["ms_per_step"] = 1000.0 * out["timed_s"] / args.steps
-    out["images_per_s"] = args.batch * args.steps / out["timed_s"]
+    out.update(framework=framework, status="ok", size=w.size, batch=w.batch, steps=w.steps,
+               dtype=w.dtype, peak_rss_mb=peak_rss_mb(),
+               loaded=[m for m in LOADED if sys.modules.get(m) is not None])
+    out["ms_per_step"] = 1000.0 * out["timed_s"] / w.steps
+    out["images_per_s"] = w.batch * w.steps / out["timed_s"]
     return out
 
 
-def _stages(text: str) -> tuple[int, ...]:
-    return tuple(int(s) for s in text.split(",") if s.strip())
+def result(framework: str, w: Workload) -> dict:
+    """The row's result dict: measured, or ``skipped`` with the reason and the install command."""
+    reason = missing_reason(framework)
+    if reason:
+        return {"framework": framework, "status": "skipped", "reason": reason}
+    return finish(framework, w, RUNNERS[framework](w))
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--framework", required=True, choices=sorted(RUNNERS))
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--tiny", action="store_true", help="stage_sizes (1,1,1,1) (tests only)")
-    p.add_argument("--stage-sizes", type=_stages, default=None,
-                   help="e.g. 3,4,6,3 (default: ResNet50's, or (1,1,1,1) with --tiny)")
-    p.add_argument("--conv-impl", default="auto", choices=["auto", "xla", "im2col"])
-    args = p.parse_args(argv)
-    args.stage_sizes = args.stage_sizes or stage_sizes(args.tiny)
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def workload_from_flags() -> Workload:
+    """The Workload the flags describe (``--stage_sizes`` over ``--tiny``)."""
     try:
-        result = finish(args.framework, args, RUNNERS[args.framework](args))
-    except FrameworkUnavailable as e:
-        result = {"framework": args.framework, "status": "skipped", "reason": str(e)}
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
-    return 0
+        stages = tuple(int(s) for s in FLAGS.stage_sizes or ())
+    except ValueError:
+        raise UserError(f"--stage_sizes={','.join(FLAGS.stage_sizes)}: give integers, e.g. "
+                        "--stage_sizes=3,4,6,3.") from None
+    if any(s < 1 for s in stages):
+        raise UserError(f"--stage_sizes={','.join(FLAGS.stage_sizes)}: every stage needs >= 1 "
+                        "block.")
+    return Workload(FLAGS.size, FLAGS.batch, FLAGS.steps, FLAGS.warmup, FLAGS.dtype,
+                    stages or stage_sizes(FLAGS.tiny), FLAGS.conv_impl)
+
+
+def run_worker(framework: str, w: Workload, env: dict | None = None,
+               timeout: float = 3600) -> dict[str, Any]:
+    """Run one framework's timed step in a fresh worker process (this module) and return its
+    result dict; ``env`` is added to the environment (e.g. ``XLA_FLAGS``)."""
+    cmd = [sys.executable, "-m", "cifar_flax.bench.frameworks", f"--framework={framework}",
+           f"--size={w.size}", f"--batch={w.batch}", f"--steps={w.steps}",
+           f"--warmup={w.warmup}", f"--dtype={w.dtype}", f"--conv_impl={w.conv_impl}",
+           f"--stage_sizes={','.join(map(str, w.stage_sizes))}"]
+    full_env = {**os.environ, **(env or {})}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"framework": framework, "status": "error", "reason": f"timed out after {timeout}s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"framework": framework, "status": "error", "reason": f"exit {proc.returncode}: {tail}"}
+
+
+def _main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments {argv[1:]}; every input is a --flag.")
+    print(RESULT_PREFIX + json.dumps(result(FLAGS.framework, workload_from_flags())), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The worker; ``argv`` (without the program name) for a call in-process. Its status."""
+    return cli.run(_main, FLAGS, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit(main())

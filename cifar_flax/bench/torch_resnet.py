@@ -1,8 +1,10 @@
-"""A plain PyTorch ResNet50 with torchvision's layout and state-dict key names.
+"""PyTorch: a plain ResNet50 with torchvision's layout and state-dict key names, and the `torch`
+benchmark row that trains it.
 
-Used as the reference the torchvision weight conversion is proven against (tests) and as the
-PyTorch row of the throughput benchmark (bench.py). It is written here rather than imported from
-torchvision so that both work with torch alone. Requires ``pip install -e .[torch]``.
+The ResNet50 is the reference the torchvision weight conversion is proven against (tests) and
+the network of the PyTorch row (:func:`run`: eager, channels_last, SGD momentum; autocast for
+bfloat16; CUDA when present). It is written here rather than imported from torchvision so that
+both work with torch alone. Requires ``pip install -e .[torch]``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from typing import Sequence
 
 import torch
 from torch import nn
+
+from cifar_flax.bench.workload import LR, MOMENTUM, NUM_CLASSES, Workload, time_steps
 
 
 class Bottleneck(nn.Module):
@@ -69,3 +73,41 @@ class ResNet50(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
+
+
+def run(w: Workload) -> dict:
+    """Time PyTorch's forward + backward + update on one batch already on the device."""
+    torch.manual_seed(0)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = ResNet50(NUM_CLASSES, stage_sizes=w.stage_sizes).to(dev)
+    model = model.to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    x = torch.randn(w.batch, 3, w.size, w.size, device=dev)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, NUM_CLASSES, (w.batch,), device=dev)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    amp = w.dtype == "bfloat16"
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    def sync(_):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    timing = time_steps(step, sync, w.warmup, w.steps)
+    out = {
+        "layout": "v1.5 (channels_last)",
+        "mode": "eager" + (", autocast bf16" if amp else ""),
+        "compile_s": 0.0,
+        "final_loss": float(step()),
+        "threads": torch.get_num_threads(),
+    }
+    if dev.type == "cuda":
+        out["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return {**out, **timing}

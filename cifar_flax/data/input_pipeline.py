@@ -26,8 +26,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from cifar_flax.data.sources import data_key, source_for_key
-from cifar_flax.data.sources import DataError, DatasetInfo, SplitSource
+from cifar_flax import UserError
+from cifar_flax.data.sources import DatasetInfo, SplitSource, data_key, source_for_key
 
 __all__ = [
     "get_info", "local_batch_size", "train_batches", "eval_batches",
@@ -51,7 +51,7 @@ def local_batch_size(
     devices = device_count or jax.device_count()
     processes = process_count or jax.process_count()
     if global_batch <= 0 or global_batch % devices or global_batch % processes:
-        raise DataError(
+        raise UserError(
             f"config.{field}={global_batch} must be a positive multiple of the device count "
             f"({devices}) and host count ({processes}); set --config.{field} accordingly."
         )
@@ -70,11 +70,11 @@ def _holdout(key: str, val_fraction: float) -> tuple[np.ndarray, np.ndarray] | N
     if d["val_split"] or not val_fraction:
         return None
     if not 0 < val_fraction < 1:
-        raise DataError(f"config.val_fraction={val_fraction} must be in [0, 1).")
+        raise UserError(f"config.val_fraction={val_fraction} must be in [0, 1).")
     n = source_for_key(key).splits[d["train_split"]].num_examples
     n_val = max(1, int(round(val_fraction * n)))
     if n_val >= n:
-        raise DataError(f"config.val_fraction={val_fraction} leaves none of {n} examples to train.")
+        raise UserError(f"config.val_fraction={val_fraction} leaves none of {n} examples to train.")
     perm = np.random.default_rng([d["seed"], 0xA1]).permutation(n)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
@@ -82,10 +82,10 @@ def _holdout(key: str, val_fraction: float) -> tuple[np.ndarray, np.ndarray] | N
 def _logical(key: str, val_fraction: float, split: str) -> tuple[SplitSource, np.ndarray]:
     """(physical split, sorted example indices into it) of a logical split."""
     if split not in SPLITS:
-        raise DataError(f"Unknown split {split!r}; expected one of {SPLITS}.")
+        raise UserError(f"Unknown split {split!r}; expected one of {SPLITS}.")
     d, source = json.loads(key), source_for_key(key)
     if d["val_split"] and d["val_split"] not in source.splits:
-        raise DataError(f"config.val_split={d['val_split']!r} is not a split of {source.name}.")
+        raise UserError(f"config.val_split={d['val_split']!r} is not a split of {source.name}.")
     physical = {"train": d["train_split"], "test": d["test_split"]}
     physical["validation"] = d["val_split"] or d["train_split"]
     s = source.splits[physical[split]]
@@ -110,7 +110,7 @@ def get_info(config: Any) -> DatasetInfo:
         hw = next(iter(sizes))
     else:
         example = ", ".join(f"{h}x{w}" for h, w in sorted(sizes, key=str)[:3])
-        raise DataError(
+        raise UserError(
             f"Images of {source.name} have different sizes ({example}, ...); set "
             "--config.image_size=N to resize them to NxN on the host."
         )
@@ -250,7 +250,7 @@ def train_batches(
     batch = local_batch_size(config.batch_size, process_count=shard[1])
     spe = steps_per_epoch(config, info)
     if spe == 0:
-        raise DataError(
+        raise UserError(
             f"The train split has {info.split_sizes['train']} examples, fewer than "
             f"config.batch_size={config.batch_size}; lower --config.batch_size."
         )

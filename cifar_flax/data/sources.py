@@ -17,22 +17,21 @@ ignored. The decode check is one parallel ``tf.data`` pass that also records eac
 
 from __future__ import annotations
 
-from typing import Any
-from typing import Callable
 import dataclasses
 import functools
 import json
 import os
+import socket
+import urllib.parse
+import urllib.request
+from typing import Any, Callable
 
-from absl import logging
-from tqdm import tqdm
 import numpy as np
 import tensorflow as tf
+from absl import logging
+from tqdm import tqdm
 
-
-
-class DataError(ValueError):
-    """Bad data or a bad data config; the message names the file/folder/field and the fix."""
+from cifar_flax import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,19 +90,19 @@ def imagefolder_source(root: str, splits: list[str], skip_bad_files: bool) -> So
     """Scan and check the split folders of ``root``; all must share one class list."""
     root = os.path.abspath(os.path.expanduser(root))
     if not os.path.isdir(root):
-        raise DataError(
+        raise UserError(
             f"ImageFolder directory {root} does not exist (config.dataset=imagefolder:{root})."
         )
     classes = {split: _class_folders(root, split) for split in dict.fromkeys(splits)}
     first = splits[0]
     for split, names in classes.items():
         for missing in sorted(set(classes[first]) - set(names)):
-            raise DataError(
+            raise UserError(
                 f"Class folder {os.path.join(root, first, missing)} has no counterpart "
                 f"{os.path.join(root, split, missing)}; every split needs the same class folders."
             )
         for extra in sorted(set(names) - set(classes[first])):
-            raise DataError(
+            raise UserError(
                 f"Class folder {os.path.join(root, split, extra)} has no counterpart "
                 f"{os.path.join(root, first, extra)}; every split needs the same class folders."
             )
@@ -116,7 +115,7 @@ def _class_folders(root: str, split: str) -> list[str]:
     path = os.path.join(root, split)
     if not os.path.isdir(path):
         found = sorted(e for e in os.listdir(root) if os.path.isdir(os.path.join(root, e)))
-        raise DataError(
+        raise UserError(
             f"Split folder {path} does not exist (folders found: {found or 'none'}); create it "
             "or set --config.train_split/--config.test_split/--config.val_split."
         )
@@ -124,7 +123,7 @@ def _class_folders(root: str, split: str) -> list[str]:
         e for e in os.listdir(path) if not e.startswith(".") and os.path.isdir(os.path.join(path, e))
     )
     if not names:
-        raise DataError(f"Split folder {path} has no class folders (expected {path}/<class>/<img>).")
+        raise UserError(f"Split folder {path} has no class folders (expected {path}/<class>/<img>).")
     return names
 
 
@@ -181,7 +180,7 @@ def _split_source(
     bad += [(p, "cannot be decoded as an image") for p, good in zip(paths, ok) if not good]
     if bad and not skip_bad_files:
         more = f" (and {len(bad) - 1} more bad files)" if len(bad) > 1 else ""
-        raise DataError(
+        raise UserError(
             f"{bad[0][0]} {bad[0][1]}{more}; fix or remove it, or set "
             "--config.skip_bad_files=True to skip bad files."
         )
@@ -193,7 +192,7 @@ def _split_source(
     paths = [p for p, good in zip(paths, ok) if good]
     labels, sizes = labels[ok], sizes[ok]
     if not paths:
-        raise DataError(f"Split folder {os.path.join(root, split)} has no readable images.")
+        raise UserError(f"Split folder {os.path.join(root, split)} has no readable images.")
     read = functools.partial(_read, np.asarray(paths, object), labels)
     return SplitSource(len(paths), read, frozenset(map(tuple, sizes.tolist())), len(bad))
 
@@ -226,7 +225,7 @@ def source_for_key(key: str) -> Source:
     splits = [d["train_split"], d["test_split"]] + ([d["val_split"]] if d["val_split"] else [])
     name = d["dataset"]
     if not name:
-        raise DataError("config.dataset is empty; use a tfds name, imagefolder:<dir> or synthetic.")
+        raise UserError("config.dataset is empty; use a tfds name, imagefolder:<dir> or synthetic.")
     if name.startswith("imagefolder:"):
         return imagefolder_source(name.split(":", 1)[1], splits, d["skip_bad_files"])
     if name == "synthetic":
@@ -238,29 +237,105 @@ def source_for_key(key: str) -> Source:
 
 
 def _tfds_source(name: str, data_dir: str, splits: list[str]) -> Source:
-    import tensorflow_datasets as tfds
+    """A tfds dataset, prepared in ``data_dir`` first when it is not there yet (a download).
+
+    Without a network, the download would retry for minutes before it fails: when a host it
+    needs does not resolve (DNS), this fails at once instead, naming the host. Errors name tfds'
+    root data_dir (what ``--config.data_dir`` takes), not its ``<root>/<name>/<version>`` folder.
+    """
+
+    import tensorflow_datasets as tfds  # Imported where used: slow, and only for tfds datasets.
 
     try:
         builder = tfds.builder(name, data_dir=data_dir or None)
     except Exception as e:  # tfds raises several types for unknown or broken names.
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(
+        raise UserError(
             f"config.dataset={name!r} is not a tfds dataset ({first}); use a tfds name, "
             "imagefolder:<dir> or synthetic."
         ) from None
+    root = os.fspath(builder.data_dir_root)
+    fix = (f"Set --config.data_dir to a folder holding a prepared copy (with "
+           f"{builder.info.full_name}/ in it), or use --config.dataset=imagefolder:<dir>.")
+
+    def resolving_host(url: str) -> str:
+        """The host a download of ``url`` resolves: its own, or its proxy's (*_proxy vars)."""
+        parts = urllib.parse.urlsplit(url)
+        proxy = urllib.request.getproxies().get(parts.scheme)
+        if proxy and parts.hostname and not urllib.request.proxy_bypass(parts.hostname):
+            proxy_host = urllib.parse.urlsplit(proxy if "://" in proxy else f"//{proxy}").hostname
+            return proxy_host or parts.hostname
+        return parts.hostname or ""
+
+    def unresolved_host() -> str | None:
+        """A host the preparation needs whose name does not resolve: the dataset is not
+        prepared, one of its files (tfds' checksums list) is not in the download cache, and
+        that file's host does not resolve. None when nothing says the download must fail."""
+        if builder.is_prepared():
+            return None
+        from tensorflow_datasets.core.download import resource  # tfds' cache file names.
+
+        downloads = builder.data_dir_root / "downloads"
+        for url, info in (builder.url_infos or {}).items():
+            names = {resource.get_dl_fname(url, info.checksum), resource.get_dl_fname(url)}
+            cached = [downloads / "manual" / info.filename] if info.filename else []
+            cached += [d / n for d in (downloads, downloads / builder.name) for n in names]
+            if any(p.exists() for p in cached):
+                continue
+            host = resolving_host(url)
+            try:
+                socket.getaddrinfo(host, urllib.parse.urlsplit(url).port or 443)
+            except socket.gaierror:
+                return host
+            except OSError:  # Not a DNS answer: let the download itself decide.
+                pass
+        return None
+
+    def dns_failed(error: BaseException) -> bool:
+        """Whether ``error`` wraps a DNS failure (its ``reason``, cause or context chain)."""
+        todo, seen = [error], set()
+        while todo:
+            e = todo.pop()
+            if isinstance(e, BaseException) and id(e) not in seen:
+                seen.add(id(e))
+                if isinstance(e, socket.gaierror) or type(e).__name__ == "NameResolutionError":
+                    return True
+                todo += [getattr(e, "reason", None), e.__cause__, e.__context__]
+        return False
+
+    def clip(text: str, limit: int = 200) -> str:
+        """``text`` on one line, cut at a word boundary after at most ``limit`` characters."""
+        text = " ".join(text.split())
+        if len(text) <= limit:
+            return text
+        head = text[:limit + 1]
+        return (head.rsplit(" ", 1)[0] if " " in head else text.split(" ", 1)[0]) + "..."
+
+    def offline(host: str) -> UserError:
+        return UserError(
+            f"tfds dataset {name!r} is not prepared in data_dir {root!r} and its download host "
+            f"{host} cannot be resolved (DNS): this machine seems to be offline. {fix}"
+        )
+
+    host = unresolved_host()
+    if host:
+        raise offline(host)
     try:
         builder.download_and_prepare()  # No-op when already prepared in data_dir.
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(
-            f"tfds dataset {name!r} is not in data_dir {builder.data_dir!r} and its download "
-            f"failed ({type(e).__name__}: {first[:200]}). Set --config.data_dir to a directory "
-            "holding the prepared dataset, or use --config.dataset=imagefolder:<dir>."
+        if dns_failed(e):
+            hosts = [resolving_host(u) for u in builder.url_infos or {}]
+            raise offline(hosts[0] if hosts else "(a download host)") from None
+        text = str(e).strip()
+        raise UserError(
+            f"tfds dataset {name!r} is not prepared in data_dir {root!r} and its download or "
+            f"preparation failed ({type(e).__name__}"
+            f"{': ' + clip(text.splitlines()[0]) if text else ''}). {fix}"
         ) from None
     image_key, label_key = builder.info.supervised_keys or ("image", "label")
     features = builder.info.features
     if image_key not in features or label_key not in features:
-        raise DataError(f"tfds dataset {name!r} has no {image_key!r}/{label_key!r} features.")
+        raise UserError(f"tfds dataset {name!r} has no {image_key!r}/{label_key!r} features.")
     h, w, _ = features[image_key].shape
     sizes = frozenset([(h, w)]) if h and w else None
     out = {}
@@ -272,7 +347,7 @@ def _tfds_source(name: str, data_dir: str, splits: list[str]) -> Source:
                 decoders={image_key: tfds.decode.SkipDecoding()},
             )
         except Exception as e:
-            raise DataError(
+            raise UserError(
                 f"tfds dataset {name!r} has no split {split!r} ({e}); available: "
                 f"{sorted(builder.info.splits)}. Fix config.train_split/test_split/val_split."
             ) from None
@@ -327,7 +402,7 @@ def synthetic_images(cfg: dict, seed: int, split_id: int) -> tuple[np.ndarray, n
 def _synthetic_source(cfg: dict, seed: int, train_split: str, test_split: str) -> Source:
     k = int(cfg["num_classes"])
     if k < 2 or cfg["num_train"] < 1 or cfg["num_test"] < 1 or cfg["size"] < 1:
-        raise DataError(f"config.synthetic={cfg} needs num_classes >= 2 and positive sizes.")
+        raise UserError(f"config.synthetic={cfg} needs num_classes >= 2 and positive sizes.")
     out = {}
     for split_id, split in enumerate((train_split, test_split)):
         images, labels = synthetic_images(cfg, seed, split_id)

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cifar_flax.data.sources import DataError
+from cifar_flax import UserError
 
 
 def link_subset(
@@ -49,7 +49,7 @@ def _link_split(src: str, dst: str, split: str, classes: Sequence[str], cap: int
     for label, name in enumerate(classes):
         folder = os.path.join(src, split, name)
         if not os.path.isdir(folder):
-            raise DataError(f"class folder {folder} does not exist (classes of "
+            raise UserError(f"class folder {folder} does not exist (classes of "
                             f"{os.path.join(src, split)}: {sorted(os.listdir(os.path.join(src, split)))}).")
         target = os.path.join(dst, split, name)
         os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -92,7 +92,7 @@ def link_few_shot(src: str, dst: str, per_class: int, seed: int, val_per_class: 
         val = set(np.random.default_rng([VAL_SEED, label]).permutation(files)[:val_per_class])
         pool = [f for f in files if f not in val]
         if per_class > len(pool):
-            raise DataError(f"{folder} has {len(files)} images: not enough for {per_class} "
+            raise UserError(f"{folder} has {len(files)} images: not enough for {per_class} "
                             f"training + {val_per_class} validation images per class.")
         train = np.random.default_rng([seed, label]).permutation(pool)[:per_class]
         for split, chosen in (("train", train), ("val", sorted(val))):
@@ -111,16 +111,16 @@ def link_few_shot(src: str, dst: str, per_class: int, seed: int, val_per_class: 
 
 def _built(dst: str, recipe: dict) -> dict | None:
     """The counts of a subset already built in ``dst`` with ``recipe`` (None when ``dst`` is
-    new or empty); DataError when ``dst`` holds something else."""
+    new or empty); UserError when ``dst`` holds something else."""
     marker = os.path.join(dst, "subset.json")
     if os.path.exists(marker):
         with open(marker) as f:
             built = json.load(f)
         if built["recipe"] != recipe:
-            raise DataError(f"{dst} holds another subset ({built['recipe']}); remove it or pick "
+            raise UserError(f"{dst} holds another subset ({built['recipe']}); remove it or pick "
                             "another folder.")
         return built["counts"]
     if os.path.exists(dst) and os.listdir(dst):
-        raise DataError(f"{dst} exists and is not a subset built here; remove it or pick "
+        raise UserError(f"{dst} exists and is not a subset built here; remove it or pick "
                         "another folder.")
     return None

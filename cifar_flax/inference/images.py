@@ -6,7 +6,7 @@ of uint8 images (N, H, W, 3) or (H, W, 3). Files are decoded by the pipeline's o
 every image whose size differs from the run's input shape is resized with the pipeline's own host
 resize (antialiased bilinear, rounded to uint8; data/input_pipeline.resize_example). The model step then
 applies the run's evaluation preprocessing (resize to ``augment.resolution``, normalisation).
-Problems raise InputError naming the file; with ``skip_bad`` undecodable files are skipped and
+Problems raise UserError naming the file; with ``skip_bad`` undecodable files are skipped and
 counted instead.
 """
 
@@ -18,14 +18,9 @@ import numpy as np
 import tensorflow as tf
 from etils import epath
 
-from cifar_flax.data.sources import IMAGE_EXTENSIONS
+from cifar_flax import UserError
 from cifar_flax.data.input_pipeline import resize_example
-from cifar_flax.data.sources import decode
-
-
-class InputError(ValueError):
-    """A bad input of predict/export (a file, folder or option); the message names it and the
-    fix."""
+from cifar_flax.data.sources import IMAGE_EXTENSIONS, decode
 
 
 def _walk(folder: epath.Path) -> list[epath.Path]:
@@ -44,11 +39,11 @@ def collect(inputs: Sequence[str]) -> list[epath.Path]:
     for name in inputs:
         path = epath.Path(name)
         if not path.exists():
-            raise InputError(f"{name} does not exist; pass image files, folders or .npy files.")
+            raise UserError(f"{name} does not exist; pass image files, folders or .npy files.")
         if path.is_dir():
             found = _walk(path)
             if not found:
-                raise InputError(f"folder {name} contains no files; put images in it.")
+                raise UserError(f"folder {name} contains no files; put images in it.")
             files += found
         else:
             files.append(path)
@@ -56,17 +51,17 @@ def collect(inputs: Sequence[str]) -> list[epath.Path]:
 
 
 def load_npy(path: epath.Path) -> np.ndarray:
-    """A .npy of uint8 images as (N, H, W, 3); InputError on another dtype or shape."""
+    """A .npy of uint8 images as (N, H, W, 3); UserError on another dtype or shape."""
     try:
         with path.open("rb") as f:
             array = np.load(f, allow_pickle=False)
     except (ValueError, OSError) as e:
-        raise InputError(f"{path} is not a readable .npy file ({e}).") from None
+        raise UserError(f"{path} is not a readable .npy file ({e}).") from None
     shape = array.shape
     if array.ndim == 3:
         array = array[None]
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3 or 0 in array.shape:
-        raise InputError(
+        raise UserError(
             f"{path} holds {array.dtype} {shape}; expected uint8 images (N, H, W, 3) or "
             "(H, W, 3) with pixel values 0..255 (e.g. np.save(path, images.astype(np.uint8)))."
         )
@@ -81,15 +76,15 @@ def resize_like_pipeline(image: np.ndarray, height: int, width: int) -> np.ndarr
 
 
 def decode_file(path: epath.Path) -> np.ndarray:
-    """One image file as uint8 (h, w, 3); InputError when it is not a decodable image."""
+    """One image file as uint8 (h, w, 3); UserError when it is not a decodable image."""
     if not path.name.lower().endswith(IMAGE_EXTENSIONS):
-        raise InputError(f"{path} is not an image file (expected {'/'.join(IMAGE_EXTENSIONS)} "
+        raise UserError(f"{path} is not an image file (expected {'/'.join(IMAGE_EXTENSIONS)} "
                          "or .npy); remove it or pass --skip-bad to skip bad files.")
     try:
         return decode(tf.constant(path.read_bytes())).numpy()
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError, OSError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{path} cannot be decoded as an image ({reason[:120]}); fix or "
+        raise UserError(f"{path} cannot be decoded as an image ({reason[:120]}); fix or "
                          "remove it, or pass --skip-bad to skip bad files.") from None
 
 
@@ -113,7 +108,7 @@ class ImageInputs:
                 continue
             try:
                 yield str(f), decode_file(f)
-            except InputError:
+            except UserError:
                 if not self.skip_bad:
                     raise
                 self.skipped.append(str(f))

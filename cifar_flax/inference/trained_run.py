@@ -12,28 +12,29 @@ padding dropped from the result.
 
 from __future__ import annotations
 
-from typing import Any
 import dataclasses
 import json
+from typing import Any
 
-from absl import logging
-from etils import epath
-from jax.sharding import Mesh
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
+from etils import epath
+from jax.sharding import Mesh
 
+from cifar_flax import UserError
 from cifar_flax.config import default_config, phase
 from cifar_flax.data.preprocessing import Preprocessing
-from cifar_flax.training import devices, checkpoints
-from cifar_flax.training import devices, steps
+from cifar_flax.training import checkpoints, devices
+from cifar_flax.training.checkpoints import RunCheckpoint
+from cifar_flax.training.evaluation import make_logits_step
 from cifar_flax.training.initialize import build_model, input_preprocessing
-from cifar_flax.training.checkpoints import RunCheckpoint, RunError
 from cifar_flax.training.workdir import read_run_info
 
 
 @dataclasses.dataclass
-class LoadedRun:
+class TrainedRun:
     """A run ready for inference: ``model.apply(variables, x, train=False)`` on the ``mesh``."""
 
     workdir: epath.Path
@@ -83,10 +84,10 @@ def config_from_json(values: dict) -> ml_collections.ConfigDict:
 
 
 def read_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
-    """``<workdir>/config.json`` as a ConfigDict; RunError when the run has none."""
+    """``<workdir>/config.json`` as a ConfigDict; UserError when the run has none."""
     path = epath.Path(workdir) / "config.json"
     if not path.exists():
-        raise RunError(f"{workdir} has no config.json; pass the --workdir of a training run.")
+        raise UserError(f"{workdir} has no config.json; pass the --workdir of a training run.")
     return config_from_json(json.loads(path.read_text()))
 
 
@@ -106,7 +107,7 @@ def _dataset_info(workdir: epath.Path, config: ml_collections.ConfigDict) -> dic
 
 
 def load_run(run: str, checkpoint: str = "best", conv_impl: str | None = None,
-             mesh: Mesh | None = None) -> LoadedRun:
+             mesh: Mesh | None = None) -> TrainedRun:
     """Load ``run`` (a workdir, or a checkpoint folder inside one) with its ``checkpoint``
     ("best": the run's best, else its last; or "latest"), restored replicated on ``mesh``
     (default: all devices). ``conv_impl`` overrides ``config.model.conv_impl`` (export: "xla")."""
@@ -123,20 +124,19 @@ def load_run(run: str, checkpoint: str = "best", conv_impl: str | None = None,
         jax.random.key(0), jax.numpy.zeros((1, res, res, 3)), train=False))
     like = {"params": like["params"], "batch_stats": like["batch_stats"]}
     variables = checkpoints.restore_variables(ckpt, mesh, like)
-    return LoadedRun(workdir, config, list(facts["class_names"]), tuple(facts["image_shape"]),
+    return TrainedRun(workdir, config, list(facts["class_names"]), tuple(facts["image_shape"]),
                      facts["dataset"], model, variables, input_preprocessing(config), ckpt, mesh)
 
 
-TTA_MODES = ("none", "flip")  # Also in predict.py (its --tta choices).
+TTA_MODES = ("none", "flip")  # predict.py's --tta choices.
 
 
 class Predictor:
-    """``predictor.logits(images)``, ``predictor.probabilities(images, tta)`` for a LoadedRun."""
+    """``predictor.logits(images)``, ``predictor.probabilities(images, tta)`` for a TrainedRun."""
 
-    def __init__(self, run: LoadedRun) -> None:
+    def __init__(self, run: TrainedRun) -> None:
         self.run = run
-        self.fn = steps.make_logits_step(run.model, run.mesh, run.config.augment,
-                                         run.preprocessing)
+        self.fn = make_logits_step(run.model, run.mesh, run.config.augment, run.preprocessing)
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """uint8 (n, H, W, 3) at the run's image shape -> float32 logits (n, C)."""

@@ -39,11 +39,12 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cifar_flax import UserError
+from cifar_flax.training import devices
+
 BEST_KEEP = 2  # The previous best is the fallback when the newest best is unreadable.
 
 
-class CheckpointError(OSError):
-    """A checkpoint folder with no readable step, or a save that failed; one line for the user."""
 
 
 def _path(path: str) -> epath.Path:
@@ -117,8 +118,8 @@ def unreadable_reason(step_dir: epath.Path) -> str | None:
     return None
 
 
-def _none_readable(directory: Any, steps: list[int], why: str) -> CheckpointError:
-    return CheckpointError(
+def _none_readable(directory: Any, steps: list[int], why: str) -> UserError:
+    return UserError(
         f"no readable checkpoint in {directory} (steps {steps}; newest: {why}); nothing was "
         "changed there: restore the folder from a copy, or start over with "
         "--config.resume=replace or a new --workdir."
@@ -126,18 +127,40 @@ def _none_readable(directory: Any, steps: list[int], why: str) -> CheckpointErro
 
 
 class Checkpointer:
-    """Saves and restores the latest and the best checkpoint of one workdir."""
+    """The checkpoints of one workdir, by kind: ``latest`` (the full TrainState, keep-N: what a
+    resume reads), ``best`` (params and batch_stats of the run's best validation; the final test
+    reads it) and, with ``phase_best``, ``phase_best`` (the current phase's best, which early
+    stopping restores). ``with Checkpointer(...) as ckpt:`` waits for background saves and
+    closes on exit."""
 
-    def __init__(self, workdir: str, keep: int = 2, async_save: bool = True):
+    def __init__(self, workdir: str, keep: int = 2, async_save: bool = True,
+                 phase_best: bool = False):
         self.root = _path(workdir) / "checkpoints"
-        self.latest = _manager(self.root / "latest", keep, async_save)
-        self.best = _manager(self.root / "best", BEST_KEEP, async_save)
+        self.managers = {"latest": _manager(self.root / "latest", keep, async_save),
+                         "best": _manager(self.root / "best", BEST_KEEP, async_save)}
+        if phase_best:
+            self.managers["phase_best"] = _manager(self.root / "phase_best", 1, async_save)
+        self.keeps_phase_best = phase_best
         self._usable: dict[str, int | None] = {}  # kind -> newest step that reads back.
         self._saved_meta: dict[str, dict] = {}  # kind -> meta of this session's last save.
 
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.wait()
+        finally:
+            self.close()
+
     # ---- saving ----
-    def _save(self, mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
-        kind = self._kind(mngr)
+    def save(self, kind: str, step: int, state: Any, meta: dict) -> None:
+        """Save ``state`` (latest: the TrainState; best, phase_best: its params and
+        batch_stats) with ``meta`` at ``step``; a failed save is a UserError (the earlier
+        checkpoints are intact)."""
+        mngr = self.managers[kind]
+        if kind != "latest":
+            state = {"params": state.params, "batch_stats": state.batch_stats}
         if mngr.latest_step() == step:
             if _same_position(self._saved_meta.get(kind), meta):
                 return  # Already saved at this step (e.g. epoch end coincides with every_steps).
@@ -152,37 +175,23 @@ class Checkpointer:
         self._saved_meta[kind] = _position(meta)
 
     def _save_error(self, mngr: ocp.CheckpointManager, step: int,
-                    e: BaseException) -> CheckpointError:
-        return CheckpointError(
+                    e: BaseException) -> UserError:
+        return UserError(
             f"saving checkpoint step {step} in {mngr.directory} failed ({_first_line(e)}); the "
             "checkpoints saved before are intact: fix that (free space, permissions) and rerun "
-            "the same command to resume."
-        )
-
-    def save(self, step: int, state: Any, meta: dict) -> None:
-        """Save the full TrainState (for resuming)."""
-        self._save(self.latest, step, state, meta)
-
-    def save_best(self, step: int, state: Any, meta: dict) -> None:
-        """Save the variables of a new best evaluation (params and batch_stats only)."""
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-        self._save(self.best, step, variables, meta)
+            "the same command to resume.")
 
     # ---- finding a readable step ----
-    def _kind(self, mngr: ocp.CheckpointManager) -> str:
-        return "latest" if mngr is self.latest else "best"
-
-    def _usable_step(self, mngr: ocp.CheckpointManager) -> int | None:
-        """The newest step of ``mngr`` that reads back; newer unreadable ones are logged and moved
-        to checkpoints/unreadable/. CheckpointError when steps exist but none reads back."""
-        kind = self._kind(mngr)
+    def _usable_step(self, kind: str) -> int | None:
+        """The newest step of ``kind`` that reads back; newer unreadable ones are logged and
+        moved to checkpoints/unreadable/. UserError when steps exist but none reads back."""
         if kind in self._usable:
             return self._usable[kind]
+        mngr = self.managers[kind]
         self.wait()
-        steps = sorted(mngr.all_steps(), reverse=True)
         bad: list[tuple[int, str]] = []
         usable = None
-        for step in steps:
+        for step in sorted(mngr.all_steps(), reverse=True):
             why = unreadable_reason(mngr.directory / str(step))
             if why is None:
                 usable = step
@@ -193,97 +202,80 @@ class Checkpointer:
         if bad and usable is None:
             raise _none_readable(mngr.directory, [s for s, _ in bad], bad[0][1])
         if bad:
-            self._move_unreadable(mngr, [s for s, _ in bad])
-            logging.warning("Resuming %s from step %d: %d newer step(s) moved to %s.", kind,
-                            usable, len(bad), self.root / "unreadable")
+            self._move_unreadable(kind, [s for s, _ in bad])
+            logging.warning("Using %s step %d: %d newer step(s) moved to %s.", kind, usable,
+                            len(bad), self.root / "unreadable")
         self._usable[kind] = usable
         return usable
 
-    def _move_unreadable(self, mngr: ocp.CheckpointManager, steps: list[int]) -> None:
+    def _move_unreadable(self, kind: str, steps: list[int]) -> None:
         """Keep unreadable steps (never deleted) out of the manager's way: new saves reuse their
         step numbers."""
+        mngr = self.managers[kind]
         if jax.process_index() == 0:
             dest = self.root / "unreadable"
             dest.mkdir(parents=True, exist_ok=True)
             stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
             for step in steps:
-                (mngr.directory / str(step)).rename(dest / f"{self._kind(mngr)}-{step}-{stamp}")
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("cifar_flax_unreadable_checkpoints")
+                (mngr.directory / str(step)).rename(dest / f"{kind}-{step}-{stamp}")
+        devices.sync("cifar_flax_unreadable_checkpoints")
         mngr.reload()
 
     # ---- reading ----
-    def _meta(self, mngr: ocp.CheckpointManager) -> dict | None:
-        step = self._usable_step(mngr)
+    def latest_meta(self) -> dict | None:
+        """The meta item of the newest readable latest checkpoint; None for a fresh run."""
+        step = self._usable_step("latest")
         if step is None:
             return None
-        out = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(out["meta"])
-
-    def latest_meta(self) -> dict | None:
-        """The meta item of the newest readable latest checkpoint; None when there is none (a
-        fresh run)."""
-        return self._meta(self.latest)
+        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+        return dict(self.managers["latest"].restore(step, args=args)["meta"])
 
     def any_meta(self) -> dict | None:
-        """The meta of the newest latest step whose meta reads (arrays not checked; nothing moved):
-        what the run in this workdir was, for checks before resuming. None when it has no step;
-        CheckpointError when steps exist but no meta reads."""
-        steps = sorted(self.latest.all_steps(), reverse=True)
+        """The meta of the newest latest step whose meta reads (arrays not checked; nothing
+        moved): what the run in this workdir was, for the checks before resuming. None when it
+        has no step; UserError when steps exist but no meta reads."""
+        mngr = self.managers["latest"]
+        steps = sorted(mngr.all_steps(), reverse=True)
         why = ""
         args = ocp.args.Composite(meta=ocp.args.JsonRestore())
         for step in steps:
             try:
-                return dict(self.latest.restore(step, args=args)["meta"])
+                return dict(mngr.restore(step, args=args)["meta"])
             except Exception as e:  # noqa: BLE001 - try the next older step.
                 why = why or _first_line(e)
         if steps:
-            raise _none_readable(self.latest.directory, steps, why)
+            raise _none_readable(mngr.directory, steps, why)
         return None
 
-    def best_meta(self) -> dict | None:
-        return self._meta(self.best)
-
     def best_step(self) -> int | None:
-        """The step restore_best restores (the newest readable best), or None."""
-        return self._usable_step(self.best)
+        """The step restore("best") restores (the newest readable best), or None."""
+        return self._usable_step("best")
 
-    def _restore(self, mngr: ocp.CheckpointManager, like: Any) -> Any:
-        step = self._usable_step(mngr)
+    def latest_step(self) -> int | None:
+        """The newest step saved in latest (readable or not), or None."""
+        return self.managers["latest"].latest_step()
+
+    def restore(self, kind: str, like: Any) -> Any:
+        """The newest readable checkpoint of ``kind`` with the structure, dtypes and shardings of
+        ``like`` (latest: a TrainState; best, phase_best: {"params", "batch_stats"}), given as
+        ShapeDtypeStructs with shardings or as arrays."""
+        step = self._usable_step(kind)
         if step is None:
-            raise CheckpointError(f"no checkpoint in {mngr.directory} to restore.")
-        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(like)))
-        return out["state"]
-
-    def restore(self, like: Any) -> Any:
-        """The newest readable TrainState, with the structure, dtypes and shardings of ``like``
-        (a pytree of ``jax.ShapeDtypeStruct`` with shardings, or of arrays)."""
-        return self._restore(self.latest, like)
-
-    def restore_best(self, like_variables: Any) -> Any:
-        """The newest readable best {"params", "batch_stats"}, shaped like ``like_variables``."""
-        return self._restore(self.best, like_variables)
+            raise UserError(f"no checkpoint in {self.managers[kind].directory} to restore.")
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(like))
+        return self.managers[kind].restore(step, args=args)["state"]
 
     def wait(self) -> None:
-        """Block until background saves are on disk (a failed one raises CheckpointError)."""
-        for mngr in (self.latest, self.best):
+        """Block until background saves are on disk (a failed one is a UserError)."""
+        for mngr in self.managers.values():
             try:
                 mngr.wait_until_finished()
             except OSError as e:
                 raise self._save_error(mngr, mngr.latest_step() or 0, e) from None
 
     def close(self) -> None:
-        self.latest.close()
-        self.best.close()
-
-
-KINDS = ("best", "latest")
-
-
-class RunError(ValueError):
-    """A run folder or checkpoint that cannot be used; the message names the path and the fix."""
+        for mngr in self.managers.values():
+            mngr.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,10 +306,10 @@ def find_checkpoint(run: str, which: str = "best") -> RunCheckpoint:
     metric; its last checkpoint when it has no best, e.g. trained without validation) or
     ``"latest"``. ``run`` is a workdir, a ``checkpoints/<kind>`` folder or a step folder."""
     if which not in KINDS:
-        raise RunError(f"--checkpoint={which!r} must be one of {KINDS}.")
+        raise UserError(f"--checkpoint={which!r} must be one of {KINDS}.")
     path = epath.Path(run)
     if not path.exists():
-        raise RunError(f"{run} does not exist; pass the --workdir of a training run.")
+        raise UserError(f"{run} does not exist; pass the --workdir of a training run.")
     if (path / "state").is_dir():  # A step folder.
         kind = path.parent.name if path.parent.name in KINDS else ""
         return RunCheckpoint(path, int(path.name) if path.name.isdigit() else 0, kind)
@@ -328,7 +320,7 @@ def find_checkpoint(run: str, which: str = "best") -> RunCheckpoint:
         steps = _steps(path / "checkpoints" / kind)
         if steps:
             return RunCheckpoint(path / "checkpoints" / kind / str(steps[-1]), steps[-1], kind)
-    raise RunError(
+    raise UserError(
         f"{run} has no finished checkpoint (expected {path / 'checkpoints' / which}/<step>); "
         "train it first or pass the workdir of a run that saved one."
     )
@@ -347,7 +339,7 @@ def stored_shapes(ckpt: RunCheckpoint) -> dict[str, Any]:
     tree = ocp.PyTreeCheckpointHandler().metadata(ckpt.path / "state")
     missing = [k for k in ("params", "batch_stats") if k not in tree]
     if missing:
-        raise RunError(f"{ckpt.path} holds no {missing}; it is not a cifar_flax checkpoint.")
+        raise UserError(f"{ckpt.path} holds no {missing}; it is not a cifar_flax checkpoint.")
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
                         {"params": tree["params"], "batch_stats": tree["batch_stats"]})
 
@@ -356,7 +348,7 @@ def restore_variables(ckpt: RunCheckpoint, mesh: Mesh, like: Any = None) -> dict
     """``{"params", "batch_stats"}`` of ``ckpt``, replicated on ``mesh``.
 
     ``like`` (a tree of arrays or ShapeDtypeStructs, e.g. the model's ``eval_shape``) fixes the
-    expected structure and shapes; a mismatch is a RunError naming the differing entries. Without
+    expected structure and shapes; a mismatch is a UserError naming the differing entries. Without
     it the stored structure is used."""
     import orbax.checkpoint as ocp
 
@@ -364,7 +356,7 @@ def restore_variables(ckpt: RunCheckpoint, mesh: Mesh, like: Any = None) -> dict
     if like is not None:
         problems = shape_differences(stored, like)
         if problems:
-            raise RunError(
+            raise UserError(
                 f"{ckpt.path} does not fit this model ({len(problems)} differences: "
                 f"{'; '.join(problems[:6])}); was it trained with another model config?"
             )

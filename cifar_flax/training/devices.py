@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 import jax
 import numpy as np
-
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXIS = "data"
 
@@ -47,8 +47,6 @@ def shard_batch(mesh: Mesh, batch: dict[str, np.ndarray]) -> dict[str, jax.Array
 def to_host(x: jax.Array) -> np.ndarray:
     """A global array as numpy on every host (gathers across processes when there are several)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
 
@@ -72,7 +70,10 @@ def any_process(flag: bool) -> bool:
     some of them got SIGTERM/Ctrl-C; a single process returns ``flag`` without any sync."""
     if jax.process_count() == 1:
         return bool(flag)
-    import numpy as np
-    from jax.experimental import multihost_utils
-
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
+def sync(name: str) -> None:
+    """Wait until every process reaches this point (a no-op with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

@@ -7,10 +7,10 @@ gives exactly the same training (with augmentation off) at the cost of the head 
 augmentation on, ``num_passes`` augmented copies of the training set are cached and epoch ``e``
 uses pass ``e % num_passes`` (an approximation: a fixed set of augmentations instead of fresh ones).
 
-Public API (loop.py uses CachedPhase and cache_decision; config.feature_cache)::
+Public API (train.py uses CachedPhase and cache_decision; config.feature_cache)::
 
     cache_decision(config, plan) -> (use_cache, reason)
-    CachedPhase(config, info, model, mesh, prep, state, plan)   # extracts train + val features
+    CachedPhase(config, info, model, mesh, prep, state, head_step)  # extracts train + val features
         .step(state, step) -> (state, metrics)   # the batch of global step ``step``
         .validate(state) -> {"loss", "accuracy"}
 
@@ -20,9 +20,8 @@ and the parts it is built from (tests and bench/fastpaths.py use them directly):
     make_feature_fn(model, preprocess_fn, augment_fn=None) -> jitted (variables, images, rng)
     train_augment_fn(config, num_classes, prep) -> the train cache's augment_fn
     build_cache(model, variables, make_batches, preprocess_fn, num_passes=1, augment_fn=None,
-                rng=None, sharding=None, should_stop=...) -> FeatureCache
+                rng=None, sharding=None) -> FeatureCache
     FeatureCache.take(epoch, rows) -> (features, labels) of pass ``epoch % num_passes``
-    make_state_head_step(model, plan, mesh, params, num_classes) -> jitted head step
     evaluate_features(model, params, features, labels, batch_size) -> {"loss", "accuracy"}
 
 The batch order is input_pipeline.epoch_order's (the one train_batches shuffles with).
@@ -30,7 +29,7 @@ The batch order is input_pipeline.epoch_order's (the one train_batches shuffles 
 Batches are dicts with ``"image"`` (uint8-valued NHWC) and ``"label"`` and optionally ``"mask"``
 (1 for real examples, 0 for padding, as eval batches are padded); a short last batch is padded to
 the first batch's size so the feature function compiles once, and padded rows are dropped.
-Single-process only (multi-host runs keep the uncached path). A cached phase sees the same batch
+Single-process only (multi-host runs keep the uncached path). A cached phase (its head step is train.make_head_step) sees the same batch
 at the same step as the full step would (the input pipeline's shuffle order) and, on one device,
 the same dropout key, so with augmentation off it is the same training, not merely a similar one
 (on several devices the full step draws one dropout mask per device shard: same distribution).
@@ -49,7 +48,6 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cifar_flax.data import augment, input_pipeline
-from cifar_flax.training import steps
 from cifar_flax.training.evaluation import batch_sums
 
 PreprocessFn = Callable[[jnp.ndarray], jnp.ndarray]  # uint8-valued images -> normalised float
@@ -97,20 +95,17 @@ def _padded(batch: dict, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return images, labels, mask
 
 
-class Interrupted(Exception):
-    """Raised when ``should_stop()`` turned true during an extraction (a stop request in loop.py)."""
-
-
 def _one_pass(fn: Callable, variables: Any, batches: Iterable[dict], rng: jax.Array,
               sharding: Any, should_stop: Callable[[], bool]) -> tuple[np.ndarray, np.ndarray]:
     """(features, labels) of every real example of one pass over ``batches``, in order, on the
     host (``fn`` built once for all passes: one compilation); ``sharding`` places each batch,
-    each batch gets its own fold of ``rng``; checks ``should_stop`` before every batch and raises
-    :class:`Interrupted` when it is true."""
+    each batch gets its own fold of ``rng``. It ends early (what it has so far) when
+    ``should_stop()`` turns true: a stop request, which the training loop honours before the
+    next step, without using the cache."""
     feats, labels, size, pending = [], [], None, None
     for i, batch in enumerate(batches):
-        if should_stop():
-            raise Interrupted(f"feature extraction stopped after {i} batches")
+        if should_stop() and feats:
+            break
         size = size or len(batch["image"])
         images, lab, mask = _padded(batch, size)
         x = jax.device_put(images, sharding) if sharding is not None else images
@@ -162,8 +157,7 @@ def build_cache(
     """Cache ``num_passes`` passes over ``make_batches(pass_index)`` (one epoch of the split).
 
     Batches are padded to the first one's size (one compilation) and their masked rows dropped;
-    ``augment_fn`` draws from pass ``p``'s fold of ``rng``. ``should_stop`` is polled before
-    every batch; :class:`Interrupted` is raised when true."""
+    ``augment_fn`` draws from pass ``p``'s fold of ``rng``."""
     if num_passes < 1:
         raise ValueError(f"feature cache: num_passes must be >= 1, got {num_passes}.")
     rng = jax.random.PRNGKey(0) if rng is None else rng
@@ -244,38 +238,6 @@ def cache_decision(config: Any, plan: Any) -> tuple[bool, str]:
     return True, "exact: augmentation is off"
 
 
-def make_state_head_step(model: Any, plan: Any, mesh: Any, params: Any, num_classes: int):
-    """jit ``(head, opt_state, step, rng, features, labels) -> (head, opt_state, step, metrics)``.
-
-    The head-only counterpart of steps.make_train_step for a TrainState, built from the same
-    pieces (steps.step_keys with device 0's key, steps.cross_entropy on one-hot labels,
-    steps.trainable_value_and_grad, steps.masked_update): ``plan.tx`` runs on the full param tree,
-    the backbone entering as zeros that only ``set_to_zero`` sees (XLA drops them). Inputs and
-    outputs are replicated on ``mesh`` (what the checkpoints and the next phase expect); head and
-    opt_state are donated.
-    """
-    replicated = NamedSharding(mesh, PartitionSpec())
-    frozen = {k: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), v)
-              for k, v in params.items() if k != "head"}
-
-    def step(head, opt_state, step, rng, features, labels):
-        _, dropout_key = steps.step_keys(rng, step, 0)
-        full = {**jax.tree.map(lambda sd: jnp.zeros(sd.shape, sd.dtype), frozen), "head": head}
-
-        def loss_fn(p):
-            logits = model.apply({"params": {"head": p["head"]}}, features, train=True,
-                                 method="classify", rngs={"dropout": dropout_key})
-            soft = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-            return steps.cross_entropy(logits, soft), logits
-
-        (loss, logits), grads = steps.trainable_value_and_grad(loss_fn, full, plan.trainable)
-        new, opt_state = steps.masked_update(plan.tx, full, opt_state, grads)
-        return new["head"], opt_state, step + 1, steps.step_metrics(loss, logits, labels, grads)
-
-    return jax.jit(step, in_shardings=replicated, out_shardings=replicated,
-                   donate_argnums=(0, 1))
-
-
 class CachedPhase:
     """One phase's train step and validation on features cached at its start (and on resume).
 
@@ -283,11 +245,11 @@ class CachedPhase:
     train_batches would give at ``s``, from pass ``epoch % passes``); ``validate(state)`` gives
     {"loss", "accuracy"} on the cached validation features. The backbone is frozen for the whole
     phase, so the features are a deterministic function of the weights: a resumed phase rebuilds
-    the same cache. ``should_stop`` (SIGTERM) is polled per batch during the extraction, which
-    raises :class:`Interrupted`.
+    the same cache. ``head_step`` is train.make_head_step's jitted step for this phase;
+    ``should_stop`` (a stop request) cuts the extraction short.
     """
 
-    def __init__(self, config, info, model, mesh, prep, state, plan,
+    def __init__(self, config, info, model, mesh, prep, state, head_step: Callable,
                  should_stop: Callable[[], bool] = lambda: False) -> None:
         t0 = time.perf_counter()
         self.config, self.model = config, model
@@ -305,7 +267,8 @@ class CachedPhase:
                 model, variables, lambda p: input_pipeline.eval_batches(config, info, "validation"),
                 lambda im: augment.eval_preprocess(im, config.augment, prep), sharding=sharding,
                 should_stop=should_stop)
-        self.fn = make_state_head_step(model, plan, mesh, state.params, info.num_classes)
+        self.fn = head_step
+        self.cut_short = should_stop()  # A stop request: the loop stops before using the cache.
         self._epoch, self._order = -1, None
         self.extract_seconds = time.perf_counter() - t0
 

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cifar_flax.config import ConfigError
+from cifar_flax import UserError
 from cifar_flax.models import create_model
 from cifar_flax.training import checkpoints
 from cifar_flax.training.devices import AXIS
@@ -34,8 +34,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
 
 
 def init_variables(config: ml_collections.ConfigDict, model: Any, load_weights: bool = True,
-                   class_names: Sequence[str] | None = None):
-    """(variables, preprocessing): random init, then the pretrained backbone when configured.
+                   class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """{"params", "batch_stats"}: random init, then the pretrained backbone when configured.
 
     ``load_weights=False`` skips loading (a resumed run restores every value from its checkpoint).
     ``class_names`` (the dataset's) decide whether an ``init_from`` run's head is kept.
@@ -52,8 +52,7 @@ def init_variables(config: ml_collections.ConfigDict, model: Any, load_weights: 
             source, config.pretrained.variant, config.pretrained.file, config.pretrained.cache_dir
         )
         variables = merge_into(variables, weights)
-    variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-    return variables, input_preprocessing(config)
+    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
 
 def input_preprocessing(config: ml_collections.ConfigDict) -> Any:
@@ -74,7 +73,7 @@ def _check_preprocessing(config: ml_collections.ConfigDict, ckpt: checkpoints.Ru
                          old.get("model", {}).get("layout", "v1.5")).preprocessing
     now = input_preprocessing(config)
     if before != now:
-        raise ConfigError(
+        raise UserError(
             f"init_from={config.init_from!r} was trained with pretrained.source="
             f"{p_old.get('source', '')!r} ({before.name} preprocessing) but this config uses "
             f"{p_new.source!r} ({now.name}); set --config.pretrained.source="
@@ -85,22 +84,22 @@ def _check_preprocessing(config: ml_collections.ConfigDict, ckpt: checkpoints.Ru
 def variables_from_run(config: ml_collections.ConfigDict, variables: dict, run: str,
                        class_names: Sequence[str] | None = None) -> dict:
     """``variables`` with an earlier run's checkpoint values: every backbone entry (names and
-    shapes must match, else ConfigError listing them) and the head when it fits (else the fresh
+    shapes must match, else UserError listing them) and the head when it fits (else the fresh
     head, said in one log line). The head fits when its shapes match and, where both are known,
     the earlier run's class names are ``class_names``: a head trained on other classes (a class
     split with the same count) maps features to the wrong labels."""
     try:
         ckpt = checkpoints.find_checkpoint(run, "best")
         stored = checkpoints.stored_shapes(ckpt)
-    except checkpoints.RunError as e:
-        raise ConfigError(f"init_from={run!r}: {e}") from None
+    except UserError as e:
+        raise UserError(f"init_from={run!r}: {e}") from None
     _check_preprocessing(config, ckpt)
     target = {k: variables[k] for k in ("params", "batch_stats")}
     backbone = lambda tree: {k: {m: v for m, v in tree[k].items() if m != "head"}  # noqa: E731
                              for k in ("params", "batch_stats")}
     problems = checkpoints.shape_differences(backbone(stored), backbone(target))
     if problems:
-        raise ConfigError(
+        raise UserError(
             f"init_from={run!r}: its backbone does not fit this model ({len(problems)} "
             f"differences: {'; '.join(problems[:8])}); use the same model.layout, stage_sizes "
             "and base_width as that run."

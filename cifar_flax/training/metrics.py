@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from typing import Any
 
 import jax
@@ -96,6 +97,12 @@ class MetricsWriter:
                     tf.summary.write(f"{kind}/{name}", tf.constant(v, tf.float32),
                                      metadata=_scalar_metadata())
 
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.flush()
@@ -121,5 +128,45 @@ class Progress:
         elif jax.process_index() == 0:
             logging.info("step %d: %s", step, text)
 
-    def close(self) -> None:
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
         self.bar.close()
+
+
+class Throughput:
+    """Training images/s over timed windows that leave out compilation, evaluation and
+    checkpointing: ``step(metrics)`` after each step (the first after ``expect_compile()`` waits
+    for its result and opens a new window), ``restart()`` after an evaluation or a save,
+    ``window()`` at a log step closes the window and returns its rate."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch, self.images, self.seconds = batch_size, 0, 0.0
+        self.t0, self.steps, self.compiling = time.perf_counter(), 0, False
+
+    def expect_compile(self) -> None:
+        self.compiling = True
+
+    def step(self, metrics: Any) -> None:
+        if self.compiling:
+            jax.block_until_ready(metrics)
+            self.compiling = False
+            self.restart()
+        else:
+            self.steps += 1
+
+    def restart(self) -> None:
+        self.t0, self.steps = time.perf_counter(), 0
+
+    def window(self) -> float:
+        dt = time.perf_counter() - self.t0
+        rate = self.steps * self.batch / dt if dt > 0 and self.steps else 0.0
+        self.images += self.steps * self.batch
+        self.seconds += dt if self.steps else 0.0
+        self.restart()
+        return rate
+
+    @property
+    def overall(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0

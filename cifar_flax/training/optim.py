@@ -18,7 +18,7 @@ import ml_collections
 import optax
 from flax import traverse_util
 
-from cifar_flax.config import ConfigError
+from cifar_flax import UserError
 from cifar_flax.models import BACKBONE_MODULES
 
 FROZEN = "__frozen__"
@@ -30,7 +30,7 @@ def flat_paths(params: Any) -> dict[str, Any]:
 
 
 def assign_groups(params: Any, groups: Mapping[str, str]) -> dict[str, str]:
-    """Map each parameter path to its group; ConfigError if any path matches none or several."""
+    """Map each parameter path to its group; UserError if any path matches none or several."""
     compiled = {name: re.compile(pattern) for name, pattern in groups.items()}
     assignment, orphans, doubles = {}, [], []
     for path in flat_paths(params):
@@ -53,7 +53,7 @@ def assign_groups(params: Any, groups: Mapping[str, str]) -> dict[str, str]:
             f"{doubles[:10]}: make the regexes disjoint."
         )
     if errors:
-        raise ConfigError("\n".join(errors))
+        raise UserError("\n".join(errors))
     return assignment
 
 

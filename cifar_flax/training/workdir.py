@@ -27,8 +27,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-from typing import Any, Callable, Iterator
 import contextlib
 import functools
 import json
@@ -36,23 +34,23 @@ import os
 import re
 import socket
 import time
+from typing import Any, Callable, Iterator
 
-from absl import logging
-from etils import epath
 import jax
 import ml_collections
+from absl import logging
+from etils import epath
 
-from cifar_flax.config import ConfigError
+from cifar_flax import UserError
+from cifar_flax.config import default_config
 from cifar_flax.data.sources import DatasetInfo
-
+from cifar_flax.training import checkpoints, devices, interrupts
 
 LOCK_NAME = ".lock"
 RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "report", "config.json",
              "run_info.json")  # What a training run writes; moved aside together.
 
 
-class WorkdirError(OSError):
-    """The workdir cannot be used (a file, not writable, in use); the message is one line."""
 
 
 def _is_local(path: epath.Path) -> bool:
@@ -60,10 +58,10 @@ def _is_local(path: epath.Path) -> bool:
 
 
 def check_workdir(workdir: str) -> epath.Path:
-    """Create ``workdir`` if needed and prove it is a writable folder; WorkdirError otherwise."""
+    """Create ``workdir`` if needed and prove it is a writable folder; UserError otherwise."""
     path = epath.Path(workdir)
     if path.exists() and not path.is_dir():
-        raise WorkdirError(
+        raise UserError(
             f"--workdir {workdir} is a file, not a folder: choose another --workdir.")
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -71,7 +69,7 @@ def check_workdir(workdir: str) -> epath.Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise WorkdirError(
+        raise UserError(
             f"--workdir {workdir} is not a writable folder ({type(e).__name__}: "
             f"{e.strerror or e}): choose another --workdir or fix its permissions."
         ) from None
@@ -96,18 +94,24 @@ def _read(path: epath.Path) -> dict[str, Any] | None:
 
 
 class WorkdirLock:
-    """``with WorkdirLock(workdir):`` one run per workdir (see the module docstring)."""
+    """``with WorkdirLock(workdir):`` one run per workdir (see the module docstring); with
+    ``take=False`` (every process but the first) it does nothing. A signal that ends the process
+    at once releases it too (interrupts.on_abort)."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, take: bool = True):
         self.path = epath.Path(workdir) / LOCK_NAME
         self.record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-        self.held = False
+        self.take, self.held = take, False
+        self._forget = lambda: None
 
     def __enter__(self) -> "WorkdirLock":
-        self.acquire()
+        if self.take:
+            self.acquire()
+            self._forget = interrupts.on_abort(self.release)
         return self
 
     def __exit__(self, *exc) -> None:
+        self._forget()
         self.release()
 
     def _create(self) -> bool:
@@ -136,10 +140,10 @@ class WorkdirLock:
                 time.sleep(0.2)
                 continue
             if holder.get("host") != self.record["host"] or _pid_alive(int(holder["pid"])):
-                raise WorkdirError(self._busy_message(holder))
+                raise UserError(self._busy_message(holder))
             self._take_over(holder)
         holder = _read(self.path) or {"pid": "?", "host": "?"}
-        raise WorkdirError(self._busy_message(holder))
+        raise UserError(self._busy_message(holder))
 
     def _busy_message(self, holder: dict) -> str:
         other_host = holder.get("host") != self.record["host"]
@@ -213,30 +217,30 @@ def _inside_checkpoints(target: epath.Path) -> epath.Path | None:
 
 def check_output_folder(output: str, force: bool, written_by: str,
                         is_ours: Callable[[epath.Path], bool], files: tuple[str, ...]) -> None:
-    """Refuse (WorkdirError, one line) an ``--output`` that this command must not write:
+    """Refuse (UserError, one line) an ``--output`` that this command must not write:
     a file; a folder inside a run's checkpoints; a non-empty folder without ``force``; with
     ``force``, a run's workdir, a folder holding a run, or a folder that ``written_by`` did not
     write (``is_ours`` false, or entries outside ``files``). Called before any work."""
     out = _absolute(output)
     if out.exists() and not out.is_dir():
-        raise WorkdirError(f"--output {output} is a file; give a folder.")
+        raise UserError(f"--output {output} is a file; give a folder.")
     run = _inside_checkpoints(out)
     if run is not None:
-        raise WorkdirError(f"--output {output} is inside the checkpoints of the run {run}; "
+        raise UserError(f"--output {output} is inside the checkpoints of the run {run}; "
                            "choose a folder outside it.")
     if not out.exists() or not any(out.iterdir()):
         return
     if not force:
-        raise WorkdirError(f"--output {output} is not empty; choose a new folder, or pass "
+        raise UserError(f"--output {output} is not empty; choose a new folder, or pass "
                            f"--force to replace an earlier output of {written_by}.")
     run = find_run(out)
     if run is not None:
-        raise WorkdirError(f"--output {output} holds the training run {run}; --force replaces "
+        raise UserError(f"--output {output} holds the training run {run}; --force replaces "
                            f"only an earlier output of {written_by}: choose another folder.")
     foreign = sorted(p.name for p in out.iterdir() if p.name not in files)
     if foreign or not is_ours(out):
         what = f"files it did not write: {foreign[:5]}" if foreign else "no output of it"
-        raise WorkdirError(f"--output {output} holds {what}; --force replaces only an earlier "
+        raise UserError(f"--output {output} holds {what}; --force replaces only an earlier "
                            f"output of {written_by}: choose a new folder.")
 
 
@@ -329,8 +333,6 @@ _UNSET = "(unset)"
 
 @functools.lru_cache(maxsize=1)
 def _defaults() -> dict[str, Any]:
-    from cifar_flax.config import default_config
-
     return fingerprint(default_config())
 
 
@@ -363,39 +365,58 @@ def _short(v: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def check_resume(saved: dict | None, current: dict, config: ml_collections.ConfigDict,
-                 workdir: str = "the workdir") -> list[str]:
-    """Whether a run with fingerprint ``current`` may resume a checkpoint fingerprinted ``saved``.
+def check_previous_run(config: ml_collections.ConfigDict, info: DatasetInfo, workdir: str) -> None:
+    """Before a run starts in ``workdir``: the run already there (if any) must have this run's
+    fingerprint. A different run, or one whose checkpoints no longer read, stops with one line
+    naming the differing fields and the ways on, or, with ``config.resume == "replace"``, is
+    moved to ``<workdir>/previous/<time>/`` and this run starts fresh. Harmless differences
+    (HARMLESS) resume and are logged."""
+    with checkpoints.Checkpointer(workdir, async_save=False) as ckpt:
+        try:
+            saved, problem = ckpt.any_meta(), None
+        except UserError as e:  # Steps whose meta does not read: only "replace" goes on.
+            saved, problem = None, e
+    old, current = (saved or {}).get("fingerprint"), fingerprint(config, info)
+    if config.resume == "replace" and (problem or old and serious(differences(old, current))):
+        if jax.process_index() == 0:
+            logging.warning("--config.resume=replace: the previous run of %s moved to %s.",
+                            workdir, move_aside(workdir))
+        devices.sync("cifar_flax_replace_previous_run")
+        return
+    if problem:
+        raise problem
+    if saved is not None and not old:
+        logging.info("The checkpoint records no fingerprint (an older version wrote it): "
+                     "resuming unchecked.")
+    for note in check_resume(old, current, workdir) if old else []:
+        logging.info("Resuming despite a harmless change: %s", note)
 
-    Raises ConfigError (one line listing the differing fields and the ways on) when any field
-    outside HARMLESS differs; returns the harmless differences (the caller logs them). ``saved``
-    None (a checkpoint written before fingerprints existed) resumes with a note.
-    ``config.resume == "replace"`` is handled before (main.run moves the old run aside), so here
-    every value of it refuses a different run.
-    """
-    if saved is None:
-        return ["the checkpoint records no fingerprint (an older version wrote it): not checked"]
+
+def check_resume(saved: dict, current: dict, workdir: str = "the workdir") -> list[str]:
+    """Whether a run fingerprinted ``current`` may resume one fingerprinted ``saved``: a
+    UserError (one line listing the differing fields and the ways on) when a field outside
+    HARMLESS differs, else the harmless differences (to log)."""
     diffs = differences(saved, current)
     bad = serious(diffs)
     if bad:
         shown = "; ".join(bad[:8]) + (f"; and {len(bad) - 8} more" if len(bad) > 8 else "")
-        raise ConfigError(
+        raise UserError(
             f"{workdir} holds a run with a different config ({shown}): resuming would mix the "
             "two. Use a new --workdir, or --config.resume=replace to move the old run to "
-            f"{workdir}/previous/ and start this one there."
-        )
+            f"{workdir}/previous/ and start this one there.")
     return diffs
 
 
 FILENAME = "run_info.json"
 
 
-def write_run_info(workdir: str, info: DatasetInfo) -> None:
-    """Write ``<workdir>/run_info.json`` (process 0 only; any other process returns)."""
+def write_run_files(workdir: str, config: ml_collections.ConfigDict, info: DatasetInfo) -> None:
+    """``<workdir>/config.json`` and ``run_info.json`` (process 0 only)."""
     if jax.process_index() != 0:
         return
     path = epath.Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(config.to_json_best_effort(indent=2))
     record = {
         "dataset": info.name,
         "num_classes": info.num_classes,

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from cifar_flax import models
-from cifar_flax.weights.files import WeightsError, file_hash, read_state_dict
+from cifar_flax import UserError, models
+from cifar_flax.weights.files import file_hash, read_state_dict
 from cifar_flax.weights.registry import PretrainedWeights, source_spec
 
 # Tensors of the published files that are not part of the backbone.
@@ -116,7 +116,7 @@ def convert_state_dict(
         if n not in used and not n.startswith(_DROPPED[source]) and not n.endswith(_IGNORED_SUFFIX)
     ]
     if missing or unexpected or wrong:
-        raise WeightsError(
+        raise UserError(
             f"{origin} is not a {source} ResNet50 weight file: {len(missing)} missing tensor(s) "
             f"[{_listing(missing)}]; {len(unexpected)} unexpected [{_listing(unexpected)}]; "
             f"{len(wrong)} with the wrong shape [{_listing(wrong, 4)}]. Check --source / "
@@ -161,7 +161,7 @@ def merge_into(variables: dict, weights: PretrainedWeights) -> dict:
         problems = _fit_problems(model_flat, new_flat)
         if problems:
             path, what = problems[0]
-            raise WeightsError(
+            raise UserError(
                 f"The {weights.spec.source} weights don't fit the model: {collection}/{path} "
                 f"{what} ({len(problems)} mismatch(es)). They need model.layout="
                 f"{weights.spec.layout!r}, model.stage_sizes=(3, 4, 6, 3) and model.base_width=64."

@@ -9,12 +9,13 @@ Kept apart from the name mapping (convert.py) so that each file format is read i
   (``conv1_conv/kernel:0``), Keras 3 names (``conv1_conv/kernel``) and uniquified variable names
   (``conv1_conv_1/kernel:0``) all read the same. Read with h5py: no TensorFlow needed.
 - PyTorch ``.pth``/``.pt``: ``torch.load(weights_only=True)``, which never unpickles arbitrary
-  objects; torch is imported only here, only for these files.
+  objects; torch (an optional extra) is imported only for these files.
 - ``.safetensors`` and ``.npz`` state dicts, read without torch.
 
-Every failure to read becomes a :class:`WeightsError` that names the file and says what to do.
+Every failure to read becomes a :class:`UserError` that names the file and says what to do.
 Paths may be local or remote (``gs://...``, through ``etils.epath``); a remote weight file is
-copied to a local temporary file before it is read.
+copied to a local temporary file before it is read. A download whose host name does not resolve
+(no network) fails at once with one line that names the host and how to pass a local copy.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import socket
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 import zipfile
@@ -31,16 +34,15 @@ from typing import Any, Iterator
 
 import h5py
 import numpy as np
+import safetensors.numpy
 from etils import epath
 from tqdm import tqdm
+
+from cifar_flax import UserError
 
 _H5_SUFFIXES = (".h5", ".hdf5")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SUPPORTED_SUFFIXES = _H5_SUFFIXES + _TORCH_SUFFIXES + (".safetensors", ".npz")
-
-
-class WeightsError(ValueError):
-    """A weight file or download is missing, unreadable, corrupt or of the wrong architecture."""
 
 
 def as_path(path: str | os.PathLike) -> epath.Path:
@@ -69,7 +71,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read every tensor of a weight file into float32/int numpy arrays, keyed by name."""
     path = os.fspath(path)
     if not as_path(path).is_file():
-        raise WeightsError(
+        raise UserError(
             f"Weight file {path!r} does not exist; check --config.pretrained.file / --input."
         )
     suffix = os.path.splitext(path)[1].lower()
@@ -77,17 +79,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     readers.update({s: _read_keras_h5 for s in _H5_SUFFIXES})
     readers.update({s: _read_torch for s in _TORCH_SUFFIXES})
     if suffix not in readers:
-        raise WeightsError(
+        raise UserError(
             f"{path!r}: unsupported weight file type {suffix!r}; expected one of "
             f"{', '.join(SUPPORTED_SUFFIXES)}."
         )
     try:
         with _local_copy(as_path(path)) as local:
             return readers[suffix](local)
-    except WeightsError:
+    except UserError:
         raise
     except Exception as e:  # Each library raises its own types for truncated/corrupt files.
-        raise WeightsError(
+        raise UserError(
             f"{path!r} could not be read as a {suffix} weight file (truncated or corrupt "
             f"download?): {type(e).__name__}: {_first_line(e)}. Delete it and download it again."
         ) from e
@@ -100,7 +102,7 @@ def _first_line(e: BaseException) -> str:
 
 def _put(out: dict[str, np.ndarray], name: str, value: Any, path: str) -> None:
     if name in out:
-        raise WeightsError(f"{path!r}: the tensor {name!r} appears twice; the file is ambiguous.")
+        raise UserError(f"{path!r}: the tensor {name!r} appears twice; the file is ambiguous.")
     out[name] = np.asarray(value)
 
 
@@ -118,7 +120,7 @@ def _read_keras_h5(path: str) -> dict[str, np.ndarray]:
                 " name; save with model.save('model.h5') instead."
                 if "layers" in root and "vars" in root else ""
             )
-            raise WeightsError(
+            raise UserError(
                 f"{path!r} is not a Keras HDF5 weight file (no 'layer_names' attribute).{hint}"
             )
         for layer in _decode(root.attrs["layer_names"]):
@@ -131,28 +133,26 @@ def _read_keras_h5(path: str) -> dict[str, np.ndarray]:
 
 def _read_torch(path: str) -> dict[str, np.ndarray]:
     try:
-        import torch
+        import torch  # Optional (the [torch] extra), and slow to import: only for these files.
     except ImportError as e:
-        raise WeightsError(
+        raise UserError(
             f"Reading {path!r} needs PyTorch: pip install -e '.[torch]' (or convert the file to "
             ".safetensors/.npz elsewhere)."
         ) from e
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(obj, dict):
-        raise WeightsError(f"{path!r} holds a {type(obj).__name__}, not a state dict.")
+        raise UserError(f"{path!r} holds a {type(obj).__name__}, not a state dict.")
     out: dict[str, np.ndarray] = {}
     for name, t in obj.items():
         if not isinstance(t, torch.Tensor):
-            raise WeightsError(f"{path!r}: entry {name!r} is a {type(t).__name__}, not a tensor.")
+            raise UserError(f"{path!r}: entry {name!r} is a {type(t).__name__}, not a tensor.")
         t = t.detach()
         _put(out, name, (t.float() if t.is_floating_point() else t).numpy(), path)
     return out
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    return dict(load_file(path))
+    return dict(safetensors.numpy.load_file(path))
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
@@ -160,7 +160,7 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except zipfile.BadZipFile as e:
-        raise WeightsError(f"{path!r} is not a valid .npz archive (truncated?): {e}.") from e
+        raise UserError(f"{path!r} is not a valid .npz archive (truncated?): {e}.") from e
 
 
 def file_hash(path: str | os.PathLike, algorithm: str) -> str:
@@ -179,7 +179,8 @@ def download(
 
     The bytes go to a temporary file beside ``dest`` that is renamed only after the hash matched,
     so an interrupted or corrupt download never looks like a cached file. ``local_hint`` says how
-    to pass a local copy instead; it ends the offline error message.
+    to pass a local copy instead (a sentence); it ends the error messages. A host name that does
+    not resolve (DNS: the machine is offline) fails at once, naming the host.
     """
     dest = as_path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -197,12 +198,9 @@ def download(
                             h.update(chunk)
                             bar.update(len(chunk))
             except (urllib.error.URLError, OSError, ValueError) as e:
-                reason = getattr(e, "reason", None) or e
-                raise WeightsError(
-                    f"Could not download {url} ({reason}). {local_hint}"
-                ) from e
+                raise UserError(_download_failed(url, e, local_hint)) from e
         if h.hexdigest() != expected:
-            raise WeightsError(
+            raise UserError(
                 f"Checksum mismatch for {url}: {algorithm} {h.hexdigest()}, expected {expected}; "
                 f"the download was discarded. Try again, or {local_hint[0].lower()}{local_hint[1:]}"
             )
@@ -211,3 +209,54 @@ def download(
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _resolving_host(url: str) -> tuple[str, bool]:
+    """The host name a download of ``url`` must resolve, and whether it is a proxy's (the
+    ``*_proxy`` environment variables that urllib and requests honour)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and host and not urllib.request.proxy_bypass(host):
+        proxy_host = urllib.parse.urlsplit(proxy if "://" in proxy else f"//{proxy}").hostname
+        return proxy_host or host, True
+    return host, False
+
+
+def _offline_problem(url: str) -> str:
+    """The first words of the error for a download of ``url`` whose host does not resolve."""
+    host, proxy = _resolving_host(url)
+    return (f"Could not download {url}: {'its proxy host' if proxy else 'its host'} {host} "
+            "cannot be resolved (DNS), so this machine seems to be offline.")
+
+
+def _dns_failed(error: BaseException) -> bool:
+    """Whether ``error`` (or what it wraps: ``reason``, the cause or context) is a DNS failure."""
+    seen: set[int] = set()
+    todo: list[Any] = [error]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, socket.gaierror):
+            return True
+        todo += [getattr(e, "reason", None), e.__cause__, e.__context__]
+    return False
+
+
+def _download_failed(url: str, error: BaseException, local_hint: str) -> str:
+    if _dns_failed(error):
+        return f"{_offline_problem(url)} {local_hint}"
+    reason = getattr(error, "reason", None) or error
+    return f"Could not download {url} ({_clip(str(reason))}). {local_hint}"
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """``text`` on one line, cut after at most ``limit`` characters at a word boundary, with
+    "..." where it was cut (a single longer word is kept whole)."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    cut = text[:limit + 1].rsplit(" ", 1)[0] if " " in text[:limit + 1] else text.split(" ", 1)[0]
+    return cut.rstrip(" ,;:") + "..."

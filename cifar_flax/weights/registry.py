@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from cifar_flax import UserError
 from cifar_flax.data import preprocessing
 from cifar_flax.data.preprocessing import Preprocessing
-from cifar_flax.weights.files import WeightsError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,13 +83,13 @@ def source_spec(source: str, variant: str = "", layout: str = "v1.5") -> WeightS
     if source == "":
         return WeightSpec("", "", layout, preprocessing.SIMPLE)
     if source not in RELEASES:
-        raise WeightsError(
+        raise UserError(
             f"Unknown pretrained.source {source!r}; expected one of {sorted(RELEASES)} or '' "
             "(random init)."
         )
     variant = variant or DEFAULT_VARIANT[source]
     if variant not in RELEASES[source] and variant != "local":
-        raise WeightsError(
+        raise UserError(
             f"Unknown pretrained.variant {variant!r} for source {source!r}; expected one of "
             f"{sorted(RELEASES[source])} or '' (the default, {DEFAULT_VARIANT[source]})."
         )

@@ -3,7 +3,8 @@
 :func:`load_pretrained` is the one call the trainer makes: the converted weights of a source from
 the cache (``$CIFAR_FLAX_CACHE``, default ``~/.cache/cifar_flax``) when they were converted
 before, else converted once from a local file or a verified download and cached. Every path may
-be local or remote (``gs://...``): paths go through ``etils.epath``.
+be local or remote (``gs://...``): paths go through ``etils.epath``. :func:`extract_features`:
+the pooled backbone features of uint8 images with converted weights (the ``features`` command).
 """
 
 from __future__ import annotations
@@ -16,11 +17,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
+from tqdm import tqdm
 
+from cifar_flax import UserError, models
+from cifar_flax.data import preprocessing
 from cifar_flax.weights.convert import backbone_shapes, convert_file
-from cifar_flax.weights.files import WeightsError, as_path, download, file_hash
+from cifar_flax.weights.files import as_path, download, file_hash
 from cifar_flax.weights.registry import RELEASES, PretrainedWeights, WeightSpec, source_spec
 
 SPEC_FILE = "spec.json"
@@ -28,8 +34,6 @@ STATE_DIR = "state"
 
 
 def _checkpointer() -> Any:
-    import orbax.checkpoint as ocp
-
     # Process-local: every host of a multi-host job reads and writes its own cache.
     me = jax.process_index()
     return ocp.StandardCheckpointer(
@@ -49,7 +53,7 @@ def save_weights(weights: PretrainedWeights, directory: str | os.PathLike) -> No
     """Write converted weights to ``directory`` atomically (a temp dir renamed into place)."""
     directory = as_path(directory)
     if directory.is_dir() and any(directory.iterdir()) and not is_converted(directory):
-        raise WeightsError(
+        raise UserError(
             f"{directory} exists and does not hold converted weights; choose a new or empty "
             "output directory."
         )
@@ -73,10 +77,10 @@ def save_weights(weights: PretrainedWeights, directory: str | os.PathLike) -> No
 def load_weights(directory: str | os.PathLike) -> PretrainedWeights:
     """Read weights written by :func:`save_weights` (or the ``convert`` CLI)."""
     if not is_converted(directory):
-        raise WeightsError(
+        raise UserError(
             f"{str(directory)!r} does not hold converted weights (no {SPEC_FILE} + {STATE_DIR}/); "
-            "create it with: python -m cifar_flax.pretrained convert --source ... --input FILE "
-            f"--output {directory}"
+            "create it with: python -m cifar_flax.pretrained convert --source=... --input=FILE "
+            f"--output={directory}"
         )
     d = as_path(directory)
     spec = WeightSpec.from_json(json.loads((d / SPEC_FILE).read_text()))
@@ -95,16 +99,17 @@ def cache_root(cache_dir: str = "") -> epath.Path:
 
 
 def _offline_hint(source: str, url: str) -> str:
+    """How to pass a copy of the release file ``url`` instead of downloading it (a sentence)."""
     name = os.path.basename(url)
     return (
-        f"Offline? Download {name} elsewhere and pass it with --config.pretrained.file=/path/to/"
-        f"{name} (or convert it: python -m cifar_flax.pretrained convert --source {source} "
-        f"--input /path/to/{name} --output DIR)."
+        f"Download {name} elsewhere and pass it with --config.pretrained.file=/path/to/{name} "
+        f"(or convert it first: python -m cifar_flax.pretrained convert --source={source} "
+        f"--input=/path/to/{name} --output=DIR, then --config.pretrained.file=DIR)."
     )
 
 
 def _downloaded(source: str, variant: str, root: epath.Path) -> epath.Path:
-    """The release file of ``source``/``variant`` in the cache, downloaded and verified if needed."""
+    """The cached release file of ``source``/``variant``, downloaded and verified if needed."""
     release = RELEASES[source][variant]
     path = root / "downloads" / os.path.basename(release.url)
     if not (path.is_file() and file_hash(path, release.algorithm) == release.digest):
@@ -122,16 +127,16 @@ def load_pretrained(
     directory written by the ``convert`` CLI (used as is).
     """
     if not source:
-        raise WeightsError("pretrained.source is '' (random init): there are no weights to load.")
+        raise UserError("pretrained.source is '' (random init): there are no weights to load.")
     spec = source_spec(source, variant)
     if file and as_path(file).is_dir():
         weights = load_weights(file)
         if weights.spec.source != source:
-            raise WeightsError(f"{file!r} holds {weights.spec.source} weights, not {source}; "
-                               "set pretrained.source to match.")
+            raise UserError(f"{file!r} holds {weights.spec.source} weights, not {source}; "
+                            "set pretrained.source to match.")
         return weights
     if file and not as_path(file).is_file():
-        raise WeightsError(f"pretrained.file {file!r} does not exist.")
+        raise UserError(f"pretrained.file {file!r} does not exist.")
     root = cache_root(cache_dir)
     name = f"file-{file_hash(file, 'sha256')[:16]}" if file else spec.variant
     target = root / "converted" / f"{source}-{name}"
@@ -146,3 +151,46 @@ def load_pretrained(
     except OSError as e:  # A read-only or full cache only costs a conversion next time.
         logging.warning("Could not cache converted weights in %s: %s", target, e)
     return weights
+
+
+def check_images(images: np.ndarray) -> None:
+    """Raise a UserError unless ``images`` is uint8 NHWC, 3 channels, at least 32x32."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise UserError(
+            f"Images must be uint8 NHWC with 3 channels, got {images.dtype} {images.shape}."
+        )
+    if min(images.shape[1:3]) < 32:
+        raise UserError(f"Images must be at least 32x32, got {images.shape[1:3]}.")
+
+
+def extract_features(
+    weights: PretrainedWeights, images: np.ndarray, batch_size: int = 64, dtype: str = "float32",
+    progress: bool = False,
+) -> np.ndarray:
+    """Pooled (N, 2048) float32 backbone features of uint8 NHWC images, in inference mode.
+
+    Images run ``batch_size`` at a time; the last batch is padded so that one compiled function
+    serves every batch.
+    """
+    check_images(images)
+    spec = weights.spec
+    model = models.create_model(num_classes=1, layout=spec.layout, dtype=dtype)
+    variables = jax.device_put({"params": weights.params, "batch_stats": weights.batch_stats})
+
+    @jax.jit
+    def run(variables: dict, x: jnp.ndarray) -> jnp.ndarray:
+        x = preprocessing.normalize(x, spec.preprocessing, model.dtype)
+        return model.apply(variables, x, method=model.features)
+
+    n = len(images)
+    out = np.zeros((n, models.FEATURE_DIM), np.float32)
+    starts = range(0, n, batch_size)
+    if progress:
+        starts = tqdm(starts, unit="batch", desc="features")
+    for start in starts:
+        batch = np.asarray(images[start:start + batch_size])
+        pad = batch_size - len(batch)
+        if pad:
+            batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], batch.dtype)])
+        out[start:start + batch_size] = np.asarray(run(variables, batch))[: batch_size - pad]
+    return out

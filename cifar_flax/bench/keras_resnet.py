@@ -1,14 +1,17 @@
 """The `keras` benchmark row: the same ResNet50 v1.5 built with the Keras functional API (NHWC),
-trained with ``train_on_batch`` on TensorFlow (oneDNN kernels on CPU)."""
+trained with ``train_on_batch``, Keras 3 on TensorFlow (oneDNN kernels on CPU).
+
+Keras and TensorFlow are imported inside the functions: they are this row's optional framework,
+and the worker imports this module in every row's process (the torch and flax_bare rows' never
+load TensorFlow).
+"""
 
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Any, Sequence
 
-from cifar_flax.bench.timing import time_steps
-from cifar_flax.bench.workload import LR, MOMENTUM, NUM_CLASSES, FrameworkUnavailable, require
+from cifar_flax.bench.workload import LR, MOMENTUM, NUM_CLASSES, Workload, time_steps
 
 
 def build_keras_resnet50(size: int, num_classes: int, stage_sizes: Sequence[int]) -> Any:
@@ -17,7 +20,7 @@ def build_keras_resnet50(size: int, num_classes: int, stage_sizes: Sequence[int]
     ``keras.applications.ResNet50`` is the v1 layout (stride in the first 1x1 conv, conv biases),
     which does ~5-10% fewer FLOPs, so it would not be a like-for-like row.
     """
-    import keras
+    import keras  # The keras row's optional framework (pip install -e ".[test]").
     from keras import layers
 
     def bn(x):
@@ -48,28 +51,24 @@ def build_keras_resnet50(size: int, num_classes: int, stage_sizes: Sequence[int]
     return keras.Model(inputs, outputs, name="resnet50_v15")
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(w: Workload) -> dict:
     """Keras 3 on TensorFlow, ``model.train_on_batch`` with Keras' default ``jit_compile``."""
-    require("keras", "keras")
-    require("tensorflow", "keras")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    import keras
-    import tensorflow as tf
+    os.environ["KERAS_BACKEND"] = "tensorflow"  # This row measures Keras on TensorFlow.
+    import keras  # The keras row's optional framework, as above.
+    import tensorflow as tf  # Keras' backend: part of the keras row's optional framework.
 
-    if keras.backend.backend() != "tensorflow":
-        raise FrameworkUnavailable(f"KERAS_BACKEND={keras.backend.backend()}, need tensorflow")
-    if args.dtype == "bfloat16":
+    _give_tensorflow_the_accelerators(tf)
+    if w.dtype == "bfloat16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     keras.utils.set_random_seed(0)
-    model = build_keras_resnet50(args.size, NUM_CLASSES, args.stage_sizes)
+    model = build_keras_resnet50(w.size, NUM_CLASSES, w.stage_sizes)
     model.compile(
         optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    x = tf.random.normal((args.batch, args.size, args.size, 3))
-    y = tf.random.uniform((args.batch,), 0, NUM_CLASSES, dtype=tf.int32)
-    timing = time_steps(lambda: model.train_on_batch(x, y), lambda out: None, args.warmup,
-                        args.steps)
+    x = tf.random.normal((w.batch, w.size, w.size, 3))
+    y = tf.random.uniform((w.batch,), 0, NUM_CLASSES, dtype=tf.int32)
+    timing = time_steps(lambda: model.train_on_batch(x, y), lambda out: None, w.warmup, w.steps)
     out = {"layout": "v1.5 (NHWC), functional API",
            "mode": f"train_on_batch, jit_compile={model.jit_compile}"}
     out["compile_s"] = timing["first_step_s"]  # tf.function tracing + graph build on first call
@@ -77,3 +76,13 @@ def run(args: argparse.Namespace) -> dict:
     if tf.config.list_physical_devices("GPU"):
         out["device_peak_mb"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
     return {**out, **timing}
+
+
+def _give_tensorflow_the_accelerators(tf: Any) -> None:
+    """Make every device visible to TensorFlow again: the commands keep it on the CPU (there it
+    only feeds the input pipeline, cli.hide_accelerators), but here it is the framework measured.
+    Possible until TensorFlow has run its first op, which nothing in this process did yet."""
+    try:
+        tf.config.set_visible_devices(tf.config.list_physical_devices())
+    except (RuntimeError, ValueError):  # Already initialised: it keeps what it sees.
+        pass
