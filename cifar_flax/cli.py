@@ -30,6 +30,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from absl import flags, logging
+from ml_collections import config_flags
 
 from cifar_flax import UserError
 from cifar_flax.config import load_config_file
@@ -39,12 +40,11 @@ _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # c
 
 
 def run(main: Callable[[list[str]], Any], flag_values: flags.FlagValues,
-        argv: Sequence[str] | None = None,
-        interrupted: str = "nothing new was saved; rerun the same command to resume") -> int:
+        argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: sys.argv) into ``flag_values``, then ``main(positional args)``;
-    the command's exit status. ``interrupted`` completes the line a signal outside the training
-    steps prints. With ``argv`` given (a test) the signal handlers are put back afterwards."""
-    previous = interrupts.exit_on_signal(interrupted)
+    the command's exit status. With ``argv`` given (a call in-process, as the tests make) the
+    signal handlers are put back afterwards."""
+    previous = interrupts.exit_on_signal()
     try:
         args = parse_flags(flag_values, [sys.argv[0]] + list(sys.argv[1:] if argv is None else argv))
         prepare_runtime()
@@ -98,6 +98,8 @@ def parse_flags(flag_values: flags.FlagValues, argv: list[str]) -> list[str]:
         raise SystemExit(0)
     flag_values.unparse_flags()  # A second call in one process starts from the defaults.
     try:
+        if id(flag_values) in _CONFIG_FLAGS:  # Its --config.<field> overrides come from argv.
+            _define_config(flag_values, *_CONFIG_FLAGS[id(flag_values)], argv)
         rest = flags.FLAGS(flag_values(argv, known_only=True))
         for name in _config_flag_names(flag_values):
             if flag_values[name].value is not None:
@@ -111,6 +113,31 @@ def parse_flags(flag_values: flags.FlagValues, argv: list[str]) -> list[str]:
 
 
 _OVERRIDE = re.compile(r"^--?(\w+)\.([^=]+)(?:=.*)?$")
+_CONFIG_FLAGS: dict[int, tuple[Any, str, bool]] = {}  # id(FlagValues) -> config_flag's arguments.
+
+
+def config_flag(flag_values: flags.FlagValues, help_string: str, default: Any = None,
+                required: bool = True) -> None:
+    """Define ``--config``: a config file (``configs/x.py[:arg]``), or with ``default`` (a
+    ConfigDict) that config; ``--config.<field>=value`` overrides any field. ml_collections
+    reads which overrides to define from the argv it is given, so parse_flags defines the flag
+    again with each argv it parses (a command called twice in one process, as tests do)."""
+    _CONFIG_FLAGS[id(flag_values)] = (default, help_string, required)
+    _define_config(flag_values, default, help_string, required, sys.argv)
+
+
+def _define_config(flag_values: flags.FlagValues, default: Any, help_string: str,
+                   required: bool, argv: list[str]) -> None:
+    for name in [n for n in flag_values if n == "config" or n.startswith("config.")]:
+        delattr(flag_values, name)
+    if default is None:
+        config_flags.DEFINE_config_file("config", None, help_string, flag_values=flag_values,
+                                        sys_argv=argv)
+    else:
+        config_flags.DEFINE_config_dict("config", default.copy_and_resolve_references(),
+                                        help_string, flag_values=flag_values, sys_argv=argv)
+    if required and default is None:
+        flags.mark_flag_as_required("config", flag_values=flag_values)
 
 
 def _config_flag_names(flag_values: flags.FlagValues) -> list[str]:
@@ -174,9 +201,11 @@ def override_error(config: Any, path: str) -> str | None:
 def describe_flag_error(error: BaseException, argv: list[str],
                         flag_values: flags.FlagValues) -> str:
     """One line for a failure while parsing flags: config-file or override problems first."""
-    for name in _config_flag_names(flag_values):
-        path = _flag_value(argv, name)
-        config = flag_values[name].default if path is None else None
+    default = _CONFIG_FLAGS.get(id(flag_values), (None,))[0]
+    names = set(_config_flag_names(flag_values)) | ({"config"} if id(flag_values) in _CONFIG_FLAGS
+                                                     else set())
+    for name in names:
+        path, config = _flag_value(argv, name), default
         if path is not None:
             missing = missing_config_file(path)
             if missing:
@@ -221,10 +250,11 @@ def verbose() -> bool:
     return os.environ.get("CIFAR_FLAX_VERBOSE", "") not in ("", "0")
 
 
-def start() -> None:
-    """What a command does first, before the imports that bring TensorFlow in: signals end it
-    with one line, quiet logs, TensorFlow imported quietly and kept off every accelerator."""
-    interrupts.exit_on_signal()
+def start(interrupted: str = "stopped before it wrote anything") -> None:
+    """What a command does first, before the imports that bring TensorFlow in: a signal ends it
+    with one line, ``Interrupted (Ctrl-C): <interrupted>.``; quiet logs; TensorFlow imported
+    quietly and kept off every accelerator."""
+    interrupts.exit_on_signal(interrupted)
     prepare_runtime()
 
 
@@ -252,8 +282,8 @@ def _import_tensorflow_quietly() -> None:
     saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     sys.stderr.flush()
     os.dup2(null, 2)
-    try:
-        import tensorflow  # noqa: F401 - the import is the point (optional: not on Colab TPU).
+    try:  # The import is the point; optional (the Colab TPU runtime has no TensorFlow).
+        import tensorflow  # noqa: F401
     except ImportError:
         pass
     finally:

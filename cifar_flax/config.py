@@ -7,13 +7,18 @@ a field is documented once, here. ``validate`` (in this module) checks a config 
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
 import types
 
+import jax
 import ml_collections
+from absl import logging
+from etils import epath
 
 from cifar_flax import UserError
 from cifar_flax.models import CONV_IMPLS, LAYOUTS
-from cifar_flax.weights.registry import SOURCE_LAYOUT
+from cifar_flax.weights.registry import RELEASES, SOURCE_LAYOUT
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -193,10 +198,6 @@ def validate_distributed(config: ml_collections.ConfigDict) -> None:
 
 
 def _data_errors(c: ml_collections.ConfigDict, num_devices: int | None) -> list[str]:
-    import os
-
-    import jax
-
     errors = []
     n = jax.device_count() if num_devices is None else num_devices
     dataset = str(c.get("dataset", ""))
@@ -247,8 +248,6 @@ def _model_errors(c: ml_collections.ConfigDict) -> list[str]:
 
 
 def _group_phase_errors(c: ml_collections.ConfigDict) -> list[str]:
-    import re
-
     errors = []
     groups = dict(c.groups)
     for name, pattern in groups.items():
@@ -355,8 +354,6 @@ RESUME_MODES = ("auto", "replace")
 def _slip_errors(c: ml_collections.ConfigDict) -> list[str]:
     """Slips caught before any data or weights are read: the resume mode, a weight variant of
     another source, a class with no training images; a warmup longer than its phase warns."""
-    from cifar_flax.weights.registry import RELEASES
-
     errors = []
     if c.get("resume", "auto") not in RESUME_MODES:
         errors.append(f"resume={c.resume!r} must be one of {RESUME_MODES} (see config.py).")
@@ -369,29 +366,15 @@ def _slip_errors(c: ml_collections.ConfigDict) -> list[str]:
         )
     for i, ph in enumerate(c.phases):
         if ph.steps == 0 and 0 < ph.epochs < ph.warmup_epochs:
-            _warn_once(f"phases[{i}] ({ph.name}): warmup_epochs={ph.warmup_epochs} is longer "
+            logging.warning(f"phases[{i}] ({ph.name}): warmup_epochs={ph.warmup_epochs} is longer "
                        f"than the phase (epochs={ph.epochs}): its learning rate never reaches "
                        f"lr={ph.lr}.")
     return errors + _empty_class_errors(c)
 
 
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    """validate() runs in main.py and again in the loop: each warning is logged once."""
-    from absl import logging
-
-    if message not in _WARNED:
-        _WARNED.add(message)
-        logging.warning(message)
-
-
 def _empty_class_errors(c: ml_collections.ConfigDict) -> list[str]:
     """imagefolder: a class folder of the train split with no files (the model would be tested
     on a class it never saw)."""
-    import os
-
     dataset = str(c.get("dataset", ""))
     if not dataset.startswith("imagefolder:"):
         return []
@@ -412,8 +395,6 @@ def _empty_class_errors(c: ml_collections.ConfigDict) -> list[str]:
 
 def _init_from_errors(c: ml_collections.ConfigDict) -> list[str]:
     """init_from must name an existing run folder (gs:// paths are checked when read)."""
-    from etils import epath
-
     path = c.get("init_from", "")
     if not path or str(path).startswith("gs://") or epath.Path(path).exists():
         return []

@@ -7,22 +7,20 @@ written to OUT: stats.json, class_distribution.png, samples.png, pixel_histogram
 from cifar_flax import cli
 
 if __name__ == "__main__":  # Before the imports below: Ctrl-C as one line, TensorFlow quiet.
-    cli.start()
+    cli.start(interrupted="EDA stopped; nothing was written for the unfinished scan")
 
 from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from cifar_flax import UserError  # noqa: E402
 from cifar_flax.analysis.dataset_stats import run_eda  # noqa: E402
 
 FLAGS = flags.FlagValues()
-config_flags.DEFINE_config_file("config", None, "Config file (e.g. configs/finetune.py).",
-                                flag_values=FLAGS)
+cli.config_flag(FLAGS, "Config file (e.g. configs/finetune.py); --config.<field>=value overrides.")
 flags.DEFINE_string("workdir", None, "Output folder for stats.json, the PNGs and eda.md.",
                     flag_values=FLAGS)
 flags.DEFINE_integer("samples_per_class", 8, "Sample images per class in samples.png.",
                      lower_bound=1, flag_values=FLAGS)
-flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
+flags.mark_flag_as_required("workdir", flag_values=FLAGS)
 
 
 def _main(argv: list[str]) -> None:
@@ -34,8 +32,7 @@ def _main(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The command; ``argv`` (without the program name) for a call in-process. Its status."""
-    return cli.run(_main, FLAGS, argv, interrupted="EDA stopped; nothing was written for the "
-                   "unfinished scan")
+    return cli.run(_main, FLAGS, argv)
 
 
 if __name__ == "__main__":

@@ -45,8 +45,8 @@ flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "The run's checkpoin
                   flag_values=FLAGS)
 flags.DEFINE_boolean("force", False, "Replace an earlier evaluate output in --output.",
                      flag_values=FLAGS)
-config_flags.DEFINE_config_dict("config", default_config(), "--config.<field>=<value> overrides "
-                                "a field of the run's config.", flag_values=FLAGS)
+cli.config_flag(FLAGS, "--config.<field>=<value> overrides a field of the run's config.",
+                default=default_config())
 flags.mark_flags_as_required(["workdir", "output"], flag_values=FLAGS)
 
 WRITTEN_BY = "cifar_flax.evaluate"  # results.json's mark of an evaluate output (--force).

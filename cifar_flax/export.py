@@ -144,7 +144,7 @@ def write_saved_model(run: TrainedRun, serve: Callable[[Any, Any], Any],
     False (and a log line) without TensorFlow (the Colab TPU runtime has none)."""
     try:  # Optional: TensorFlow is not on every machine that exports.
         import tensorflow as tf
-        from jax.experimental import jax2tf
+        from jax.experimental import jax2tf  # Needs TensorFlow too.
     except ImportError:
         logging.warning("TensorFlow is not importable: no SavedModel written.")
         return False

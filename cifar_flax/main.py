@@ -10,12 +10,12 @@ The report (curves, confusion matrix, classification report, results.json) goes 
 from cifar_flax import cli
 
 if __name__ == "__main__":  # Before the imports below: Ctrl-C as one line, TensorFlow quiet.
-    cli.start()
+    cli.start(interrupted="nothing new was saved; rerun the same command to resume from the "
+              "last checkpoint")
 
 import jax  # noqa: E402
 from absl import flags  # noqa: E402
 from etils import epath  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from cifar_flax import UserError, config as config_lib  # noqa: E402
 from cifar_flax.analysis.report import write_report  # noqa: E402
@@ -23,11 +23,10 @@ from cifar_flax.train import train_and_evaluate  # noqa: E402
 from cifar_flax.training import devices, workdir as workdir_lib  # noqa: E402
 
 FLAGS = flags.FlagValues()
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
-                                flag_values=FLAGS)
+cli.config_flag(FLAGS, "Config file (configs/*.py[:arg]); --config.<field>=value overrides.")
 flags.DEFINE_string("workdir", None, "Output folder: checkpoints, metrics, report.",
                     flag_values=FLAGS)
-flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
+flags.mark_flag_as_required("workdir", flag_values=FLAGS)
 
 
 def run(config, workdir: str, stop_after_steps: int | None = None) -> dict:
@@ -59,5 +58,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli.exit(cli.run(main, FLAGS, interrupted="nothing new was saved; rerun the same command "
-                     "to resume from the last checkpoint"))
+    cli.exit(cli.run(main, FLAGS))

@@ -46,12 +46,6 @@ def predict(workdir: str, inputs: Sequence[str], top_k: int = 5, tta: str = "non
             ) -> tuple[list[dict[str, Any]], list[str]]:
     """(rows, skipped files): per image ``{"file", "top": [(class, probability), ...],
     "logits": np.ndarray (C,)}`` in input order."""
-    import numpy as np
-
-    from cifar_flax import UserError
-    from cifar_flax.inference.images import ImageInputs
-    from cifar_flax.inference.trained_run import Predictor, load_run
-
     run = load_run(workdir, checkpoint)
     images = ImageInputs(inputs, run.image_shape, skip_bad)
     predictor, rows = Predictor(run), []

@@ -1,11 +1,14 @@
-"""The package layout keeps its promises (README "Where things live", DESIGN.md "Layout"):
+"""The package layout keeps its promises (README "Where things live"):
 
 - no import circles anywhere in ``cifar_flax`` (imports inside functions count too: a lazy
   import hides a circle from Python, not from a reader);
 - nothing outside ``bench/``, ``analysis/`` and the top-level command-line modules imports
   ``bench/`` or ``analysis/`` (main.py hands the report to the loop as ``report_fn``);
-- ``train/`` never imports a top-level command-line module, and the layers it builds on
-  (``data/``, ``weights/``, ``models``) never import ``train/``.
+- ``train`` and ``training/`` never import a command-line module, the layers they build on
+  (``data/``, ``weights/``, ``models``, ``config``) never import them;
+- at most 45 modules besides ``__init__``/``__main__``, no two with the same file name;
+- imports at the top of modules: at most 25 inside functions in the package, each with a
+  comment on its line or the line above saying why.
 
 The import graph is read from the source with ``ast`` (nothing is imported), so the test is fast
 and sees every import, including those behind ``if`` and inside functions.
@@ -123,11 +126,11 @@ def graph() -> dict[str, set[str]]:
 
 def test_graph_sees_the_package(graph):
     """The reader finds the modules and the imports the other checks rely on."""
-    assert {f"{PACKAGE}.main", f"{PACKAGE}.train.loop", f"{PACKAGE}.bench.cli",
+    assert {f"{PACKAGE}.main", f"{PACKAGE}.train", f"{PACKAGE}.bench.__main__",
             f"{PACKAGE}.weights.store"} <= set(graph)
-    assert f"{PACKAGE}.weights.store" in graph[f"{PACKAGE}.train.initialize"]
-    assert f"{PACKAGE}.bench.frameworks" in graph[f"{PACKAGE}.bench.cli"]
-    assert {f"{PACKAGE}.main", f"{PACKAGE}.pretrained"} <= cli_modules()
+    assert f"{PACKAGE}.weights.store" in graph[f"{PACKAGE}.training.initialize"]
+    assert f"{PACKAGE}.bench.frameworks" in graph[f"{PACKAGE}.bench.__main__"]
+    assert {f"{PACKAGE}.main", f"{PACKAGE}.pretrained", f"{PACKAGE}.evaluate"} <= cli_modules()
 
 
 def test_no_import_circles(graph):
@@ -145,10 +148,41 @@ def test_nothing_in_the_library_imports_bench_or_analysis(graph):
 
 def test_train_and_its_layers_import_one_way(graph):
     clis = cli_modules()
-    bad = _offenders(graph, lambda m: not _in(m, "train"), lambda t: t in clis)
-    bad += _offenders(graph, lambda m: not _in(m, "data", "weights", "models"),
-                      lambda t: _in(t, "train"))
+    bad = _offenders(graph, lambda m: not _in(m, "train", "training"), lambda t: t in clis)
+    bad += _offenders(graph, lambda m: not _in(m, "data", "weights", "models", "config"),
+                      lambda t: _in(t, "train", "training"))
     assert not bad, "imports against the layer order: " + "; ".join(bad)
+
+
+def test_few_modules_with_names_that_say_what_they_hold():
+    files = [p for p in ROOT.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")]
+    assert len(files) <= 45, f"{len(files)} modules: merge the ones that hold one concept"
+    names = [p.name for p in files]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    assert not twice, f"two modules with the same file name: {twice}"
+
+
+def _imports_inside_functions(path: Path) -> list[tuple[int, bool]]:
+    """(line, has a reason comment) of every import inside a function of ``path``."""
+    source = path.read_text()
+    lines = source.splitlines()
+    out = []
+    for fn in ast.walk(ast.parse(source)):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    here, above = lines[node.lineno - 1], lines[node.lineno - 2]
+                    out.append((node.lineno, "#" in here or "#" in above))
+    return out
+
+
+def test_imports_at_the_top_of_modules():
+    found = {p: _imports_inside_functions(p) for p in ROOT.rglob("*.py")}
+    total = sum(len(v) for v in found.values())
+    assert total <= 25, f"{total} imports inside functions: move them to the top"
+    unexplained = [f"{p.relative_to(ROOT)}:{n}" for p, v in found.items() for n, why in v
+                   if not why]
+    assert not unexplained, "imports inside functions without a reason: " + ", ".join(unexplained)
 
 
 def test_checks_catch_a_circle_and_a_wrong_way_import(tmp_path):

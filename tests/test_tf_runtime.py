@@ -48,7 +48,8 @@ def test_every_command_starts_and_runs_through_the_boundary(monkeypatch):
     assert calls == ["hidden"]
     for name in COMMANDS:
         source = (PACKAGE / name).read_text()
-        first_code = source.split('"""', 2)[2].lstrip()
-        assert first_code.startswith("from cifar_flax import cli\n"), name
-        assert 'if __name__ == "__main__":' in first_code.split("import", 3)[2], name
-        assert "cli.start()" in source and "cli.run(" in source, f"{name} bypasses the boundary"
+        code = [ln for ln in source.split('"""', 2)[2].splitlines() if ln.strip()]
+        assert code[:3] == ["from cifar_flax import cli", code[1], code[2]], name
+        assert code[1].startswith('if __name__ == "__main__":'), name  # Before any other import.
+        assert code[2].strip().startswith("cli.start("), name
+        assert "cli.run(" in source, f"{name} bypasses the boundary"

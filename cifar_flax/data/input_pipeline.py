@@ -326,8 +326,6 @@ def eval_batches(
 
 def clear_caches() -> None:
     """Forget memoised sources, hold-outs and cached datasets (tests; changed files on disk)."""
-    from cifar_flax.data import sources
-
-    sources.source_for_key.cache_clear()
+    source_for_key.cache_clear()
     _holdout.cache_clear()
     _host_dataset.cache_clear()

@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 
 from cifar_flax import UserError
 from cifar_flax.config import default_config, phase
+from cifar_flax.data import input_pipeline
 from cifar_flax.data.preprocessing import Preprocessing
 from cifar_flax.training import checkpoints, devices
 from cifar_flax.training.checkpoints import RunCheckpoint
@@ -99,8 +100,6 @@ def _dataset_info(workdir: epath.Path, config: ml_collections.ConfigDict) -> dic
         pass
     logging.warning("%s has no run_info.json (trained before it existed): reading class names "
                     "and image size from its dataset %s.", workdir, config.dataset)
-    from cifar_flax.data import input_pipeline
-
     info = input_pipeline.get_info(config)
     return {"dataset": info.name, "class_names": list(info.class_names),
             "image_shape": tuple(info.image_shape), "num_classes": info.num_classes}

@@ -278,6 +278,9 @@ class Checkpointer:
             mngr.close()
 
 
+KINDS = ("best", "latest")  # The checkpoint folders a trained run's users read.
+
+
 @dataclasses.dataclass(frozen=True)
 class RunCheckpoint:
     """One checkpoint step folder of a run: ``<workdir>/checkpoints/<kind>/<step>``."""
@@ -334,8 +337,6 @@ def read_meta(ckpt: RunCheckpoint) -> dict[str, Any]:
 
 def stored_shapes(ckpt: RunCheckpoint) -> dict[str, Any]:
     """``{"params", "batch_stats"}`` as stored: a tree of ``jax.ShapeDtypeStruct`` (no values)."""
-    import orbax.checkpoint as ocp
-
     tree = ocp.PyTreeCheckpointHandler().metadata(ckpt.path / "state")
     missing = [k for k in ("params", "batch_stats") if k not in tree]
     if missing:
@@ -350,8 +351,6 @@ def restore_variables(ckpt: RunCheckpoint, mesh: Mesh, like: Any = None) -> dict
     ``like`` (a tree of arrays or ShapeDtypeStructs, e.g. the model's ``eval_shape``) fixes the
     expected structure and shapes; a mismatch is a UserError naming the differing entries. Without
     it the stored structure is used."""
-    import orbax.checkpoint as ocp
-
     stored = stored_shapes(ckpt)
     if like is not None:
         problems = shape_differences(stored, like)

@@ -16,7 +16,7 @@ decides which checkpoint the final test evaluation uses.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp

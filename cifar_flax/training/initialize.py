@@ -5,6 +5,7 @@ names match)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Sequence
 
 import jax
@@ -63,8 +64,6 @@ def input_preprocessing(config: ml_collections.ConfigDict) -> Any:
 
 def _check_preprocessing(config: ml_collections.ConfigDict, ckpt: checkpoints.RunCheckpoint):
     """The earlier run must have normalised its inputs as this config will (same weight source)."""
-    import json
-
     if ckpt.workdir is None or not (ckpt.workdir / "config.json").exists():
         return
     old = json.loads((ckpt.workdir / "config.json").read_text())

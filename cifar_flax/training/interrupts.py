@@ -38,7 +38,7 @@ class Interrupted(Exception):
 
 
 _aborts: list[Callable[[], None]] = []  # Run before an immediate exit (release what we hold).
-_message = ["nothing new was saved; rerun the same command to resume from the last checkpoint"]
+_message = ["stopped before it wrote anything"]  # Set by each command (cli.start).
 _stderr: list[int] = []  # A copy of the user's stderr (fd 2 is silenced while TF is imported).
 
 

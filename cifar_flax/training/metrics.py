@@ -18,8 +18,11 @@ import time
 from typing import Any
 
 import jax
+import tensorflow as tf
 from absl import logging
 from etils import epath
+from tensorflow.core.framework import summary_pb2
+from tqdm.auto import tqdm
 
 
 def finite_or_none(values: dict[str, Any]) -> dict[str, Any]:
@@ -31,8 +34,6 @@ def finite_or_none(values: dict[str, Any]) -> dict[str, Any]:
 def _scalar_metadata() -> bytes:
     """TensorBoard's scalar-plugin metadata (tf.summary.scalar itself needs the tensorboard
     package, which training does not; the event files are the same)."""
-    from tensorflow.core.framework import summary_pb2
-
     return summary_pb2.SummaryMetadata(
         plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
         data_class=summary_pb2.DATA_CLASS_SCALAR,
@@ -42,8 +43,6 @@ def _scalar_metadata() -> bytes:
 def read_metrics(workdir: str, kind: str | None = None) -> list[dict[str, Any]]:
     """The records of ``<workdir>/metrics.jsonl`` in order (only those of ``kind`` if given);
     [] when the file does not exist yet. A torn last line (a run writing it now) is skipped."""
-    from etils import epath
-
     path = epath.Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
@@ -68,8 +67,6 @@ class MetricsWriter:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._rewrite()  # Drops records after the restored step.
         if self.enabled and tensorboard:
-            import tensorflow as tf
-
             self._tb = tf.summary.create_file_writer(str(epath.Path(workdir) / "tensorboard"))
 
     def _rewrite(self) -> None:
@@ -89,8 +86,6 @@ class MetricsWriter:
                 f.write(json.dumps(record, allow_nan=False) + "\n")
         if self._tb is None:
             return
-        import tensorflow as tf
-
         with self._tb.as_default(step=int(step)):
             for name, v in values.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -113,8 +108,6 @@ class Progress:
     """A tqdm bar with ETA on a terminal; plain log lines every call to ``log`` otherwise."""
 
     def __init__(self, total: int, initial: int, enabled: bool = True):
-        from tqdm.auto import tqdm
-
         self.tty = enabled and sys.stderr.isatty() and jax.process_index() == 0
         self.bar = tqdm(total=total, initial=initial, disable=not self.tty, unit="step",
                         dynamic_ncols=True)
