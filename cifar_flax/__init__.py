@@ -8,3 +8,15 @@ class UserError(Exception):
     that diverged): the message is one line naming the thing that is wrong and the fix. The
     commands print it as ``error: <message>`` and exit with status 1 (cli.py); it is the only
     exception they treat as the user's."""
+
+
+def brief(text: object, limit: int = 200) -> str:
+    """The first line of ``text`` (an exception's message, say) for a one-line message: white
+    space folded, cut at a word boundary after at most ``limit`` characters, "..." where cut."""
+    lines = str(text).strip().splitlines()
+    line = " ".join(lines[0].split()) if lines else ""
+    if len(line) <= limit:
+        return line
+    head = line[:limit + 1]
+    cut = head.rsplit(" ", 1)[0] if " " in head else line.split(" ", 1)[0]
+    return cut.rstrip(" ,;:") + "..."

@@ -27,6 +27,7 @@ import os
 import re
 import signal
 import sys
+import threading
 from typing import Any, Callable, Sequence
 
 from absl import flags, logging
@@ -264,14 +265,33 @@ def prepare_runtime() -> None:
     logging.use_absl_handler()
     if not verbose() and _quiet_record not in logging.get_absl_handler().filters:
         logging.get_absl_handler().addFilter(_quiet_record)
+        _drop_background_noise()
     _import_tensorflow_quietly()
     hide_accelerators()
 
 
 def _quiet_record(record: Any) -> bool:
-    """Drop INFO chatter of Orbax (dozens of lines per save) and JAX's backend probe."""
-    noisy = "orbax" in record.pathname or record.pathname.endswith("xla_bridge.py")
-    return not noisy or record.levelno >= logging.logging.WARNING  # Python's level, not absl's.
+    """Drop Orbax's records (dozens of INFO lines per save; when a background write fails, its
+    own error logs and tracebacks: the run reports that failure as one error line) and the INFO
+    of JAX's backend probe."""
+    if "orbax" in record.pathname:
+        return record.levelno >= logging.logging.CRITICAL  # Python's levels, not absl's.
+    return not record.pathname.endswith("xla_bridge.py") or record.levelno >= logging.logging.WARNING
+
+
+def _drop_background_noise() -> None:
+    """When a background write fails (a full disk, a damaged checkpoint being read), tensorstore
+    callbacks still in flight hit a closed event loop and print tracebacks ("Event loop is
+    closed"), and asyncio logs "Future exception was never retrieved": the failure itself reaches
+    the user as one error line, so these are dropped; any other exception is printed as usual."""
+    def noise(value: Any) -> bool:
+        return isinstance(value, RuntimeError) and "Event loop is closed" in str(value)
+
+    excepthook, thread_hook, unraisable = sys.excepthook, threading.excepthook, sys.unraisablehook
+    sys.excepthook = lambda t, v, tb: None if noise(v) else excepthook(t, v, tb)
+    threading.excepthook = lambda a: None if noise(a.exc_value) else thread_hook(a)
+    sys.unraisablehook = lambda u: None if noise(u.exc_value) else unraisable(u)
+    logging.logging.getLogger("asyncio").setLevel(logging.logging.CRITICAL)
 
 
 def _import_tensorflow_quietly() -> None:

@@ -60,41 +60,55 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.layout = "v1.5"  # "v1" (Keras) or "v1.5" (torchvision); must match the weights.
     c.model.head_hidden = (256,)  # Hidden Dense widths of the head; () = linear head.
-    c.model.head_dropout = 0.5  # Dropout after each hidden layer (linear head: on features); training only.
+    # Dropout after each hidden Dense+ReLU (the seed's Dense(256, relu) -> Dropout(0.5) -> Dense),
+    # or on the pooled features for a linear head; training only.
+    c.model.head_dropout = 0.5
     c.model.zero_init_head = True  # Zero-init the final Dense layer.
     c.model.stage_sizes = (3, 4, 6, 3)  # Blocks per stage; ResNet50's. Smaller only for tests/smoke.
     c.model.base_width = 64  # Stem width; stage widths are 1x..8x it. 64 = ResNet50.
-    c.model.conv_impl = "auto"  # Convs slow on XLA:CPU (1x1; 3x3 onto <=2x2 maps) as matmuls: "auto" (on CPU only), "xla" or "im2col" (always).
-    c.dtype = "float32"  # Compute dtype: "float32" or "bfloat16" (params stay float32).
+    # How the convs XLA:CPU runs slowly (1x1; 3x3 onto <= 2x2 output maps) are computed
+    # (models.MatmulConv): as matmuls on CPU only ("auto"), always ("im2col"), or never ("xla":
+    # XLA's convolution everywhere). Same parameters and results; export always uses "xla".
+    c.model.conv_impl = "auto"
+    c.dtype = "float32"  # Compute dtype: "float32" or "bfloat16" (params, loss, optimizer stay float32).
 
     c.pretrained = ml_collections.ConfigDict()
     c.pretrained.source = "torchvision"  # "torchvision", "keras" or "" (random init).
     c.pretrained.variant = ""  # "" = the source's default: IMAGENET1K_V2 (torchvision), notop (keras); or IMAGENET1K_V1.
-    c.pretrained.file = ""  # Local weight file instead of downloading (.pth/.safetensors/.npz/.h5), or a `convert` output dir.
-    c.pretrained.cache_dir = ""  # "" = $CIFAR_FLAX_CACHE or ~/.cache/cifar_flax.
-    # Start from an earlier run instead of the pretrained weights: its workdir or a checkpoint
-    # folder (best checkpoint, else its last). The backbone always; the head only when its shapes
-    # (class count, head_hidden) and class names match, else it is freshly initialised
-    # (train/initialize.py).
+    # A local (or gs://) weight file instead of downloading (.pth/.pt/.safetensors/.npz, Keras .h5),
+    # or a `python -m cifar_flax.pretrained convert` output dir. Conversion is strict: a missing,
+    # unexpected or misshapen tensor (a ResNet18 file) is an error listing the names.
+    c.pretrained.file = ""
+    c.pretrained.cache_dir = ""  # Converted weights; "" = $CIFAR_FLAX_CACHE or ~/.cache/cifar_flax.
+    # Start from an earlier run instead of the pretrained weights: its workdir (its best checkpoint,
+    # else its last) or a checkpoint folder. The backbone always (same layout, stage_sizes and
+    # base_width, else an error listing the differences); the head only when its shapes (class
+    # count, head_hidden) and class names match, else it is freshly initialised. The earlier run's
+    # pretrained.source must be this config's (same input normalisation). See
+    # training/initialize.py.
     c.init_from = ""
 
     # ---- training: parameter groups, phases, early stopping (optim.py, train.py) ----
     # Groups: name -> regex searched in '/'-joined param paths ("stage4/block1/conv1/kernel");
-    # every parameter must match exactly one group.
+    # every parameter must match exactly one group (else one error lists up to 10 offenders).
     c.groups = ml_collections.ConfigDict(DEFAULT_GROUPS)
     c.phases = [phase("finetune")]  # Run in order; see phase() below for every phase field.
-    c.frozen_bn_inference = True  # BatchNorm of modules with no trainable group uses running stats.
+    c.frozen_bn_inference = True  # BatchNorm of modules with no trainable group: running stats, not updated.
     c.sync_batchnorm = True  # Average BatchNorm batch statistics over all devices (device-count independent).
-    c.eval_every_steps = 0  # Validation every N steps; 0 = at the end of every epoch.
+    c.eval_every_steps = 0  # Validate every N steps (0 = every epoch end) and at every phase's end.
     c.early_stopping = ml_collections.ConfigDict()
     c.early_stopping.enabled = True  # Stop a phase when the metric stops improving (moves on to the next phase).
     c.early_stopping.metric = "val_accuracy"  # "val_accuracy" (higher is better) or "val_loss" (lower).
     c.early_stopping.patience = 3  # Evaluations (epochs) without improvement before the phase ends.
     c.early_stopping.min_delta = 0.0  # An improvement must exceed this to reset the patience.
-    c.early_stopping.restore_best = True  # Test the best checkpoint (by metric), not the last weights; a phase that early stopping ends continues from its best weights.
+    # Test the run's best checkpoint (by the metric, over all phases), not the last weights; and
+    # restore each phase's best weights (params and BatchNorm statistics, checkpoints/phase_best)
+    # before the next phase, like Keras' restore_best_weights (a "restore_best" metrics record).
+    c.early_stopping.restore_best = True
     # Cached backbone features (feature_cache.py): a phase whose whole backbone is frozen (and its
     # BatchNorm in inference mode) trains the head on pooled features computed once per phase.
-    # Never with mixup/cutmix or on several hosts (those phases use the full step).
+    # Never with mixup/cutmix or on several hosts (those phases use the full step); each phase's
+    # "phase" record in metrics.jsonl says which ("feature_cache": true/false).
     c.feature_cache = ml_collections.ConfigDict()
     c.feature_cache.enabled = True  # Use the cache where a phase qualifies; exact when augmentation is off.
     c.feature_cache.passes = 0  # Augmentation on: cache N augmented passes, epoch e uses e % N (approximate); 0 = no cache.
@@ -108,17 +122,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 50  # Train metrics to metrics.jsonl / TensorBoard (and a log line off-TTY).
     c.tensorboard = True  # Also write TensorBoard event files (<workdir>/tensorboard).
     c.progress_bar = True  # tqdm bar with ETA when stderr is a terminal; plain log lines otherwise.
-    # A rerun of a workdir resumes only a run with the same fingerprint (train/fingerprint.py):
-    # "auto" stops with the differing fields otherwise; "replace" moves such a different run to
-    # <workdir>/previous/<time>/ and starts this config (a run with the same fingerprint resumes).
+    # A rerun of a workdir resumes only a run with the same fingerprint (training/workdir.py):
+    # "auto" stops with the differing fields otherwise; "replace" moves such a different (or
+    # unreadable) run to <workdir>/previous/<time>/ and starts this config (a run with the same
+    # fingerprint still resumes, so "replace" is safe in a job script).
     c.resume = "auto"
-    c.distributed = ml_collections.ConfigDict()  # Several processes/hosts (train/devices.py).
+    c.distributed = ml_collections.ConfigDict()  # Several processes/hosts (training/devices.py).
     c.distributed.enabled = False  # Call jax.distributed.initialize() before anything else.
-    c.distributed.coordinator_address = ""  # Process 0's "host:port"; "" = detect (TPU pods, SLURM).
-    c.distributed.num_processes = -1  # Number of processes; -1 = detect.
+    c.distributed.coordinator_address = ""  # Process 0's "host:port"; "" = detect (TPU pods, SLURM, GKE).
+    c.distributed.num_processes = -1  # Number of processes; -1 = detect (else set all three).
     c.distributed.process_id = -1  # This process's index in [0, num_processes); -1 = detect.
     c.distributed.timeout_seconds = 300  # How long to wait for all processes to join.
-    c.distributed.heartbeat_timeout_seconds = 100  # A silent (dead) process stops the others after this.
+    c.distributed.heartbeat_timeout_seconds = 100  # A dead process stops the others after this, never a hang.
     return c
 
 
@@ -133,12 +148,18 @@ DEFAULT_GROUPS = {
 
 
 def phase(name: str, **overrides) -> ml_collections.ConfigDict:
-    """One training phase with its defaults; ``overrides`` set any of the fields below."""
+    """One training phase with its defaults; ``overrides`` set any of the fields below.
+
+    Every phase starts with a fresh optimizer state and a new schedule; early stopping ends only
+    the current phase (see early_stopping.restore_best).
+    """
     p = ml_collections.ConfigDict()
     p.name = name  # Shown in logs, metrics and the curves' phase markers.
     p.epochs = 1.0  # Length in epochs (fractions allowed); used when steps == 0.
-    p.steps = 0  # Length in steps; > 0 overrides epochs.
-    p.trainable = ("stem", "stage1", "stage2", "stage3", "stage4", "head")  # Groups trained; others frozen.
+    p.steps = 0  # Length in steps; > 0 overrides epochs. Early stopping may end a phase sooner.
+    # Groups trained. The others are frozen: no update, no optimizer state and no gradient, so no
+    # backward pass runs through a frozen prefix of the network.
+    p.trainable = ("stem", "stage1", "stage2", "stage3", "stage4", "head")
     p.lr = 0.01  # Peak learning rate of every trainable group ...
     p.group_lr = ml_collections.ConfigDict()  # ... unless set here per group, e.g. {"head": 0.1}.
     p.schedule = "cosine"  # "cosine" (linear warmup, then cosine decay to 0) or "constant" (after warmup).

@@ -14,6 +14,12 @@ pretrained.py fills them from the published files) and must stay stable::
 
 Inputs are already-normalised float NHWC images (see preprocessing.py); the model does no
 preprocessing of its own, so the same module serves every weight source.
+
+The CPU fast path (``config.model.conv_impl``): XLA:CPU runs 3x3 convolutions onto <= 2x2 output
+maps and the weight gradients of 1x1 convolutions far slower than their FLOPs suggest, so on CPU
+:class:`MatmulConv` computes those as matmuls ("auto"; "im2col" everywhere, "xla" nowhere). The
+parameters and results are the same (tests/test_models.py); exports use XLA's convolution. How
+each rule was measured: experiments/README.md.
 """
 
 from __future__ import annotations

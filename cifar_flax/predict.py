@@ -3,9 +3,11 @@
 INPUT: image files, folders (recursively) or ``.npy`` files of uint8 (N, H, W, 3) images. The
 run's config, class names, input size and best checkpoint (``--checkpoint latest`` for its last)
 come from RUN. Images are read and resized the way the run's pipeline did (inference/images.py),
-then go through the run's evaluation step. Prints a table of the top-k classes per image;
-``--output preds.csv`` or ``preds.json`` also writes them (its folder is checked before any
-work). Bad inputs: one ``error:`` line, exit 1.
+then go through the run's evaluation step, each real file once (a symlink loop is an error, or
+skipped with ``--skip_bad``). Prints a table of the top-k classes per image;
+``--output preds.csv`` or ``preds.json`` also writes them (checked, its folder made, before any
+work). A run that is still training can be read (a step it deletes meanwhile: the newest one
+left). Bad inputs: one ``error:`` line, exit 1.
 """
 
 from cifar_flax import cli
@@ -43,9 +45,9 @@ flags.mark_flags_as_required(["workdir"], flag_values=FLAGS)
 
 def predict(workdir: str, inputs: Sequence[str], top_k: int = 5, tta: str = "none",
             batch_size: int = 64, checkpoint: str = "best", skip_bad: bool = False
-            ) -> tuple[list[dict[str, Any]], list[str]]:
-    """(rows, skipped files): per image ``{"file", "top": [(class, probability), ...],
-    "logits": np.ndarray (C,)}`` in input order."""
+            ) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """(rows, skipped files, skipped symlink loops): per image ``{"file", "top": [(class,
+    probability), ...], "logits": np.ndarray (C,)}`` in input order, each real file once."""
     run = load_run(workdir, checkpoint)
     images = ImageInputs(inputs, run.image_shape, skip_bad)
     predictor, rows = Predictor(run), []
@@ -59,7 +61,7 @@ def predict(workdir: str, inputs: Sequence[str], top_k: int = 5, tta: str = "non
     if not rows:
         raise UserError(f"no readable images among {list(inputs)} "
                          f"({len(images.skipped)} skipped).")
-    return rows, images.skipped
+    return rows, images.skipped, images.loops
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -91,19 +93,35 @@ def write_output(rows: list[dict[str, Any]], path: str) -> None:
 
 
 def check_output(path: str) -> None:
-    """``--output`` before any work: a .csv or .json file whose folder exists (or can be made)
-    and is writable."""
+    """``--output`` before any work (a slip found after the predictions would lose them): a .csv
+    or .json file, not a folder, whose folder exists (else it is made here) and takes a file."""
     if not path.endswith((".csv", ".json")):
         raise UserError(f"--output={path} must end in .csv or .json.")
-    folder = epath.Path(path).parent
+    out = epath.Path(path)
+    if out.is_dir():
+        raise UserError(f"--output={path} is a folder; name a .csv or .json file (e.g. "
+                        f"--output={out / 'predictions.csv'}).")
+    blocker = _file_in_the_way(out.parent)
+    if blocker is not None:
+        raise UserError(f"--output={path}: {blocker} is a file, not a folder; choose another "
+                        "--output.")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".predict_write_test.{id(path)}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.parent / f".predict_write_test.{id(path)}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"--output={path}: cannot write into {folder} ({type(e).__name__}: "
+        raise UserError(f"--output={path}: cannot write into {out.parent} ({type(e).__name__}: "
                         f"{e.strerror or e}); choose another --output.") from None
+
+
+def _file_in_the_way(folder: epath.Path) -> epath.Path | None:
+    """The nearest existing one of ``folder`` and its parents when it is a file (no folder can
+    be made there), else None."""
+    for parent in [folder, *folder.parents]:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
 
 
 def _main(argv: list[str]) -> None:
@@ -112,11 +130,14 @@ def _main(argv: list[str]) -> None:
                         "flags (python -m cifar_flax.predict --workdir RUN images/).")
     if FLAGS.output:
         check_output(FLAGS.output)
-    rows, skipped = predict(FLAGS.workdir, argv[1:], FLAGS.top_k, FLAGS.tta, FLAGS.batch_size,
-                            FLAGS.checkpoint, FLAGS.skip_bad)
+    rows, skipped, loops = predict(FLAGS.workdir, argv[1:], FLAGS.top_k, FLAGS.tta,
+                                   FLAGS.batch_size, FLAGS.checkpoint, FLAGS.skip_bad)
     print(format_table(rows))
     if skipped:
         print(f"skipped {len(skipped)} bad files (--skip_bad), e.g. {skipped[0]}", file=sys.stderr)
+    if loops:
+        print(f"skipped {len(loops)} symlink loop(s) (--skip_bad; the images in them were read "
+              f"once), e.g. {loops[0]}", file=sys.stderr)
     if FLAGS.output:
         write_output(rows, FLAGS.output)
         print(f"wrote {len(rows)} predictions to {FLAGS.output}")

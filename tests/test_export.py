@@ -10,8 +10,11 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import load_config
 
-from cifar_flax import export
+from cifar_flax import export, exported, main
+from cifar_flax.config import phase
+from cifar_flax.inference.trained_run import Predictor, load_run
 
 BANNED = ("flax", "optax", "tensorflow", "orbax", "ml_collections", "cifar_flax.models")
 
@@ -26,9 +29,6 @@ def exported_dir(smoke_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(smoke_run):
     """Images at batch 1 and 7 and the run's in-process logits (its own conv_impl, eval step)."""
-    from cifar_flax.inference.trained_run import Predictor
-    from cifar_flax.inference.trained_run import load_run
-
     run = load_run(str(smoke_run))
     rng = np.random.default_rng(0)
     images = {n: rng.integers(0, 256, (n, *run.image_shape), dtype=np.uint8) for n in (1, 7)}
@@ -114,3 +114,31 @@ def test_missing_run_is_one_error_line(tmp_path, capsys):
     assert export.main(["--workdir", str(tmp_path / "none"), "--output", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
+
+
+@pytest.fixture(scope="module")
+def upscaling_run(tmp_path_factory):
+    """A tiny run (configs/smoke.py, one short phase) whose 32 px images the model sees at
+    augment.resolution 40: its export must resize inside the model."""
+    config = load_config("smoke")
+    config.augment.resolution = 40
+    config.phases = [phase("all", steps=4, lr=0.05)]
+    workdir = tmp_path_factory.mktemp("upscaling_run")
+    main.run(config, str(workdir))
+    return workdir
+
+
+@pytest.mark.slow
+def test_export_resizes_to_the_model_resolution(upscaling_run, tmp_path):
+    """uint8 32x32 images into the exported model give the run's own logits (its eval step
+    resizes to 40); without the resize inside the export they would differ."""
+    out = tmp_path / "model"
+    assert export.main(["--workdir", str(upscaling_run), "--output", str(out),
+                        "--nosaved_model"]) == 0
+    info = json.loads((out / "model.json").read_text())
+    assert info["input"]["shape"] == [32, 32, 3] and info["model_resolution"] == 40
+    model = exported.load(out)
+    assert model.input_shape == (32, 32, 3)
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    expected = Predictor(load_run(str(upscaling_run))).logits(images)
+    np.testing.assert_allclose(model(images)["logits"], expected, atol=1e-5, rtol=0)

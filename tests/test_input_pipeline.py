@@ -1,6 +1,7 @@
 """Host input pipeline: tfds (mocked), ImageFolder trees, synthetic; splits, shards, resume."""
 
 import os
+import socket
 
 import numpy as np
 import pytest
@@ -81,7 +82,9 @@ def test_tfds_download_failure_is_one_clear_error(monkeypatch, tmp_path):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fail)
-    with pytest.raises(UserError, match=r"download failed.*data_dir.*imagefolder:") as e:
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [])  # A host that resolves.
+    with pytest.raises(UserError, match=r"download or preparation failed \(OSError: network "
+                       r"unreachable\)\. .*data_dir.*imagefolder:") as e:
         ip.get_info(cfg("cifar10", data_dir=str(tmp_path)))
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="not a tfds dataset"):

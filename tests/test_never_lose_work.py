@@ -1,25 +1,30 @@
-"""Reruns of a workdir that must not mislead or lose work (issue 11): changed configs, damaged
-checkpoints, failed saves, a workdir in use. Tiny runs through main.run / main.train_cli."""
+"""Reruns of a workdir that must not mislead or lose work: changed configs, damaged checkpoints,
+failed saves (a full disk), a workdir in use. Tiny runs through main.run, behind the commands'
+one boundary (cli.run), or through ``python -m cifar_flax.main``."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from absl import flags
-from train_utils import enable_compilation_cache, interrupted_at, tiny_config
+from train_utils import enable_compilation_cache, interrupted_at, steps_saved, tiny_config
 
 from cifar_flax import UserError, cli, main
 from cifar_flax.config import phase
+from cifar_flax.training.metrics import read_metrics
 from cifar_flax.training.checkpoints import Checkpointer
 from cifar_flax.training.workdir import LOCK_NAME, WorkdirLock
 
 enable_compilation_cache()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**overrides):
@@ -152,3 +157,66 @@ def test_a_workdir_in_use_or_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="is a file, not a folder"):
         main.run(_config(), str(tmp_path / "file"))
+
+
+_CONFIG_FILE = """
+import sys
+sys.path.insert(0, {tests!r})
+import test_never_lose_work as t
+
+
+def get_config():
+    return t._config()
+"""
+
+
+def _command_line(tmp_path, workdir, *extra) -> list[str]:
+    """``python -m cifar_flax.main`` on this file's _config (a config file that imports it)."""
+    config = tmp_path / "config.py"
+    config.write_text(_CONFIG_FILE.format(tests=os.path.dirname(__file__)))
+    return [sys.executable, "-m", "cifar_flax.main", f"--config={config}", f"--workdir={workdir}",
+            *extra]
+
+
+def test_a_damaged_newest_step_is_one_warning_line_and_the_run_resumes(tmp_path):
+    workdir = tmp_path / "run"
+    assert interrupted_at(_config(), str(workdir), 5) == 5
+    state = workdir / "checkpoints" / "latest" / "5" / "state"
+    data = max((p for p in state.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    os.truncate(data, 100)  # The newest step's largest array file, cut short.
+    p = subprocess.run(_command_line(tmp_path, workdir), cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [ln for ln in p.stderr.splitlines() if "AutoGraph" not in ln and ln.strip()]
+    assert len(lines) == 1 and "latest/5 is unreadable" in lines[0], p.stderr[-3000:]
+    assert "using step 4" in lines[0] and "Traceback" not in p.stderr
+    assert json.loads((workdir / "report" / "results.json").read_text())["steps"] == 9
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs (root only: skipped where mounting is not allowed)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield disk
+    subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_a_full_disk_is_one_error_line_and_a_rerun_with_space_resumes(tmp_path, small_disk):
+    workdir = small_disk / "run"
+    p = subprocess.run(_command_line(tmp_path, workdir, "--config.checkpoint.keep=5"), cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 1, p.stderr[-3000:]
+    lines = [ln for ln in p.stderr.splitlines() if "AutoGraph" not in ln and ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr[-3000:]
+    assert "No space left on device" in lines[0] and "rerun the same command" in lines[0]
+    saved = steps_saved(str(workdir))
+    subprocess.run(["mount", "-o", "remount,size=256m", str(small_disk)], check=True)
+    again = subprocess.run(_command_line(tmp_path, workdir, "--config.checkpoint.keep=5"),
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    history = read_metrics(str(workdir), "train")
+    assert history[-1]["step"] == 9 and (not saved or history[0]["step"] == 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from PIL import Image
 from cifar_flax import predict
 from cifar_flax.inference import images as images_lib
 from cifar_flax.inference.trained_run import load_run, read_config
+from cifar_flax.training import checkpoints
 
 
 def _classes(run_dir) -> list[str]:
@@ -29,9 +31,9 @@ def test_predict_equals_the_eval_step_on_mixed_images(smoke_run, tmp_path):
     from cifar_flax.training.evaluation import Evaluator
 
     paths = image_folder(tmp_path / "data", _classes(smoke_run))
-    rows, skipped = predict.predict(str(smoke_run), [str(tmp_path / "data" / "test")],
-                                    top_k=2, batch_size=5)
-    assert [r["file"] for r in rows] == paths and not skipped
+    rows, skipped, loops = predict.predict(str(smoke_run), [str(tmp_path / "data" / "test")],
+                                           top_k=2, batch_size=5)
+    assert [r["file"] for r in rows] == paths and not skipped and not loops
     run = load_run(str(smoke_run))
     config = read_config(smoke_run)
     config.dataset = f"imagefolder:{tmp_path / 'data'}"
@@ -147,7 +149,7 @@ def test_two_devices_restore_and_pad_like_one(smoke_run, tmp_path):
     import os
 
     np.save(tmp_path / "x.npy", np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), np.uint8))
-    rows, _ = predict.predict(str(smoke_run), [str(tmp_path / "x.npy")], top_k=4)
+    rows = predict.predict(str(smoke_run), [str(tmp_path / "x.npy")], top_k=4)[0]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "JAX_PLATFORMS": "cpu"}
     p = subprocess.run([sys.executable, "-m", "cifar_flax.predict", "--workdir", str(smoke_run),
@@ -176,3 +178,153 @@ def test_run_info_is_written_and_old_runs_fall_back(smoke_run, tmp_path, caplog)
         run = load_run(str(old))
     assert run.class_names == info["class_names"] and run.image_shape == info["image_shape"]
     assert any("no run_info.json" in r.getMessage() for r in caplog.records)
+
+
+@pytest.fixture
+def run_copy(smoke_run, tmp_path):
+    """A copy of the smoke run that a test may change (the shared one must stay intact)."""
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns("tensorboard"))
+    return run
+
+
+def _vanishing_reads(monkeypatch, times: int, when: str = "before") -> list[str]:
+    """Make the first ``times`` checkpoint reads find their step folder deleted (a training run
+    rotating it away) ``"before"`` the read starts or ``"during"`` it (after its shapes were
+    read, before its arrays); the deleted steps, in order."""
+    deleted = []
+
+    def delete(ckpt):
+        if len(deleted) < times:
+            shutil.rmtree(ckpt.path)
+            deleted.append(f"{ckpt.kind}/{ckpt.step}")
+
+    real_restore, real_shapes = checkpoints.restore_variables, checkpoints.stored_shapes
+
+    def restore(ckpt, *args, **kwargs):
+        delete(ckpt)
+        return real_restore(ckpt, *args, **kwargs)
+
+    def shapes(ckpt):
+        out = real_shapes(ckpt)
+        delete(ckpt)
+        return out
+
+    if when == "before":
+        monkeypatch.setattr(checkpoints, "restore_variables", restore)
+    else:
+        monkeypatch.setattr(checkpoints, "stored_shapes", shapes)
+    return deleted
+
+
+def _top(rows) -> list[list[tuple[str, float]]]:
+    return [[(c, round(p, 5)) for c, p in r["top"]] for r in rows]
+
+
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_step_deleted_while_read_falls_back_to_the_next_newest(run_copy, tmp_path, capsys,
+                                                               monkeypatch, when):
+    """A run still training rotates its latest steps away: the step predict chose vanishes before
+    or while it is read, so predict reads the next newest one (its predictions), with no
+    traceback."""
+    latest = run_copy / "checkpoints" / "latest"
+    steps = sorted(int(p.name) for p in latest.iterdir())
+    assert len(steps) >= 2, steps
+    np.save(tmp_path / "x.npy", np.random.default_rng(3).integers(0, 256, (4, 32, 32, 3), np.uint8))
+    inputs = [str(tmp_path / "x.npy")]
+    older = predict.predict(str(latest / str(steps[-2])), inputs, top_k=4)[0]
+    newest = predict.predict(str(latest / str(steps[-1])), inputs, top_k=4)[0]
+    assert _top(older) != _top(newest)  # The test tells the two steps apart.
+    deleted = _vanishing_reads(monkeypatch, 1, when)
+    assert predict.main(["--workdir", str(run_copy), "--checkpoint", "latest", *inputs,
+                         "--top_k", "4", "--output", str(tmp_path / "p.json")]) == 0
+    assert deleted == [f"latest/{steps[-1]}"]
+    got = json.loads((tmp_path / "p.json").read_text())
+    assert [[(t["class"], round(t["probability"], 5)) for t in g["top"]] for g in got] == \
+        _top(older)
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_every_step_deleted_while_read_is_one_error_line(run_copy, tmp_path, capsys,
+                                                         monkeypatch):
+    """When every step vanishes as it is read, predict stops with one line naming them."""
+    np.save(tmp_path / "x.npy", np.zeros((1, 32, 32, 3), np.uint8))
+    deleted = _vanishing_reads(monkeypatch, 99)
+    assert predict.main(["--workdir", str(run_copy), "--checkpoint", "latest",
+                         str(tmp_path / "x.npy")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(deleted) >= 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert "deleted while" in err[0] and all(d in err[0] for d in deleted), err
+
+
+def test_relative_workdir(smoke_run, tmp_path, monkeypatch):
+    """``--workdir run`` from the run's parent folder (Orbax reads absolute paths only)."""
+    np.save(tmp_path / "x.npy", np.zeros((1, 32, 32, 3), np.uint8))
+    monkeypatch.chdir(smoke_run.parent)
+    assert predict.main(["--workdir", smoke_run.name, str(tmp_path / "x.npy")]) == 0
+
+
+def test_missing_output_folder_is_created(smoke_run, tmp_path):
+    write_image(tmp_path / "x.png", 32, 32, "RGB", seed=0)
+    out = tmp_path / "new" / "sub" / "p.csv"
+    assert predict.main(["--workdir", str(smoke_run), str(tmp_path / "x.png"),
+                         "--output", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 2
+
+
+def _unwritable_output(tmp_path, case: str) -> tuple[str, str]:
+    """(--output, text its error line must contain). Permission bits do not stop root: there
+    the output's parent is a file, which stops every user."""
+    if case == "output is a folder":
+        (tmp_path / "p.csv").mkdir()
+        return str(tmp_path / "p.csv"), "is a folder"
+    if os.geteuid() == 0:
+        (tmp_path / "blocker").write_text("a file")
+        return str(tmp_path / "blocker" / "p.csv"), "is a file"
+    (tmp_path / "ro").mkdir(mode=0o500)
+    return str(tmp_path / "ro" / "p.csv"), "cannot write"
+
+
+@pytest.mark.parametrize("case", ["unwritable folder", "output is a folder"])
+def test_unwritable_output_fails_before_the_run_is_loaded(smoke_run, tmp_path, capsys,
+                                                          monkeypatch, case):
+    output, text = _unwritable_output(tmp_path, case)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the run was loaded before --output was checked")
+
+    monkeypatch.setattr(predict, "load_run", no_load)
+    write_image(tmp_path / "x.png", 32, 32, "RGB", seed=0)
+    assert predict.main(["--workdir", str(smoke_run), str(tmp_path / "x.png"),
+                         "--output", output]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --output={output}") and text in err[0], err
+
+
+def _folder_with_a_loop(tmp_path):
+    """in/a.png, in/sub/b.png, in/alias -> in/sub (a second name, no loop), in/loop -> in."""
+    root = tmp_path / "in"
+    write_image(root / "a.png", 32, 32, "RGB", seed=0)
+    write_image(root / "sub" / "b.png", 40, 36, "RGB", seed=1)
+    os.symlink(root / "sub", root / "alias")
+    os.symlink(root, root / "loop")
+    return root
+
+
+def test_symlink_loop_is_one_error_line_naming_it(smoke_run, tmp_path, capsys):
+    root = _folder_with_a_loop(tmp_path)
+    assert predict.main(["--workdir", str(smoke_run), str(root)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: symlink loop"), err
+    assert f"{root / 'loop'} -> {root} " in err[0] and "loop/loop" not in err[0], err
+
+
+def test_skip_bad_predicts_each_real_image_once_past_a_loop(smoke_run, tmp_path, capsys):
+    root = _folder_with_a_loop(tmp_path)
+    assert predict.main(["--workdir", str(smoke_run), str(root), str(root / "sub"), "--skip_bad",
+                         "--output", str(tmp_path / "p.json")]) == 0
+    files = [d["file"] for d in json.loads((tmp_path / "p.json").read_text())]
+    real = sorted(os.path.realpath(root / name) for name in ("a.png", "sub/b.png"))
+    assert sorted(os.path.realpath(f) for f in files) == real, files
+    err = capsys.readouterr().err
+    assert "symlink loop" in err and f"{root / 'loop'} -> {root}" in err, err

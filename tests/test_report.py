@@ -5,9 +5,23 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from cifar_flax.analysis import report as report_module
 from cifar_flax.analysis.report import write_report
+
+RESULTS = {"test_accuracy": 0.5, "test_loss": 0.3, "test_examples": 10,
+           "tested_checkpoint": "best", "tested_step": 7, "steps": 7, "wall_seconds": 1.0,
+           "images_per_sec": 10.0, "devices": 1}
+
+
+def _saved_figures(monkeypatch) -> dict:
+    """File name -> the Figure that write_report saves there (still saved as a PNG)."""
+    saved, save = {}, report_module._save_figure
+    monkeypatch.setattr(report_module, "_save_figure",
+                        lambda fig, path: (saved.__setitem__(path.name, fig), save(fig, path)))
+    return saved
 
 
 def test_report_files_agree_with_predictions(tmp_path):
@@ -39,6 +53,8 @@ def test_report_files_agree_with_predictions(tmp_path):
             assert np.asarray(im.convert("L")).std() > 5  # Not a blank canvas.
     md = (tmp_path / "report.md").read_text()
     assert "curves.png" in md and "confusion_matrix.png" in md and "0.7143" in md
+    assert "confusion_matrix.json" in md
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(report_module.REPORT_FILES)
 
 
 def test_confusion_matrix_rows_are_true_classes_columns_predictions():
@@ -90,3 +106,66 @@ def test_results_json_stays_valid_json_with_non_finite_values(tmp_path):
     assert "NaN" not in text and "Infinity" not in text
     loaded = json.loads(text)
     assert loaded["test_loss"] is None and loaded["best_val_loss"] is None
+
+
+def test_report_confusion_json_and_figure_have_rows_true_columns_predicted(tmp_path, monkeypatch):
+    # Asymmetric: four class-0 images predicted as 2, no class-2 image predicted as 0.
+    labels = np.array([0, 0, 0, 0, 0, 1, 1, 2, 2, 2])
+    predictions = np.array([2, 2, 2, 2, 0, 1, 2, 2, 2, 1])
+    expected = [[1, 0, 4], [0, 1, 1], [0, 1, 2]]  # [true][predicted]
+    figures = _saved_figures(monkeypatch)
+    write_report(str(tmp_path), None, labels, np.eye(3)[predictions], ["a", "b", "c"],
+                 RESULTS | {"run": "r", "dataset": "d", "split": "test"})
+
+    saved = json.loads((tmp_path / "confusion_matrix.json").read_text())
+    assert saved["class_names"] == ["a", "b", "c"]
+    assert (saved["rows"], saved["columns"]) == ("true class", "predicted class")
+    assert saved["counts"] == expected and saved["counts"][0][2] == 4 and saved["counts"][2][0] == 0
+    assert "curves.png" not in figures  # An evaluation report: no training curves.
+    ax = figures["confusion_matrix.png"].axes[0]
+    np.testing.assert_array_equal(np.asarray(ax.images[0].get_array()), expected)
+    assert ax.get_xlabel().startswith("Predicted") and ax.get_ylabel().startswith("True")
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("n", [3, 10])
+def test_report_confusion_figure_has_colour_bar_and_matrix_fills_it(tmp_path, monkeypatch, n):
+    names = ["automobile_long_name"] + [f"class_{i}" for i in range(1, n)]
+    labels = np.arange(4 * n) % n
+    figures = _saved_figures(monkeypatch)
+    write_report(str(tmp_path), [], labels, np.eye(n)[(labels + labels // n) % n], names,
+                 RESULTS)
+    fig = figures["confusion_matrix.png"]
+    fig.draw_without_rendering()
+    matrix = fig.axes[0]
+    assert matrix.images[0].colorbar is not None
+    assert any(a is matrix.images[0].colorbar.ax for a in fig.axes[1:])
+    box = matrix.get_position()  # Figure fractions.
+    assert box.width > 0.6 and box.height > 0.6, box
+    whole = fig.bbox
+    for text in [*matrix.get_xticklabels(), *matrix.get_yticklabels(),
+                 matrix.xaxis.label, matrix.yaxis.label, matrix.title]:
+        e = text.get_window_extent()  # Every name, label and title fully inside the image.
+        assert whole.x0 <= e.x0 and e.x1 <= whole.x1 and whole.y0 <= e.y0 and e.y1 <= whole.y1, text
+    counts = np.asarray(matrix.images[0].get_array())
+    cells = matrix.get_window_extent()  # Each count drawn within the matrix.
+    assert len(matrix.texts) == n * n and all(
+        cells.contains(*t.get_window_extent().get_points().mean(0)) for t in matrix.texts)
+    assert sum(int(t.get_text()) for t in matrix.texts) == counts.sum() == 4 * n
+
+
+# matplotlib's default ticks for steps 1..3 are 1.25, 1.5, ... and for 1..20 2.5, 5, 7.5, ...
+@pytest.mark.parametrize("last", [3, 7, 20])
+def test_curves_step_ticks_are_integers(last):
+    from cifar_flax.analysis.report import curves_figure
+
+    history = [{"step": 1, "kind": "phase", "index": 0, "name": "head"},
+               *({"step": s, "kind": "train", "loss": 1 / s, "accuracy": s / last}
+                 for s in range(1, last + 1)),
+               {"step": 2, "kind": "phase", "index": 1, "name": "all"}]
+    fig = curves_figure(history)
+    fig.draw_without_rendering()
+    for ax in fig.axes:
+        for axis in (ax, *ax.child_axes):  # The panel and its phase-name axis on top.
+            ticks = axis.xaxis.get_majorticklocs()
+            assert len(ticks) >= 2 and all(t == round(t) for t in ticks), ticks

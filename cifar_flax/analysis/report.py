@@ -1,7 +1,8 @@
 """The end-of-run report in ``<workdir>/report/``.
 
 - ``curves.png``: train and validation loss and accuracy over steps, phase starts marked;
-- ``confusion_matrix.png`` (class names) and ``classification_report.txt`` / ``.json``
+- ``confusion_matrix.png`` (class names, colour bar) and ``confusion_matrix.json`` (its counts,
+  row = true class, column = predicted class), ``classification_report.txt`` / ``.json``
   (per-class precision, recall, F1; scikit-learn);
 - ``predictions.npz``: test ``labels``, ``predictions`` and ``logits``, so every number can be
   recomputed; ``results.json``: test accuracy/loss, best validation metric, steps, times, images/s,
@@ -19,7 +20,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay, classification_report  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from sklearn.metrics import (  # noqa: E402
+    ConfusionMatrixDisplay,
+    classification_report,
+    confusion_matrix,
+)
 
 
 def _series(history: Sequence[dict], kind: str, key: str) -> tuple[list[int], list[float]]:
@@ -31,7 +37,7 @@ def _series(history: Sequence[dict], kind: str, key: str) -> tuple[list[int], li
 
 def _mark_phases(ax: Any, history: Sequence[dict]) -> None:
     """A dashed line at each phase start, its name above the plot (outside the data area, so it
-    is never cut or drawn over the curves)."""
+    is never cut or drawn over the curves). Its ticks are the phases' (integer) start steps."""
     starts = [(r["step"], r["name"]) for r in history if r["kind"] == "phase"]
     for step, _ in starts:
         ax.axvline(step, color="gray", ls="--", lw=0.8)
@@ -63,6 +69,7 @@ def curves_figure(history: Sequence[dict]) -> Any:
         ax.plot(*val, "o-", label=f"val {metric}", ms=3)
         _mark_non_finite(ax, *train, f"train {metric}")
         _mark_phases(ax, history)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # Steps: no ticks like 2.5.
         ax.set_xlabel("step")
         ax.set_title(metric, pad=22)
         ax.legend(loc="best", fontsize=8)
@@ -70,18 +77,44 @@ def curves_figure(history: Sequence[dict]) -> Any:
     return fig
 
 
+def confusion_counts(labels: np.ndarray, predictions: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` x ``n`` confusion counts, ``[true class, predicted class]`` (scikit-learn),
+    with a row and column for every class, seen or not."""
+    return confusion_matrix(labels, predictions, labels=list(range(n)))
+
+
 def confusion_figure(labels: np.ndarray, predictions: np.ndarray,
                      class_names: Sequence[str]) -> Any:
     """The confusion matrix as a figure: row = true class, column = predicted class (counts)."""
-    n = len(class_names)
-    fig, ax = plt.subplots(figsize=(max(5, 0.6 * n + 2), max(4, 0.6 * n + 1.5)))
-    ConfusionMatrixDisplay.from_predictions(
-        labels, predictions, labels=list(range(n)), display_labels=list(class_names), ax=ax,
-        xticks_rotation=45, colorbar=False, values_format="d",
-    )
+    return counts_figure(confusion_counts(labels, predictions, len(class_names)), class_names)
+
+
+def counts_figure(counts: np.ndarray, class_names: Sequence[str]) -> Any:
+    """``counts`` (row = true class, column = predicted class) drawn with a count in each cell
+    and a colour bar, the matrix filling most of the figure."""
+    fig, ax = plt.subplots(layout="constrained")
+    shown = ConfusionMatrixDisplay(counts, display_labels=list(class_names)).plot(
+        ax=ax, values_format="d", colorbar=False)
+    fig.colorbar(shown.im_, ax=ax, fraction=0.05, pad=0.02)  # Slimmer than the default.
+    # Rotated names end at their column's tick, instead of straddling it over their neighbours.
+    plt.setp(ax.get_xticklabels(), rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_aspect("auto")  # The image fills its axes; _fit_to_matrix makes it (nearly) square.
     ax.set_title("Test confusion matrix")
-    fig.tight_layout()
+    _fit_to_matrix(fig, ax, min_side=max(3.0, 0.5 * len(class_names)))
     return fig
+
+
+def _fit_to_matrix(fig: Any, ax: Any, min_side: float) -> None:
+    """Size ``fig`` so the matrix axes ``ax`` is a square of at least ``min_side`` inches and
+    about two thirds of the figure or more each way, the rest just fitting the names, title and
+    colour bar (constrained layout). A fixed figure size leaves a wide empty margin around a few
+    classes, or squeezes the matrix beside long names."""
+    for _ in range(2):  # The second pass settles the colour bar, whose width scales with ax.
+        fig.draw_without_rendering()
+        box, (width, height) = ax.get_position(), fig.get_size_inches()
+        extra_w, extra_h = width * (1 - box.width), height * (1 - box.height)
+        side = max(min_side, 2 * extra_w, 2 * extra_h)
+        fig.set_size_inches(side + extra_w, side + extra_h)
 
 
 def plot_confusion(labels: np.ndarray, predictions: np.ndarray, class_names: Sequence[str],
@@ -127,7 +160,7 @@ def _markdown(results: dict[str, Any], text_report: str, training: bool) -> str:
         "```",
         "",
         "Details: `results.json` (with the full config), `classification_report.json`, "
-        "`predictions.npz`.",
+        "`confusion_matrix.json` (counts, row = true class), `predictions.npz`.",
         "",
     ]
     return "\n".join(lines)
@@ -151,7 +184,8 @@ def _save_figure(fig: Any, path: epath.Path) -> None:
 
 
 REPORT_FILES = ("predictions.npz", "classification_report.txt", "classification_report.json",
-                "results.json", "curves.png", "confusion_matrix.png", "report.md")
+                "results.json", "curves.png", "confusion_matrix.png", "confusion_matrix.json",
+                "report.md")
 
 
 def write_report(
@@ -178,5 +212,9 @@ def write_report(
     (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False))
     if history is not None:
         _save_figure(curves_figure(history), out / "curves.png")
-    _save_figure(confusion_figure(labels, predictions, class_names), out / "confusion_matrix.png")
+    counts = confusion_counts(labels, predictions, len(class_names))
+    (out / "confusion_matrix.json").write_text(json.dumps(
+        {"class_names": list(class_names), "rows": "true class", "columns": "predicted class",
+         "counts": counts.tolist()}))
+    _save_figure(counts_figure(counts, class_names), out / "confusion_matrix.png")
     (out / "report.md").write_text(_markdown(results, text, history is not None))

@@ -1,5 +1,11 @@
 """On-device augmentation and normalisation (pure jax; jit- and shard_map-friendly).
 
+Inside the train step, on uint8 batches as the host pipeline delivers them (``config.augment``):
+padded random crop or random-resized crop, horizontal flip, resize to ``augment.resolution``
+(32 -> 160 by default), optional mixup/cutmix (soft labels), then the normalisation the weights
+expect (preprocessing.py: Keras' caffe BGR mean or torchvision's mean/std).
+:func:`eval_preprocess` (validation, test, predict, export) only resizes and normalises.
+
 Every geometric step of one example (padded random crop or random-resized crop, then the resize
 to the model resolution) is a single ``jax.image.scale_and_translate`` with that example's scale
 and offset, vmapped over the batch: one resampling pass, no intermediate padded or cropped

@@ -3,14 +3,18 @@
 Logical splits: "train" (``config.train_split`` minus the validation hold-out), "validation"
 (``config.val_split``, or a seeded ``config.val_fraction`` of the train split, or nothing) and
 "test" (``config.test_split``). The hold-out is a permutation drawn from ``config.seed`` alone,
-so every run and every host agrees on it. Each host then takes every ``process_count``-th example
-of a logical split, reads and decodes only those, resizes if sizes vary, and caches them.
+so every run and every host agrees on it. Each host reads and decodes only its own examples,
+resizes them if sizes vary (``config.image_size``) and caches them (``config.cache``).
 
 Training batches: per epoch a shuffle seeded by ``(seed, epoch)``, ``steps_per_epoch`` full
 batches (remainder dropped), forever; the batch at step ``s`` depends only on ``(seed, s)``, so
-``train_batches(..., start_step=k)`` resumes exactly. Evaluation batches: one pass, no shuffle,
-the last batch padded and a boolean ``mask`` marks real examples, so every example counts once.
-All hosts yield the same number of batches (collectives in the step need that).
+``train_batches(..., start_step=k)`` resumes exactly. With several processes each host reads (epoch
+by epoch, uncached) its contiguous slice of every global batch (:func:`train_positions`), so a step's global
+batch is the same on any topology. Evaluation batches: one pass, no shuffle, each host its
+contiguous slice of every global batch (:func:`eval_positions`), the last batch padded and a
+boolean ``mask`` marks real examples, so every example counts once (CIFAR-10's test accuracy is
+over exactly 10,000 images). All hosts yield the same number of batches (collectives in the step
+need that).
 """
 
 from __future__ import annotations

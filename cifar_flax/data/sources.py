@@ -13,6 +13,15 @@ the offending path: a missing/empty split folder, a class folder missing from a 
 that is not an image, an empty file, a file that does not decode. With ``skip_bad_files`` the
 bad files are left out instead, counted and logged. Hidden entries (names starting with ".") are
 ignored. The decode check is one parallel ``tf.data`` pass that also records each image's size.
+A class folder of the train split with no images is caught earlier, by config.validate.
+
+tfds by name (``cifar10`` by default; ``config.data_dir`` is where tfds keeps it): prepared
+(downloaded) on first use. On a machine without network this fails at once, with one line that
+names the host that does not resolve and the way out (``--config.data_dir`` pointing at a
+prepared copy, or ``imagefolder:<dir>``), instead of tfds retrying for minutes.
+
+``synthetic``: a small generated dataset (``config.synthetic``: classes told apart by colour and
+stripe pattern, with noise, drawn from ``config.seed``), no files; for smoke runs and tests.
 """
 
 from __future__ import annotations
@@ -28,10 +37,12 @@ from typing import Any, Callable
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_datasets as tfds
 from absl import logging
+from tensorflow_datasets.core.download import resource
 from tqdm import tqdm
 
-from cifar_flax import UserError
+from cifar_flax import UserError, brief
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,101 +248,8 @@ def source_for_key(key: str) -> Source:
 
 
 def _tfds_source(name: str, data_dir: str, splits: list[str]) -> Source:
-    """A tfds dataset, prepared in ``data_dir`` first when it is not there yet (a download).
-
-    Without a network, the download would retry for minutes before it fails: when a host it
-    needs does not resolve (DNS), this fails at once instead, naming the host. Errors name tfds'
-    root data_dir (what ``--config.data_dir`` takes), not its ``<root>/<name>/<version>`` folder.
-    """
-
-    import tensorflow_datasets as tfds  # Imported where used: slow, and only for tfds datasets.
-
-    try:
-        builder = tfds.builder(name, data_dir=data_dir or None)
-    except Exception as e:  # tfds raises several types for unknown or broken names.
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"config.dataset={name!r} is not a tfds dataset ({first}); use a tfds name, "
-            "imagefolder:<dir> or synthetic."
-        ) from None
-    root = os.fspath(builder.data_dir_root)
-    fix = (f"Set --config.data_dir to a folder holding a prepared copy (with "
-           f"{builder.info.full_name}/ in it), or use --config.dataset=imagefolder:<dir>.")
-
-    def resolving_host(url: str) -> str:
-        """The host a download of ``url`` resolves: its own, or its proxy's (*_proxy vars)."""
-        parts = urllib.parse.urlsplit(url)
-        proxy = urllib.request.getproxies().get(parts.scheme)
-        if proxy and parts.hostname and not urllib.request.proxy_bypass(parts.hostname):
-            proxy_host = urllib.parse.urlsplit(proxy if "://" in proxy else f"//{proxy}").hostname
-            return proxy_host or parts.hostname
-        return parts.hostname or ""
-
-    def unresolved_host() -> str | None:
-        """A host the preparation needs whose name does not resolve: the dataset is not
-        prepared, one of its files (tfds' checksums list) is not in the download cache, and
-        that file's host does not resolve. None when nothing says the download must fail."""
-        if builder.is_prepared():
-            return None
-        from tensorflow_datasets.core.download import resource  # tfds' cache file names.
-
-        downloads = builder.data_dir_root / "downloads"
-        for url, info in (builder.url_infos or {}).items():
-            names = {resource.get_dl_fname(url, info.checksum), resource.get_dl_fname(url)}
-            cached = [downloads / "manual" / info.filename] if info.filename else []
-            cached += [d / n for d in (downloads, downloads / builder.name) for n in names]
-            if any(p.exists() for p in cached):
-                continue
-            host = resolving_host(url)
-            try:
-                socket.getaddrinfo(host, urllib.parse.urlsplit(url).port or 443)
-            except socket.gaierror:
-                return host
-            except OSError:  # Not a DNS answer: let the download itself decide.
-                pass
-        return None
-
-    def dns_failed(error: BaseException) -> bool:
-        """Whether ``error`` wraps a DNS failure (its ``reason``, cause or context chain)."""
-        todo, seen = [error], set()
-        while todo:
-            e = todo.pop()
-            if isinstance(e, BaseException) and id(e) not in seen:
-                seen.add(id(e))
-                if isinstance(e, socket.gaierror) or type(e).__name__ == "NameResolutionError":
-                    return True
-                todo += [getattr(e, "reason", None), e.__cause__, e.__context__]
-        return False
-
-    def clip(text: str, limit: int = 200) -> str:
-        """``text`` on one line, cut at a word boundary after at most ``limit`` characters."""
-        text = " ".join(text.split())
-        if len(text) <= limit:
-            return text
-        head = text[:limit + 1]
-        return (head.rsplit(" ", 1)[0] if " " in head else text.split(" ", 1)[0]) + "..."
-
-    def offline(host: str) -> UserError:
-        return UserError(
-            f"tfds dataset {name!r} is not prepared in data_dir {root!r} and its download host "
-            f"{host} cannot be resolved (DNS): this machine seems to be offline. {fix}"
-        )
-
-    host = unresolved_host()
-    if host:
-        raise offline(host)
-    try:
-        builder.download_and_prepare()  # No-op when already prepared in data_dir.
-    except Exception as e:
-        if dns_failed(e):
-            hosts = [resolving_host(u) for u in builder.url_infos or {}]
-            raise offline(hosts[0] if hosts else "(a download host)") from None
-        text = str(e).strip()
-        raise UserError(
-            f"tfds dataset {name!r} is not prepared in data_dir {root!r} and its download or "
-            f"preparation failed ({type(e).__name__}"
-            f"{': ' + clip(text.splitlines()[0]) if text else ''}). {fix}"
-        ) from None
+    """A tfds dataset, prepared in ``data_dir`` first when it is not there yet (a download)."""
+    builder = _tfds_prepared(name, data_dir)
     image_key, label_key = builder.info.supervised_keys or ("image", "label")
     features = builder.info.features
     if image_key not in features or label_key not in features:
@@ -341,12 +259,9 @@ def _tfds_source(name: str, data_dir: str, splits: list[str]) -> Source:
     out = {}
     for split in dict.fromkeys(splits):
         try:
-            full = builder.as_dataset(
-                split=split,
-                shuffle_files=False,
-                decoders={image_key: tfds.decode.SkipDecoding()},
-            )
-        except Exception as e:
+            full = builder.as_dataset(split=split, shuffle_files=False,
+                                      decoders={image_key: tfds.decode.SkipDecoding()})
+        except Exception as e:  # noqa: BLE001 - tfds raises several types for a bad split.
             raise UserError(
                 f"tfds dataset {name!r} has no split {split!r} ({e}); available: "
                 f"{sorted(builder.info.splits)}. Fix config.train_split/test_split/val_split."
@@ -354,9 +269,89 @@ def _tfds_source(name: str, data_dir: str, splits: list[str]) -> Source:
         n = int(full.cardinality().numpy())
         if n < 0:
             n = builder.info.splits[split].num_examples
-        read = functools.partial(_tfds_read, full, n, image_key, label_key)
-        out[split] = SplitSource(n, read, sizes)
+        out[split] = SplitSource(n, functools.partial(_tfds_read, full, n, image_key, label_key),
+                                 sizes)
     return Source(name, tuple(features[label_key].names), out)
+
+
+def _tfds_prepared(name: str, data_dir: str) -> Any:
+    """The tfds builder of ``name``, prepared (downloaded) in ``data_dir`` if it was not.
+
+    Without a network the download would retry for minutes before it fails: when a host it
+    needs does not resolve (DNS), this fails at once instead, naming the host. Errors name tfds'
+    root data_dir (what ``--config.data_dir`` takes), not its ``<root>/<name>/<version>``."""
+    try:
+        builder = tfds.builder(name, data_dir=data_dir or None)
+    except Exception as e:  # noqa: BLE001 - tfds raises several types for unknown names.
+        raise UserError(f"config.dataset={name!r} is not a tfds dataset ({brief(e)}); use "
+                        "a tfds name, imagefolder:<dir> or synthetic.") from None
+    host = _unresolved_host(builder)
+    try:
+        if host is None:
+            builder.download_and_prepare()  # A no-op when already prepared in data_dir.
+    except Exception as e:  # noqa: BLE001 - any failure to download is the same story.
+        if not _dns_failed(e):
+            raise UserError(_not_prepared(builder, f"its download or preparation failed "
+                                          f"({type(e).__name__}: {brief(e)})")) from None
+        host = next(iter(_resolving_host(u) for u in builder.url_infos or {}), "its host")
+    if host is not None:
+        raise UserError(_not_prepared(builder, f"its download host {host} cannot be resolved "
+                                      "(DNS): this machine seems to be offline"))
+    return builder
+
+
+def _not_prepared(builder: Any, why: str) -> str:
+    return (f"tfds dataset {builder.name!r} is not prepared in data_dir "
+            f"{os.fspath(builder.data_dir_root)!r} and {why}. Set --config.data_dir to a folder "
+            f"holding a prepared copy (with {builder.info.full_name}/ in it), or use "
+            "--config.dataset=imagefolder:<dir>.")
+
+
+def _unresolved_host(builder: Any) -> str | None:
+    """A host the preparation needs whose name does not resolve: the dataset is not prepared,
+    one of its files (tfds' checksums list) is not in the download cache, and that file's host
+    does not resolve. None when nothing says the download must fail (or under
+    tfds.testing.mock_data, which downloads nothing)."""
+    mocked = tfds.core.DatasetBuilder.download_and_prepare.__name__.startswith("mock_")
+    if mocked or builder.is_prepared():
+        return None
+    downloads = builder.data_dir_root / "downloads"
+    for url, info in (builder.url_infos or {}).items():
+        names = {resource.get_dl_fname(url, info.checksum), resource.get_dl_fname(url)}
+        cached = [downloads / "manual" / info.filename] if info.filename else []
+        cached += [d / n for d in (downloads, downloads / builder.name) for n in names]
+        if any(p.exists() for p in cached):
+            continue
+        host = _resolving_host(url)
+        try:
+            socket.getaddrinfo(host, urllib.parse.urlsplit(url).port or 443)
+        except socket.gaierror:
+            return host
+        except OSError:  # Not a DNS answer: let the download itself decide.
+            pass
+    return None
+
+
+def _resolving_host(url: str) -> str:
+    """The host a download of ``url`` resolves: its own, or its proxy's (*_proxy variables)."""
+    parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and parts.hostname and not urllib.request.proxy_bypass(parts.hostname):
+        return urllib.parse.urlsplit(proxy if "://" in proxy else f"//{proxy}").hostname or ""
+    return parts.hostname or ""
+
+
+def _dns_failed(error: BaseException) -> bool:
+    """Whether ``error`` wraps a DNS failure (its ``reason``, cause or context chain)."""
+    todo, seen = [error], set()
+    while todo:
+        e = todo.pop()
+        if isinstance(e, BaseException) and id(e) not in seen:
+            seen.add(id(e))
+            if isinstance(e, socket.gaierror) or type(e).__name__ == "NameResolutionError":
+                return True
+            todo += [getattr(e, "reason", None), e.__cause__, e.__context__]
+    return False
 
 
 def _tfds_read(

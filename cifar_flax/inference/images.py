@@ -4,14 +4,18 @@ Inputs are image files, folders (searched recursively; hidden entries ignored) o
 of uint8 images (N, H, W, 3) or (H, W, 3). Files are decoded by the pipeline's own decoder
 (data/types.decode: JPEG/PNG/BMP/GIF; grayscale becomes RGB, an alpha channel is dropped) and
 every image whose size differs from the run's input shape is resized with the pipeline's own host
-resize (antialiased bilinear, rounded to uint8; data/input_pipeline.resize_example). The model step then
-applies the run's evaluation preprocessing (resize to ``augment.resolution``, normalisation).
-Problems raise UserError naming the file; with ``skip_bad`` undecodable files are skipped and
+resize (antialiased bilinear, rounded to uint8; data/input_pipeline.resize_example). The model
+step then applies the run's evaluation preprocessing (resize to ``augment.resolution``,
+normalisation).
+Each real file is read once, whatever names (symlinks, inputs given twice) lead to it; a symlink
+that leads back into a folder containing it (a loop) is not followed. Problems raise UserError
+naming the file or the loop; with ``skip_bad`` undecodable files and loops are skipped and
 counted instead.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -23,31 +27,74 @@ from cifar_flax.data.input_pipeline import resize_example
 from cifar_flax.data.sources import IMAGE_EXTENSIONS, decode
 
 
-def _walk(folder: epath.Path) -> list[epath.Path]:
-    """Every non-hidden file under ``folder``, sorted by path."""
-    out = []
-    for entry in sorted(folder.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        out += _walk(entry) if entry.is_dir() else [entry]
-    return out
+def _real(path: epath.Path) -> str:
+    """The path with every symlink resolved (local files; a URL has no symlinks)."""
+    return str(path) if "://" in str(path) else os.path.realpath(path)
 
 
-def collect(inputs: Sequence[str]) -> list[epath.Path]:
-    """The files that ``inputs`` (files and folders) name, in order; folders recursively."""
-    files = []
+class _Walk:
+    """Files under inputs, each real file once (deduplicated by real path). A symlinked folder
+    is followed only when its real path is not a folder already walked; one that leads back into
+    a folder being walked is a loop: a UserError naming it, or with ``loops`` given, added there
+    (``"<link> -> <folder>"``) and skipped."""
+
+    def __init__(self, loops: list[str] | None) -> None:
+        self.loops = loops
+        self.files: list[epath.Path] = []
+        self.seen: set[str] = set()  # Real paths of the files listed.
+        self.found = 0  # Files met, second names included.
+        self.walked: set[str] = set()  # Real paths of the folders entered.
+
+    def add_file(self, path: epath.Path) -> None:
+        """List ``path`` unless its real file is listed already."""
+        self.found += 1
+        real = _real(path)
+        if real not in self.seen:
+            self.seen.add(real)
+            self.files.append(path)
+
+    def walk(self, folder: epath.Path, ancestors: dict[str, epath.Path]) -> None:
+        """Every non-hidden file under ``folder`` (sorted by path); ``ancestors``: real path ->
+        path as walked of the folders that contain it (itself included)."""
+        for entry in sorted(folder.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            if not entry.is_dir():
+                self.add_file(entry)
+                continue
+            real = _real(entry)
+            if real in ancestors:
+                self.loop(entry, ancestors[real])
+            elif real not in self.walked:  # Else a second name of a folder already listed.
+                self.walked.add(real)
+                self.walk(entry, {**ancestors, real: entry})
+
+    def loop(self, link: epath.Path, target: epath.Path) -> None:
+        """A symlink that leads back into a folder being walked: an error, or skipped."""
+        if self.loops is None:
+            raise UserError(f"symlink loop: {link} -> {target} (a folder that contains it); "
+                            "remove the link, or pass --skip_bad to skip it.")
+        self.loops.append(f"{link} -> {target}")
+
+
+def collect(inputs: Sequence[str], loops: list[str] | None = None) -> list[epath.Path]:
+    """The files that ``inputs`` (files and folders) name, in order, each real file once;
+    folders recursively. A symlink loop in a folder is a UserError, or with ``loops`` given is
+    skipped and described there."""
+    found = _Walk(loops)
     for name in inputs:
         path = epath.Path(name)
         if not path.exists():
             raise UserError(f"{name} does not exist; pass image files, folders or .npy files.")
-        if path.is_dir():
-            found = _walk(path)
-            if not found:
-                raise UserError(f"folder {name} contains no files; put images in it.")
-            files += found
-        else:
-            files.append(path)
-    return files
+        if not path.is_dir():
+            found.add_file(path)
+            continue
+        before, real = found.found, _real(path)
+        found.walked.add(real)
+        found.walk(path, {real: path})
+        if found.found == before:
+            raise UserError(f"folder {name} contains no files; put images in it.")
+    return found.files
 
 
 def load_npy(path: epath.Path) -> np.ndarray:
@@ -79,20 +126,22 @@ def decode_file(path: epath.Path) -> np.ndarray:
     """One image file as uint8 (h, w, 3); UserError when it is not a decodable image."""
     if not path.name.lower().endswith(IMAGE_EXTENSIONS):
         raise UserError(f"{path} is not an image file (expected {'/'.join(IMAGE_EXTENSIONS)} "
-                         "or .npy); remove it or pass --skip-bad to skip bad files.")
+                         "or .npy); remove it or pass --skip_bad to skip bad files.")
     try:
         return decode(tf.constant(path.read_bytes())).numpy()
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError, OSError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} cannot be decoded as an image ({reason[:120]}); fix or "
-                         "remove it, or pass --skip-bad to skip bad files.") from None
+                         "remove it, or pass --skip_bad to skip bad files.") from None
 
 
 class ImageInputs:
-    """Named uint8 images of one shape, in batches; ``skipped`` lists bad files left out."""
+    """Named uint8 images of one shape, in batches; ``skipped`` lists bad files left out,
+    ``loops`` the symlink loops not followed (``"<link> -> <folder>"``; with ``skip_bad``)."""
 
     def __init__(self, inputs: Sequence[str], image_shape: Sequence[int], skip_bad: bool = False):
-        self.files = collect(inputs)
+        self.loops: list[str] = []
+        self.files = collect(inputs, self.loops if skip_bad else None)
         self.height, self.width = int(image_shape[0]), int(image_shape[1])
         self.skip_bad = skip_bad
         self.skipped: list[str] = []

@@ -2,18 +2,20 @@
 and the logits and class probabilities it gives for uint8 images.
 
 Everything comes from the run's workdir (``config.json``, ``run_info.json`` and a checkpoint), so
-the user passes nothing the run already knows and the data need not be on this machine. Runs
-trained before ``run_info.json`` existed fall back to re-reading the dataset's info (which needs
-the data) and say so. :class:`Predictor` runs images through the evaluation's logits step
-(training.evaluation.make_logits_step: eval preprocessing, inference-mode BatchNorm, no dropout),
-sharded over the mesh's devices; a batch is padded to a multiple of the device count and the
-padding dropped from the result.
+the user passes nothing the run already knows and the data need not be on this machine. A run
+that is still training can be read: a step folder it deletes (rotates away) before or while it is
+read is replaced by the newest step left. Runs trained before ``run_info.json`` existed fall back
+to re-reading the dataset's info (which needs the data) and say so. :class:`Predictor` runs
+images through the evaluation's logits step (training.evaluation.make_logits_step: eval
+preprocessing, inference-mode BatchNorm, no dropout), sharded over the mesh's devices; a batch is
+padded to a multiple of the device count and the padding dropped from the result.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from typing import Any
 
 import jax
@@ -122,9 +124,56 @@ def load_run(run: str, checkpoint: str = "best", conv_impl: str | None = None,
     like = jax.eval_shape(lambda: model.init(
         jax.random.key(0), jax.numpy.zeros((1, res, res, 3)), train=False))
     like = {"params": like["params"], "batch_stats": like["batch_stats"]}
-    variables = checkpoints.restore_variables(ckpt, mesh, like)
+    ckpt, variables = _restore_newest(run, checkpoint, ckpt, mesh, like)
     return TrainedRun(workdir, config, list(facts["class_names"]), tuple(facts["image_shape"]),
                      facts["dataset"], model, variables, input_preprocessing(config), ckpt, mesh)
+
+
+MAX_VANISHED = 10  # Steps deleted while being read before giving up (a run saving faster).
+VANISH_WAIT_S = 2.0  # How long a failed read waits for a deletion in progress to finish.
+
+
+def _restore_newest(run: str, which: str, ckpt: RunCheckpoint, mesh: Mesh,
+                    like: Any) -> tuple[RunCheckpoint, dict[str, Any]]:
+    """``(checkpoint, variables)``: ``ckpt``'s, or, when its step folder is deleted before or
+    while it is read (a run still training rotates its old steps away), the newest step left's.
+    A run that is still training can thus be read; UserError when no step is left."""
+    vanished: list[str] = []
+    while True:
+        try:
+            return ckpt, checkpoints.restore_variables(ckpt, mesh, like)
+        except Exception as e:  # noqa: BLE001 - re-raised unless the folder is gone.
+            if not _deleted(ckpt.path, wait=not isinstance(e, UserError)):
+                raise
+        vanished.append(f"{ckpt.kind}/{ckpt.step}" if ckpt.kind else str(ckpt.path))
+        logging.warning("Checkpoint %s was deleted while being read (a run still training "
+                        "there?); reading the newest one left.", ckpt.path)
+        if len(vanished) == MAX_VANISHED:
+            raise _vanished_error(run, vanished, "a run saving faster than they can be read")
+        try:
+            ckpt = checkpoints.find_checkpoint(run, which)
+        except UserError:
+            raise _vanished_error(run, vanished, "no other is left") from None
+
+
+def _deleted(path: epath.Path, wait: bool) -> bool:
+    """Whether ``path`` is gone, or (``wait``) goes within VANISH_WAIT_S: a read that failed
+    midway may have seen a deletion (rmtree) still in progress."""
+    deadline = time.monotonic() + (VANISH_WAIT_S if wait else 0.0)
+    while path.exists():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _vanished_error(run: str, vanished: list[str], why: str) -> UserError:
+    """One line: which steps of ``run`` were deleted while being read, why we stop, what to do."""
+    many = len(vanished) > 1
+    return UserError(
+        f"{run}: checkpoint{'s' if many else ''} {', '.join(vanished)} {'were' if many else 'was'} "
+        f"deleted while being read (a training run still saving there rotates old steps away) "
+        f"and {why}; rerun when the run has saved a new one or has finished.")
 
 
 TTA_MODES = ("none", "flip")  # predict.py's --tta choices.

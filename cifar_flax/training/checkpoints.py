@@ -25,6 +25,7 @@ topology restores). Nothing is created or written there.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -39,7 +40,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cifar_flax import UserError
+from cifar_flax import UserError, brief
 from cifar_flax.training import devices
 
 BEST_KEEP = 2  # The previous best is the fallback when the newest best is unreadable.
@@ -91,11 +92,6 @@ def _position(meta: dict) -> dict:
     return json.loads(json.dumps({k: v for k, v in meta.items() if k not in _CLOCKS}))
 
 
-def _first_line(e: BaseException, limit: int = 200) -> str:
-    text = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {text[:limit]}"
-
-
 def unreadable_reason(step_dir: epath.Path) -> str | None:
     """Why the checkpoint in ``step_dir`` cannot be read back (None when meta and every array
     read): the arrays are read to host memory, whatever devices wrote them."""
@@ -114,7 +110,7 @@ def unreadable_reason(step_dir: epath.Path) -> str | None:
         ocp.PyTreeCheckpointer().restore(state, args=ocp.args.PyTreeRestore(restore_args=args))
     except Exception as e:  # noqa: BLE001 - any failure to read back makes it unusable.
         sys.unraisablehook = _drop_closed_loop_noise
-        return _first_line(e)
+        return f"{type(e).__name__}: {brief(e)}"
     return None
 
 
@@ -169,7 +165,7 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         try:
             mngr.save(step, args=args, force=True)
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - tensorstore reports a full disk as ValueError.
             raise self._save_error(mngr, step, e) from None
         self._usable[kind] = step  # Written by us: no need to read it back.
         self._saved_meta[kind] = _position(meta)
@@ -177,7 +173,7 @@ class Checkpointer:
     def _save_error(self, mngr: ocp.CheckpointManager, step: int,
                     e: BaseException) -> UserError:
         return UserError(
-            f"saving checkpoint step {step} in {mngr.directory} failed ({_first_line(e)}); the "
+            f"saving checkpoint step {step} in {mngr.directory} failed ({type(e).__name__}: {brief(e)}); the "
             "checkpoints saved before are intact: fix that (free space, permissions) and rerun "
             "the same command to resume.")
 
@@ -196,15 +192,13 @@ class Checkpointer:
             if why is None:
                 usable = step
                 break
-            logging.warning("Checkpoint %s/%d is unreadable (%s); trying an older one.",
-                            mngr.directory, step, why)
             bad.append((step, why))
         if bad and usable is None:
             raise _none_readable(mngr.directory, [s for s, _ in bad], bad[0][1])
-        if bad:
-            self._move_unreadable(kind, [s for s, _ in bad])
-            logging.warning("Using %s step %d: %d newer step(s) moved to %s.", kind, usable,
-                            len(bad), self.root / "unreadable")
+        self._move_unreadable(kind, [s for s, _ in bad])
+        for step, why in bad:  # One line per unreadable step.
+            logging.warning("Checkpoint %s/%d is unreadable (%s): moved to %s, using step %d.",
+                            mngr.directory, step, why, self.root / "unreadable", usable)
         self._usable[kind] = usable
         return usable
 
@@ -212,6 +206,8 @@ class Checkpointer:
         """Keep unreadable steps (never deleted) out of the manager's way: new saves reuse their
         step numbers."""
         mngr = self.managers[kind]
+        if not steps:
+            return
         if jax.process_index() == 0:
             dest = self.root / "unreadable"
             dest.mkdir(parents=True, exist_ok=True)
@@ -242,7 +238,7 @@ class Checkpointer:
             try:
                 return dict(mngr.restore(step, args=args)["meta"])
             except Exception as e:  # noqa: BLE001 - try the next older step.
-                why = why or _first_line(e)
+                why = why or f"{type(e).__name__}: {brief(e)}"
         if steps:
             raise _none_readable(mngr.directory, steps, why)
         return None
@@ -270,7 +266,7 @@ class Checkpointer:
         for mngr in self.managers.values():
             try:
                 mngr.wait_until_finished()
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - a failed background save, of any type.
                 raise self._save_error(mngr, mngr.latest_step() or 0, e) from None
 
     def close(self) -> None:
@@ -310,14 +306,15 @@ def find_checkpoint(run: str, which: str = "best") -> RunCheckpoint:
     ``"latest"``. ``run`` is a workdir, a ``checkpoints/<kind>`` folder or a step folder."""
     if which not in KINDS:
         raise UserError(f"--checkpoint={which!r} must be one of {KINDS}.")
-    path = epath.Path(run)
+    path = _path(run)  # Absolute: Orbax reads no relative path (``--workdir run`` from its parent).
     if not path.exists():
         raise UserError(f"{run} does not exist; pass the --workdir of a training run.")
     if (path / "state").is_dir():  # A step folder.
         kind = path.parent.name if path.parent.name in KINDS else ""
         return RunCheckpoint(path, int(path.name) if path.name.isdigit() else 0, kind)
-    if path.name in KINDS and _steps(path):  # A checkpoints/<kind> folder.
-        return RunCheckpoint(path / str(_steps(path)[-1]), _steps(path)[-1], path.name)
+    steps = _steps(path) if path.name in KINDS else []  # Listed once: a run may be rotating.
+    if steps:  # A checkpoints/<kind> folder.
+        return RunCheckpoint(path / str(steps[-1]), steps[-1], path.name)
     order = (which, "latest") if which == "best" else (which,)
     for kind in order:
         steps = _steps(path / "checkpoints" / kind)
@@ -336,7 +333,11 @@ def read_meta(ckpt: RunCheckpoint) -> dict[str, Any]:
 
 
 def stored_shapes(ckpt: RunCheckpoint) -> dict[str, Any]:
-    """``{"params", "batch_stats"}`` as stored: a tree of ``jax.ShapeDtypeStruct`` (no values)."""
+    """``{"params", "batch_stats"}`` as stored: a tree of ``jax.ShapeDtypeStruct`` (no values).
+    FileNotFoundError when the step folder is gone (a training run rotated it away since it was
+    found), so that a reader can tell that from a checkpoint of another kind."""
+    if not (ckpt.path / "state").is_dir():
+        raise FileNotFoundError(errno.ENOENT, "checkpoint step folder deleted", str(ckpt.path))
     tree = ocp.PyTreeCheckpointHandler().metadata(ckpt.path / "state")
     missing = [k for k in ("params", "batch_stats") if k not in tree]
     if missing:
@@ -350,7 +351,8 @@ def restore_variables(ckpt: RunCheckpoint, mesh: Mesh, like: Any = None) -> dict
 
     ``like`` (a tree of arrays or ShapeDtypeStructs, e.g. the model's ``eval_shape``) fixes the
     expected structure and shapes; a mismatch is a UserError naming the differing entries. Without
-    it the stored structure is used."""
+    it the stored structure is used. A read that fails (e.g. the folder deleted meanwhile by a
+    training run rotating its steps) raises as it is, without tensorstore's teardown noise."""
     stored = stored_shapes(ckpt)
     if like is not None:
         problems = shape_differences(stored, like)
@@ -363,10 +365,14 @@ def restore_variables(ckpt: RunCheckpoint, mesh: Mesh, like: Any = None) -> dict
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), stored)
     args = jax.tree.map(
         lambda s: ocp.ArrayRestoreArgs(sharding=rep, global_shape=s.shape, dtype=s.dtype), target)
-    out = ocp.PyTreeCheckpointer().restore(
-        ckpt.path / "state",
-        args=ocp.args.PyTreeRestore(item=target, restore_args=args, partial_restore=True),
-    )
+    try:
+        out = ocp.PyTreeCheckpointer().restore(
+            ckpt.path / "state",
+            args=ocp.args.PyTreeRestore(item=target, restore_args=args, partial_restore=True),
+        )
+    except Exception:
+        sys.unraisablehook = _drop_closed_loop_noise  # Reads still in flight (folder deleted).
+        raise
     return {"params": out["params"], "batch_stats": out["batch_stats"]}
 
 

@@ -1,5 +1,13 @@
 """Cached backbone features for phases where the whole backbone is frozen.
 
+Switched by ``config.feature_cache.enabled`` (default on; ``feature_cache.passes`` > 0 caches
+augmented passes when augmentation is on). It applies to a phase that trains no backbone group,
+with ``frozen_bn_inference``, no mixup/cutmix, on one process (:func:`cache_decision` says why
+not); train.py extracts the features at the start of such a phase (a resumed phase extracts them
+again), logs, evaluates, checkpoints, stops and resumes as usual, and marks the phase in
+metrics.jsonl (``"feature_cache": true/false``). The final test runs the full model.
+``configs/baseline.py`` qualifies. Speed-ups (81x per epoch at 32x32): experiments/README.md.
+
 When no backbone parameter trains and frozen BatchNorm runs in inference mode (the seed's
 baseline phase: frozen ResNet50 + dense head), the backbone computes the same function of each
 image in every epoch. Computing the pooled features once per split and training the head on them

@@ -1,7 +1,24 @@
 """The model a config describes and its initial variables: random init, then the pretrained
 backbone (cifar_flax.weights) when ``config.pretrained.source`` is set, or an earlier run's
 variables when ``config.init_from`` names one (backbone always; head when its shapes and class
-names match)."""
+names match).
+
+Starting from an earlier run (to continue a training, or to fine-tune your model on a new label
+set)::
+
+    python -m cifar_flax.main --config configs/finetune.py --workdir runs/pets \\
+        --config.dataset=imagefolder:/data/pets --config.init_from=runs/finetune
+
+``init_from`` is a workdir (its best checkpoint, else its last) or a checkpoint folder
+(``runs/finetune/checkpoints/latest`` or one step in it). The backbone is always loaded, strictly:
+a backbone that does not fit (another ``model.layout``, ``stage_sizes`` or ``base_width``) is an
+error listing the differing names. The head is loaded only when its shapes match (class count,
+``model.head_hidden``) and the earlier run trained on the same class names (its
+``run_info.json``); otherwise it is freshly initialised and one log line says why (a head trained
+on other classes of the same count, as in a class split, would map features to the wrong labels).
+The earlier run's weight source must be ``pretrained.source`` (the inputs must be normalised the
+same way). Checkpoints restore onto the current devices whatever device count wrote them.
+"""
 
 from __future__ import annotations
 

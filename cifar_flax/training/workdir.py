@@ -41,7 +41,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from cifar_flax import UserError
+from cifar_flax import UserError, brief
 from cifar_flax.config import default_config
 from cifar_flax.data.sources import DatasetInfo
 from cifar_flax.training import checkpoints, devices, interrupts
@@ -58,12 +58,15 @@ def _is_local(path: epath.Path) -> bool:
 
 
 def check_workdir(workdir: str) -> epath.Path:
-    """Create ``workdir`` if needed and prove it is a writable folder; UserError otherwise."""
+    """Create ``workdir`` if needed and prove it is a writable folder; UserError otherwise (a
+    ``gs://`` one that cannot be reached: at once when the storage host does not resolve)."""
     path = epath.Path(workdir)
-    if path.exists() and not path.is_dir():
-        raise UserError(
-            f"--workdir {workdir} is a file, not a folder: choose another --workdir.")
+    if not _is_local(path):
+        _check_storage_host(workdir)
     try:
+        if path.exists() and not path.is_dir():
+            raise UserError(
+                f"--workdir {workdir} is a file, not a folder: choose another --workdir.")
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write_test.{os.getpid()}"
         probe.write_text("ok")
@@ -71,9 +74,31 @@ def check_workdir(workdir: str) -> epath.Path:
     except OSError as e:
         raise UserError(
             f"--workdir {workdir} is not a writable folder ({type(e).__name__}: "
-            f"{e.strerror or e}): choose another --workdir or fix its permissions."
-        ) from None
+            f"{e.strerror or e}): choose another --workdir or fix its permissions.") from None
+    except Exception as e:  # noqa: BLE001 - remote file systems raise their own types.
+        if _is_local(path) or isinstance(e, UserError):
+            raise
+        raise UserError(f"--workdir {workdir} cannot be used ({type(e).__name__}: {brief(e)}): "
+                        f"{_REMOTE_FIX}") from None
     return path
+
+
+_REMOTE_FIX = ("check the bucket name and your credentials (gcloud auth application-default "
+               "login, or GOOGLE_APPLICATION_CREDENTIALS=<key.json>), or use a local --workdir.")
+
+
+def _check_storage_host(workdir: str) -> None:
+    """A ``gs://`` workdir: fail at once (not after minutes of retries) when Google Cloud
+    Storage's host does not resolve; an emulator (STORAGE_EMULATOR_HOST) is not checked."""
+    if not workdir.startswith("gs://") or os.environ.get("STORAGE_EMULATOR_HOST"):
+        return
+    try:
+        socket.getaddrinfo("storage.googleapis.com", 443)
+    except socket.gaierror:
+        raise UserError(f"--workdir {workdir}: Google Cloud Storage (storage.googleapis.com) "
+                        "cannot be resolved: this machine seems to be offline; use a local "
+                        "--workdir, or connect and authenticate (gcloud auth "
+                        "application-default login).") from None
 
 
 def _pid_alive(pid: int) -> bool:

@@ -38,7 +38,7 @@ import safetensors.numpy
 from etils import epath
 from tqdm import tqdm
 
-from cifar_flax import UserError
+from cifar_flax import UserError, brief
 
 _H5_SUFFIXES = (".h5", ".hdf5")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -91,13 +91,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except Exception as e:  # Each library raises its own types for truncated/corrupt files.
         raise UserError(
             f"{path!r} could not be read as a {suffix} weight file (truncated or corrupt "
-            f"download?): {type(e).__name__}: {_first_line(e)}. Delete it and download it again."
+            f"download?): {type(e).__name__}: {brief(e)}. Delete it and download it again."
         ) from e
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else ""
 
 
 def _put(out: dict[str, np.ndarray], name: str, value: Any, path: str) -> None:
@@ -249,14 +244,6 @@ def _download_failed(url: str, error: BaseException, local_hint: str) -> str:
     if _dns_failed(error):
         return f"{_offline_problem(url)} {local_hint}"
     reason = getattr(error, "reason", None) or error
-    return f"Could not download {url} ({_clip(str(reason))}). {local_hint}"
+    return f"Could not download {url} ({brief(reason)}). {local_hint}"
 
 
-def _clip(text: str, limit: int = 200) -> str:
-    """``text`` on one line, cut after at most ``limit`` characters at a word boundary, with
-    "..." where it was cut (a single longer word is kept whole)."""
-    text = " ".join(text.split())
-    if len(text) <= limit:
-        return text
-    cut = text[:limit + 1].rsplit(" ", 1)[0] if " " in text[:limit + 1] else text.split(" ", 1)[0]
-    return cut.rstrip(" ,;:") + "..."
