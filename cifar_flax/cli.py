@@ -34,23 +34,22 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from cifar_flax import UserError
-from cifar_flax.config import load_config_file
 from cifar_flax.training import interrupts
 
 _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # configs/ lives here.
 
 
-def run(main: Callable[[list[str]], Any], flag_values: flags.FlagValues,
+def run(main: Callable[[list[str]], str | None], flag_values: flags.FlagValues,
         argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: sys.argv) into ``flag_values``, then ``main(positional args)``;
-    the command's exit status. With ``argv`` given (a call in-process, as the tests make) the
-    signal handlers are put back afterwards."""
+    the command's exit status. ``main`` returns the command's last line (what it made, where),
+    printed once the work is done and a late Ctrl-C can change nothing. With ``argv`` given (a
+    call in-process, as the tests make) the signal handlers are put back afterwards."""
     previous = interrupts.exit_on_signal()
     try:
         args = parse_flags(flag_values, [sys.argv[0]] + list(sys.argv[1:] if argv is None else argv))
         prepare_runtime()
-        main(args)
-        return 0
+        done = main(args)
     except UserError as e:
         return _fail(f"error: {_one_line(str(e))}")
     except interrupts.Interrupted as e:
@@ -66,6 +65,9 @@ def run(main: Callable[[list[str]], Any], flag_values: flags.FlagValues,
                 signal.signal(sig, signal.SIG_IGN)
         else:
             interrupts.restore(previous)
+    if done:
+        print(done, flush=True)
+    return 0
 
 
 def exit(status: int) -> None:  # noqa: A001 - the commands' ``cli.exit(cli.run(...))``.
@@ -211,7 +213,9 @@ def describe_flag_error(error: BaseException, argv: list[str],
             missing = missing_config_file(path)
             if missing:
                 return missing
-            try:
+            try:  # Imported here: cli must load before JAX (a Ctrl-C during imports).
+                from cifar_flax.config import load_config_file
+
                 config = load_config_file(path)
             except Exception as e:  # noqa: BLE001 - the config file itself raised.
                 return f"config file {path!r} failed to load: {type(e).__name__}: {_last_line(e)}"

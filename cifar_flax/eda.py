@@ -23,11 +23,11 @@ flags.DEFINE_integer("samples_per_class", 8, "Sample images per class in samples
 flags.mark_flag_as_required("workdir", flag_values=FLAGS)
 
 
-def _main(argv: list[str]) -> None:
+def _main(argv: list[str]) -> str:
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}; every input is a --flag.")
     run_eda(FLAGS.config, FLAGS.workdir, FLAGS.samples_per_class)
-    print(f"EDA written to {FLAGS.workdir}/eda.md")
+    return f"EDA written to {FLAGS.workdir}/eda.md"
 
 
 def main(argv: list[str] | None = None) -> int:

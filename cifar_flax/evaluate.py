@@ -110,15 +110,15 @@ def evaluate(workdir: str, output: str, split: str = "", overrides: dict[str, An
     return results
 
 
-def _main(argv: list[str]) -> None:
+def _main(argv: list[str]) -> str:
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}; every input is a --flag.")
     overrides = config_flags.get_override_values(FLAGS["config"])
     r = evaluate(FLAGS.workdir, FLAGS.output, FLAGS.split, overrides, FLAGS.checkpoint,
                  FLAGS.force)
-    print(f"accuracy {r['test_accuracy']:.4f} (loss {r['test_loss']:.4f}) on "
-          f"{r['test_examples']} images of {r['dataset']} split {r['split']!r}; report in "
-          f"{FLAGS.output}")
+    return (f"accuracy {r['test_accuracy']:.4f} (loss {r['test_loss']:.4f}) on "
+            f"{r['test_examples']} images of {r['dataset']} split {r['split']!r}; report in "
+            f"{FLAGS.output}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -165,14 +165,14 @@ def write_saved_model(run: TrainedRun, serve: Callable[[Any, Any], Any],
     return True
 
 
-def _main(argv: list[str]) -> None:
+def _main(argv: list[str]) -> str:
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}; every input is a --flag.")
     info = export(FLAGS.workdir, FLAGS.output, FLAGS.force, FLAGS.checkpoint, FLAGS.saved_model)
     extra = " + saved_model/" if info["saved_model"] else " (no SavedModel)"
-    print(f"exported {len(info['class_names'])}-class model, input uint8 (N, "
-          f"{', '.join(map(str, info['input']['shape']))}), for {'/'.join(info['platforms'])} "
-          f"to {FLAGS.output}{extra}")
+    return (f"exported {len(info['class_names'])}-class model, input uint8 (N, "
+            f"{', '.join(map(str, info['input']['shape']))}), for {'/'.join(info['platforms'])} "
+            f"to {FLAGS.output}{extra}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,17 +44,17 @@ def run(config, workdir: str, stop_after_steps: int | None = None) -> dict:
         return train_and_evaluate(config, workdir, stop_after_steps, report)
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> str | None:
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}; every input is a --flag.")
     config, workdir = FLAGS.config, FLAGS.workdir
     config_lib.validate_distributed(config)
     devices.initialize(config.distributed)  # Before anything touches a device.
     results = run(config, workdir)
-    if jax.process_index() == 0:
-        print(f"test accuracy {results['test_accuracy']:.4f} on {results['test_examples']} "
-              f"images (training {results['images_per_sec']:.1f} images/s); report in "
-              f"{workdir}/report")
+    if jax.process_index() != 0:
+        return None
+    return (f"test accuracy {results['test_accuracy']:.4f} on {results['test_examples']} images "
+            f"(training {results['images_per_sec']:.1f} images/s); report in {workdir}/report")
 
 
 if __name__ == "__main__":

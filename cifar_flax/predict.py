@@ -124,7 +124,7 @@ def _file_in_the_way(folder: epath.Path) -> epath.Path | None:
     return None
 
 
-def _main(argv: list[str]) -> None:
+def _main(argv: list[str]) -> str | None:
     if len(argv) < 2:
         raise UserError("no INPUT given: pass image files, folders or .npy files after the "
                         "flags (python -m cifar_flax.predict --workdir RUN images/).")
@@ -138,9 +138,10 @@ def _main(argv: list[str]) -> None:
     if loops:
         print(f"skipped {len(loops)} symlink loop(s) (--skip_bad; the images in them were read "
               f"once), e.g. {loops[0]}", file=sys.stderr)
-    if FLAGS.output:
-        write_output(rows, FLAGS.output)
-        print(f"wrote {len(rows)} predictions to {FLAGS.output}")
+    if not FLAGS.output:
+        return None
+    write_output(rows, FLAGS.output)
+    return f"wrote {len(rows)} predictions to {FLAGS.output}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,7 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "features: comput
 NEEDS = {"convert": ("source", "input", "output"), "features": ("weights", "images", "output")}
 
 
-def _main(argv: list[str]) -> None:
+def _main(argv: list[str]) -> str:
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise UserError(f"give one command, {' or '.join(COMMANDS)} (got {argv[1:]}); --help "
                         "lists the flags.")
@@ -49,18 +49,18 @@ def _main(argv: list[str]) -> None:
     missing = [f"--{name}" for name in NEEDS[command] if FLAGS[name].value is None]
     if missing:
         raise UserError(f"{command} needs {', '.join(missing)}.")
-    (_convert if command == "convert" else _features)()
+    return (_convert if command == "convert" else _features)()
 
 
-def _convert() -> None:
+def _convert() -> str:
     weights = convert_file(FLAGS.source, FLAGS.input, FLAGS.variant)
     save_weights(weights, FLAGS.output)
     n = sum(v.size for v in jax.tree.leaves((weights.params, weights.batch_stats)))
-    print(f"Converted {FLAGS.input} -> {FLAGS.output}: {n:,} values, layout "
-          f"{weights.spec.layout}, preprocessing {weights.spec.preprocessing.name}.")
+    return (f"Converted {FLAGS.input} -> {FLAGS.output}: {n:,} values, layout "
+            f"{weights.spec.layout}, preprocessing {weights.spec.preprocessing.name}.")
 
 
-def _features() -> None:
+def _features() -> str:
     weights = load_weights(FLAGS.weights)
     try:
         images = np.load(FLAGS.images, mmap_mode="r", allow_pickle=False)
@@ -68,7 +68,7 @@ def _features() -> None:
         raise UserError(f"could not read --images {FLAGS.images!r}: {e}") from e
     feats = extract_features(weights, images, FLAGS.batch_size, FLAGS.dtype, progress=True)
     np.save(FLAGS.output, feats)
-    print(f"Wrote {feats.shape} features to {FLAGS.output}.")
+    return f"Wrote {feats.shape} features to {FLAGS.output}."
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,3 +137,22 @@ def test_eda_ctrl_c_is_one_line(tmp_path):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
     assert [ln for ln in err.splitlines() if ln.startswith("Interrupted (Ctrl-C)")] == [
         "Interrupted (Ctrl-C): EDA stopped; nothing was written for the unfinished scan."]
+
+
+def test_ctrl_c_after_the_eda_finished_changes_nothing(tmp_path):
+    """A Ctrl-C that arrives once the EDA has written everything (while Python shuts down)
+    leaves the finished command's status 0."""
+    import os
+    import signal
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cifar_flax.eda", "--config", "configs/smoke.py", "--workdir",
+         str(tmp_path / "eda")], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, preexec_fn=default_sigint)
+    line = proc.stdout.readline()
+    assert line.startswith("EDA written to"), (line, proc.stderr.read()[-2000:])
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "Interrupted" not in err and (tmp_path / "eda" / "eda.md").exists()

@@ -10,6 +10,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import load_config
 
 from cifar_flax import export, exported, main
@@ -82,8 +83,6 @@ def test_loads_with_jax_alone_and_equals_the_run(exported_dir, reference, tmp_pa
 
 
 def test_saved_model_equals_the_run(exported_dir, reference):
-    import tensorflow as tf
-
     images, logits = reference
     serve = tf.saved_model.load(str(exported_dir / "saved_model")).signatures["serving_default"]
     for n in (1, 7):
@@ -93,8 +92,6 @@ def test_saved_model_equals_the_run(exported_dir, reference):
 
 
 def test_loader_rejects_wrong_images(exported_dir):
-    from cifar_flax import exported
-
     model = exported.load(exported_dir)
     with pytest.raises(ValueError, match="uint8"):
         model(np.zeros((2, *model.input_shape), np.float32))

@@ -10,8 +10,10 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from cifar_flax.training.metrics import read_metrics
+from cifar_flax.training.workdir import LOCK_NAME
 from train_utils import default_sigint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,6 +112,56 @@ def test_workdir_that_is_a_file_and_quiet_start_up(tmp_path):
     assert f"--workdir {tmp_path / 'f'} is a file" in _one_error_line(p)
     for noise in ("oneDNN", "absl::InitializeLog", "libtpu", "cpu_feature_guard"):
         assert noise not in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("sig, delay", [(signal.SIGINT, 1.0), (signal.SIGINT, 2.5),
+                                        (signal.SIGINT, 6.0), (signal.SIGTERM, 1.0),
+                                        (signal.SIGTERM, 4.0)])
+def test_a_signal_during_start_up_is_one_line_and_frees_the_workdir(tmp_path, sig, delay):
+    """Importing, reading the data, building the model, compiling: one line, status 130 (Ctrl-C)
+    or 143 (SIGTERM), no traceback or crash, the workdir lock released. If the signal lands
+    once training has begun, the run saves at a step boundary and says so (one line too)."""
+    proc = subprocess.Popen(_cmd(tmp_path / "w"), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+    time.sleep(delay)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=180)
+    name = "Ctrl-C" if sig == signal.SIGINT else "SIGTERM"
+    lines = [ln for ln in (out + err).splitlines() if ln.startswith("Interrupted")]
+    assert len(lines) == 1, (out, err[-2000:])
+    if lines[0].startswith("Interrupted at step"):  # Training had begun: saved, then stopped.
+        assert proc.returncode == (130 if sig == signal.SIGINT else 0), err[-2000:]
+    else:
+        assert lines[0].startswith(f"Interrupted ({name}): nothing new was saved")
+        assert proc.returncode == (130 if sig == signal.SIGINT else 143), err[-2000:]
+    for crash in ("Traceback", "KeyboardInterrupt", "Fatal Python error", "Segmentation"):
+        assert crash not in err, err[-2000:]
+    assert not (tmp_path / "w" / LOCK_NAME).exists()
+
+
+def test_distributed_without_a_cluster_or_with_a_missing_process_is_one_line(tmp_path):
+    p = subprocess.run(_cmd(tmp_path / "w", "--config.distributed.enabled=True"), cwd=ROOT,
+                       capture_output=True, text=True, timeout=180)
+    line = _one_error_line(p)
+    assert "detected no cluster" in line and "coordinator_address=HOST:PORT" in line
+    alone = ["--config.distributed.enabled=True", "--config.distributed.num_processes=2",
+             "--config.distributed.coordinator_address=127.0.0.1:29931",
+             "--config.distributed.process_id=0", "--config.distributed.timeout_seconds=5"]
+    p = subprocess.run(_cmd(tmp_path / "w", *alone), cwd=ROOT, capture_output=True, text=True,
+                       timeout=180)
+    line = _one_error_line(p)
+    assert "process 1 did not join" in line and "timeout_seconds=5" in line
+    assert "stack trace" not in p.stderr and p.stderr.strip() == line
+
+
+def test_an_unreachable_gs_workdir_is_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "STORAGE_EMULATOR_HOST"}
+    env["EPATH_USE_TF"] = "false"
+    p = subprocess.run(_cmd("gs://cifar-flax-no-such-bucket/x"), cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=env)
+    line = _one_error_line(p)
+    assert "gs://cifar-flax-no-such-bucket/x" in line
+    assert "offline" in line or "credentials" in line or "gcloud auth" in line
 
 
 def test_ctrl_c_before_training_exits_130_with_one_line(tmp_path):

@@ -220,3 +220,17 @@ def test_a_full_disk_is_one_error_line_and_a_rerun_with_space_resumes(tmp_path, 
     assert again.returncode == 0, again.stderr[-3000:]
     history = read_metrics(str(workdir), "train")
     assert history[-1]["step"] == 9 and (not saved or history[0]["step"] == 1)
+
+
+def test_the_entry_point_holds_the_workdir_lock_while_it_trains(tmp_path, monkeypatch):
+    """main.run takes the lock before training and gives it back after (fast: no training)."""
+    seen = []
+
+    def fake_training(config, workdir, stop_after_steps, report_fn):
+        seen.append(json.loads((tmp_path / LOCK_NAME).read_text()))
+        return {"steps": 0}
+
+    monkeypatch.setattr(main, "train_and_evaluate", fake_training)
+    assert main.run(_config(), str(tmp_path)) == {"steps": 0}
+    assert [(r["pid"]) for r in seen] == [os.getpid()]
+    assert not (tmp_path / LOCK_NAME).exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -15,9 +16,12 @@ from inference_utils import image_folder, write_image
 from PIL import Image
 
 from cifar_flax import predict
+from cifar_flax.data import input_pipeline
 from cifar_flax.inference import images as images_lib
 from cifar_flax.inference.trained_run import load_run, read_config
 from cifar_flax.training import checkpoints
+from cifar_flax.training.evaluation import Evaluator
+from cifar_flax.training.workdir import read_run_info
 
 
 def _classes(run_dir) -> list[str]:
@@ -27,9 +31,6 @@ def _classes(run_dir) -> list[str]:
 def test_predict_equals_the_eval_step_on_mixed_images(smoke_run, tmp_path):
     """Files of several sizes and modes: predict's logits equal the run's Evaluator on the same
     files read as an ImageFolder through the input pipeline (host resize to the run's size)."""
-    from cifar_flax.data import input_pipeline
-    from cifar_flax.training.evaluation import Evaluator
-
     paths = image_folder(tmp_path / "data", _classes(smoke_run))
     rows, skipped, loops = predict.predict(str(smoke_run), [str(tmp_path / "data" / "test")],
                                            top_k=2, batch_size=5)
@@ -146,8 +147,6 @@ def test_command_line_prints_no_traceback(tmp_path):
 def test_two_devices_restore_and_pad_like_one(smoke_run, tmp_path):
     """The run was written on 1 device; on 2 (virtual CPU) devices its checkpoint restores with
     explicit shardings and an odd batch is padded: the same predictions as here."""
-    import os
-
     np.save(tmp_path / "x.npy", np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), np.uint8))
     rows = predict.predict(str(smoke_run), [str(tmp_path / "x.npy")], top_k=4)[0]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
@@ -165,10 +164,6 @@ def test_two_devices_restore_and_pad_like_one(smoke_run, tmp_path):
 
 def test_run_info_is_written_and_old_runs_fall_back(smoke_run, tmp_path, caplog):
     """Training writes run_info.json; a run without it (older) re-reads its dataset's info."""
-    import logging
-
-    from cifar_flax.training.workdir import read_run_info
-
     info = read_run_info(str(smoke_run))
     assert info["class_names"] == [f"class_{i}" for i in range(4)]
     assert info["image_shape"] == (32, 32, 3) and info["dataset"] == "synthetic"

@@ -12,8 +12,9 @@ import time
 import jax
 import numpy as np
 import pytest
-from train_utils import default_sigint, enable_compilation_cache, state_at, tiny_config
+from train_utils import default_sigint, enable_compilation_cache, state_at, steps_saved, tiny_config
 
+from cifar_flax import UserError, train
 from cifar_flax.config import phase
 from cifar_flax.main import run as train_and_evaluate
 from cifar_flax.training import interrupts
@@ -22,6 +23,7 @@ from cifar_flax.training.metrics import read_metrics
 
 enable_compilation_cache()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALL_GROUPS = ("stem", "stage1", "stage2", "stage3", "stage4", "head")
 
 _DIVERGING_CONFIG = """
 import sys
@@ -88,6 +90,7 @@ def test_ctrl_c_saves_exits_130_and_the_rerun_is_bit_identical(tmp_path, smoke_r
     assert "Traceback" not in err and "Rerun the same command to resume" in out
     stopped = int(out.split("Interrupted at step ")[1].split(";")[0])
     assert 8 <= stopped < 18 and "(SIGINT)" in out
+    assert stopped in steps_saved(str(tmp_path))  # The line's promise: that step is on disk.
     assert not (tmp_path / "report").exists()
 
     done = subprocess.run(_smoke(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -133,11 +136,11 @@ def test_a_signal_inherited_as_ignored_stays_ignored():
         signal.signal(signal.SIGINT, outer)
 
 
-def _early_stop_config():
+def _early_stop_config(first=("head",)):
     c = tiny_config()
     c.model.head_hidden = (8,)
     c.phases = [  # 48 train images / 16 = 3 steps per epoch.
-        phase("head", epochs=3, trainable=("head",), lr=0.1, schedule="constant"),
+        phase("first", epochs=3, trainable=first, lr=0.1, schedule="constant"),
         phase("all", epochs=2, lr=0.05),
     ]
     c.early_stopping.patience = 1
@@ -147,9 +150,12 @@ def _early_stop_config():
     return c
 
 
-@pytest.mark.parametrize("restore", [True, False])
-def test_early_stopping_restores_the_phase_best_weights(tmp_path, restore):
-    c = _early_stop_config()
+@pytest.mark.parametrize("restore, first", [(True, ("head",)), (False, ("head",)),
+                                            (True, ALL_GROUPS), (False, ALL_GROUPS)])
+def test_early_stopping_restores_the_phase_best_weights(tmp_path, restore, first):
+    """The phase that early stopping ends trains the head alone (BatchNorm frozen) or every
+    layer (BatchNorm statistics change every step): its best params AND statistics come back."""
+    c = _early_stop_config(first)
     c.early_stopping.restore_best = restore
     # Phase "head": eval at 3 (its best), at 6 (no improvement, patience 1) -> it stops at 6;
     # stopping at 7 keeps the best checkpoint of step 3 (phase "all" evaluates first at 9).
@@ -164,6 +170,10 @@ def test_early_stopping_restores_the_phase_best_weights(tmp_path, restore):
     same = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(at_6), jax.tree.leaves(best))]
     assert len(same) > 20
     records = read_metrics(str(tmp_path), "restore_best")
+    if first == ALL_GROUPS and not restore:  # The statistics moved after step 3, so the
+        stats_6 = jax.tree.leaves(at_6["batch_stats"])  # restore above is not vacuous.
+        assert any(not np.array_equal(a, b) for a, b in
+                   zip(stats_6, jax.tree.leaves(best["batch_stats"])))
     if restore:
         assert all(same)  # Bit for bit: params and BatchNorm statistics.
         assert [(r["step"], r["phase"], r["restored_step"]) for r in records] == [(6, 0, 3)]
@@ -173,3 +183,28 @@ def test_early_stopping_restores_the_phase_best_weights(tmp_path, restore):
 
 def _variables(state: dict) -> dict:
     return {"params": state["params"], "batch_stats": state["batch_stats"]}
+
+
+class _NoCheckpoints:
+    root = "runs/x/checkpoints"
+
+    def latest_step(self):
+        return 4
+
+
+@pytest.mark.parametrize("metrics, what", [
+    ({"loss": np.inf, "grad_norm": 1.0}, "the training loss is inf"),
+    ({"loss": 2.0, "grad_norm": np.inf}, "the gradient norm is inf"),
+    ({"loss": np.nan, "grad_norm": np.nan}, "the training loss is nan"),
+])
+def test_any_non_finite_loss_or_gradient_norm_stops_the_run(metrics, what):
+    """+inf, not only NaN; a finite loss with an infinite gradient norm too: the step named is
+    the first bad one of those fetched, the last good checkpoint is named."""
+    c = _early_stop_config()
+    pending = [{"loss": 1.0, "grad_norm": 1.0}, metrics, {"loss": 1.0, "grad_norm": 1.0}]
+    with pytest.raises(UserError) as e:
+        train._check_finite(pending, 7, c, 1, _NoCheckpoints())
+    msg = str(e.value)
+    assert f"diverged at step 6 in phase 1 (all): {what}" in msg
+    assert "last good checkpoint (step 4)" in msg and "--config.phases[1].lr" in msg
+    train._check_finite([{"loss": 1e30, "grad_norm": 1e30}], 7, c, 1, _NoCheckpoints())

@@ -6,11 +6,10 @@ of uint8 images (N, H, W, 3) or (H, W, 3). Files are decoded by the pipeline's o
 every image whose size differs from the run's input shape is resized with the pipeline's own host
 resize (antialiased bilinear, rounded to uint8; data/input_pipeline.resize_example). The model
 step then applies the run's evaluation preprocessing (resize to ``augment.resolution``,
-normalisation).
-Each real file is read once, whatever names (symlinks, inputs given twice) lead to it; a symlink
-that leads back into a folder containing it (a loop) is not followed. Problems raise UserError
-naming the file or the loop; with ``skip_bad`` undecodable files and loops are skipped and
-counted instead.
+normalisation). Each real file is read once, whatever names (symlinks, inputs given twice) lead
+to it; a symlink that leads back into a folder containing it (a loop) is not followed. Problems
+raise UserError naming the file or the loop; with ``skip_bad`` undecodable files and loops are
+skipped and counted instead.
 """
 
 from __future__ import annotations

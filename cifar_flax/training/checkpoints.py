@@ -303,10 +303,12 @@ def _steps(manager_dir: epath.Path) -> list[int]:
 def find_checkpoint(run: str, which: str = "best") -> RunCheckpoint:
     """The checkpoint of ``run`` to use: ``which="best"`` (the run's best by its validation
     metric; its last checkpoint when it has no best, e.g. trained without validation) or
-    ``"latest"``. ``run`` is a workdir, a ``checkpoints/<kind>`` folder or a step folder."""
+    ``"latest"``. ``run`` is a workdir, a ``checkpoints/<kind>`` folder or a step folder. Its
+    path is absolute. A run still training may delete the step after it was named (see
+    inference.trained_run.load_run, which then asks again)."""
     if which not in KINDS:
         raise UserError(f"--checkpoint={which!r} must be one of {KINDS}.")
-    path = _path(run)  # Absolute: Orbax reads no relative path (``--workdir run`` from its parent).
+    path = _path(run)  # Orbax reads no relative path (``--workdir run`` from its parent).
     if not path.exists():
         raise UserError(f"{run} does not exist; pass the --workdir of a training run.")
     if (path / "state").is_dir():  # A step folder.
