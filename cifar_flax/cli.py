@@ -22,7 +22,9 @@ signals, a quiet start-up.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import importlib.util
 import os
 import re
 import signal
@@ -301,15 +303,13 @@ def _drop_background_noise() -> None:
 def _import_tensorflow_quietly() -> None:
     """Import TensorFlow (when installed) with the process's stderr silenced: its C++ start-up
     notices are printed before any log level applies. Errors still surface (as exceptions)."""
-    if verbose() or "tensorflow" in sys.modules:
-        return
+    if verbose() or "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:
+        return  # (The Colab TPU runtime has no TensorFlow.)
     saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     sys.stderr.flush()
     os.dup2(null, 2)
-    try:  # The import is the point; optional (the Colab TPU runtime has no TensorFlow).
-        import tensorflow  # noqa: F401
-    except ImportError:
-        pass
+    try:
+        import tensorflow  # noqa: F401 - the import is the point (quiet, before anyone else's).
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -320,13 +320,11 @@ def hide_accelerators() -> list[str]:
     """Make TensorFlow see only the CPU; returns the device types TF still sees (["CPU"]). A
     no-op without TensorFlow; once TF is initialised its visible devices cannot change, and the
     returned list says what it sees."""
-    try:
-        import tensorflow as tf  # Optional: the Colab TPU runtime and exported models lack it.
-    except ImportError:
+    if importlib.util.find_spec("tensorflow") is None:
         return []
+    import tensorflow as tf  # Optional: the Colab TPU runtime and exported models lack it.
+
     for kind in ("GPU", "TPU"):
-        try:
+        with contextlib.suppress(RuntimeError, ValueError):  # Already initialised; or no such type.
             tf.config.set_visible_devices([], kind)
-        except (RuntimeError, ValueError):  # Already initialised, or TF knows no such type.
-            pass
     return sorted({d.device_type for d in tf.config.get_visible_devices()})

@@ -221,7 +221,7 @@ def validate_distributed(config: ml_collections.ConfigDict) -> None:
 def _data_errors(c: ml_collections.ConfigDict, num_devices: int | None) -> list[str]:
     errors = []
     n = jax.device_count() if num_devices is None else num_devices
-    dataset = str(c.get("dataset", ""))
+    dataset = str(c.dataset)
     if not dataset:
         errors.append("dataset is empty: set --config.dataset=cifar10, imagefolder:<dir> or synthetic.")
     elif dataset.startswith("imagefolder:") and not os.path.isdir(dataset.split(":", 1)[1]):
@@ -230,15 +230,15 @@ def _data_errors(c: ml_collections.ConfigDict, num_devices: int | None) -> list[
             "(expected <dir>/<split>/<class>/*.jpg)."
         )
     for field in ("batch_size", "eval_batch_size"):
-        b = c.get(field, 0)
+        b = c[field]
         if not isinstance(b, int) or b <= 0:
             errors.append(f"{field}={b!r} must be a positive integer.")
         elif b % n:
             errors.append(
                 f"{field}={b} is not divisible by the {n} devices: use a multiple of {n}."
             )
-    if c.get("early_stopping") and c.early_stopping.enabled and not c.get("val_split") and (
-        c.get("val_fraction", 0) <= 0
+    if c.early_stopping.enabled and not c.val_split and (
+        c.val_fraction <= 0
     ):
         errors.append(
             "early_stopping.enabled needs validation data: set val_fraction > 0 or val_split "
@@ -279,7 +279,7 @@ def _group_phase_errors(c: ml_collections.ConfigDict) -> list[str]:
     if not c.phases:
         errors.append("phases is empty: give at least one phase (see config.phase()).")
     for i, p in enumerate(c.phases):
-        errors += [f"phases[{i}] ({p.get('name', '?')}): {e}" for e in _phase_errors(p, groups)]
+        errors += [f"phases[{i}] ({p.name}): {e}" for e in _phase_errors(p, groups)]
     return errors
 
 
@@ -333,13 +333,10 @@ def _loop_errors(c: ml_collections.ConfigDict) -> list[str]:
 
 
 def _feature_cache_errors(c: ml_collections.ConfigDict) -> list[str]:
-    fc = c.get("feature_cache")
-    if fc is None:
-        return []
-    errors = []
-    if not isinstance(fc.get("enabled"), bool):
-        errors.append(f"feature_cache.enabled={fc.get('enabled')!r} must be True or False.")
-    passes = fc.get("passes")
+    fc, errors = c.feature_cache, []
+    if not isinstance(fc.enabled, bool):
+        errors.append(f"feature_cache.enabled={fc.enabled!r} must be True or False.")
+    passes = fc.passes
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 0:
         errors.append(
             f"feature_cache.passes={passes!r} must be an integer >= 0 (0 = no cache when "
@@ -376,7 +373,7 @@ def _slip_errors(c: ml_collections.ConfigDict) -> list[str]:
     """Slips caught before any data or weights are read: the resume mode, a weight variant of
     another source, a class with no training images; a warmup longer than its phase warns."""
     errors = []
-    if c.get("resume", "auto") not in RESUME_MODES:
+    if c.resume not in RESUME_MODES:
         errors.append(f"resume={c.resume!r} must be one of {RESUME_MODES} (see config.py).")
     p = c.pretrained
     if p.source in RELEASES and p.variant and not p.file and p.variant not in RELEASES[p.source]:
@@ -396,7 +393,7 @@ def _slip_errors(c: ml_collections.ConfigDict) -> list[str]:
 def _empty_class_errors(c: ml_collections.ConfigDict) -> list[str]:
     """imagefolder: a class folder of the train split with no files (the model would be tested
     on a class it never saw)."""
-    dataset = str(c.get("dataset", ""))
+    dataset = str(c.dataset)
     if not dataset.startswith("imagefolder:"):
         return []
     split_dir = os.path.join(dataset.split(":", 1)[1], c.train_split)
@@ -416,7 +413,7 @@ def _empty_class_errors(c: ml_collections.ConfigDict) -> list[str]:
 
 def _init_from_errors(c: ml_collections.ConfigDict) -> list[str]:
     """init_from must name an existing run folder (gs:// paths are checked when read)."""
-    path = c.get("init_from", "")
+    path = c.init_from
     if not path or str(path).startswith("gs://") or epath.Path(path).exists():
         return []
     return [f"init_from={path!r} does not exist: give the workdir (or a checkpoint folder) of "

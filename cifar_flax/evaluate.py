@@ -34,7 +34,7 @@ from cifar_flax.data import input_pipeline  # noqa: E402
 from cifar_flax.data.sources import DatasetInfo  # noqa: E402
 from cifar_flax.inference.trained_run import TrainedRun, load_run  # noqa: E402
 from cifar_flax.training.evaluation import Evaluator  # noqa: E402
-from cifar_flax.training.workdir import check_output_folder, output_folder  # noqa: E402
+from cifar_flax.training.workdir import check_output_folder, output_folder, read_json  # noqa: E402
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "The training run's --workdir.", flag_values=FLAGS)
@@ -80,10 +80,8 @@ def dataset_info(run: TrainedRun, config: ml_collections.ConfigDict) -> DatasetI
 
 def _is_evaluation(folder: epath.Path) -> bool:
     """Whether ``folder`` holds an earlier evaluate output (its results.json says so)."""
-    try:
-        return json.loads((folder / "results.json").read_text()).get("written_by") == WRITTEN_BY
-    except (OSError, ValueError, AttributeError):
-        return False
+    results = read_json(folder / "results.json")
+    return isinstance(results, dict) and results.get("written_by") == WRITTEN_BY
 
 
 def evaluate(workdir: str, output: str, split: str = "", overrides: dict[str, Any] | None = None,

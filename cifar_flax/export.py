@@ -19,6 +19,7 @@ if __name__ == "__main__":  # Before the imports below: Ctrl-C as one line, Tens
     cli.start()
 
 import datetime  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
@@ -33,7 +34,7 @@ from cifar_flax import UserError, exported  # noqa: E402
 from cifar_flax.data.augment import eval_preprocess  # noqa: E402
 from cifar_flax.inference.trained_run import TrainedRun, load_run  # noqa: E402
 from cifar_flax.training.checkpoints import flat_shapes  # noqa: E402
-from cifar_flax.training.workdir import check_output_folder, output_folder  # noqa: E402
+from cifar_flax.training.workdir import check_output_folder, output_folder, read_json  # noqa: E402
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "The training run's --workdir.", flag_values=FLAGS)
@@ -105,11 +106,8 @@ EXPORT_FILES = (exported.MODEL_FILE, exported.PARAMS_FILE, exported.INFO_FILE, "
 
 def _is_export(folder: epath.Path) -> bool:
     """Whether ``folder`` holds an earlier export (its model.json says so)."""
-    info = folder / exported.INFO_FILE
-    try:
-        return json.loads(info.read_text()).get("format", "").startswith("cifar_flax.export/")
-    except (OSError, ValueError, AttributeError):
-        return False
+    info = read_json(folder / exported.INFO_FILE)
+    return isinstance(info, dict) and str(info.get("format", "")).startswith("cifar_flax.export/")
 
 
 def export(workdir: str, output: str, force: bool = False, checkpoint: str = "best",
@@ -142,12 +140,12 @@ def write_saved_model(run: TrainedRun, serve: Callable[[Any, Any], Any],
     CUDA and TPU; the weights as TF variables), for TF Serving / TFLite users: signature
     ``serving_default``, ``images`` uint8 (None, H, W, 3) -> ``logits``, ``probabilities``.
     False (and a log line) without TensorFlow (the Colab TPU runtime has none)."""
-    try:  # Optional: TensorFlow is not on every machine that exports.
-        import tensorflow as tf
-        from jax.experimental import jax2tf  # Needs TensorFlow too.
-    except ImportError:
-        logging.warning("TensorFlow is not importable: no SavedModel written.")
+    if importlib.util.find_spec("tensorflow") is None:
+        logging.warning("TensorFlow is not installed: no SavedModel written.")
         return False
+    import tensorflow as tf  # Optional: TensorFlow is not on every machine that exports.
+    from jax.experimental import jax2tf  # Needs TensorFlow too.
+
     h, w, c = run.image_shape
     converted = jax2tf.convert(serve, polymorphic_shapes=[None, f"(b, {h}, {w}, {c})"],
                                native_serialization_platforms=PLATFORMS, with_gradient=False)

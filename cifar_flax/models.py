@@ -81,7 +81,7 @@ class MatmulConv(nn.Conv):
       activations, which cost more than the convolutions themselves; a matmul's gradients are
       matmuls on the activations as they are.
 
-    Same parameters, same results to float rounding (tests/test_models.py); README "Levers".
+    Same parameters, same results to float rounding (tests/test_models.py); experiments/README.md.
     """
 
     @nn.compact
@@ -244,8 +244,8 @@ class Head(nn.Module):
     Dense(256, relu) -> Dropout(0.5) -> Dense(classes), as in Keras. Dropout follows every hidden
     layer, and with no hidden layer acts on the pooled features; never on the features *and*
     after a hidden layer (dropping half of frozen features before Dense(256) made that head
-    underfit: 65.8% vs the linear probe's 72.9% in the class-split ablation, README). Active only
-    when ``train`` is true.
+    underfit: 65.8% vs the linear probe's 72.9% in the class-split ablation,
+    experiments/README.md). Active only when ``train`` is true.
     """
 
     num_classes: int

@@ -281,18 +281,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     pending = []
                 if step % eval_every == 0 or step == end:
                     _check_finite(pending, step, config, phase_index, ckpt)
-                    if has_val:
-                        result = _check_validation(validate(state), step, config, phase_index,
-                                                   ckpt)
-                        improved, done = _early_stopping(es, result, step, writer, progress,
-                                                         config)
-                        if improved:
-                            save(state, "best")
-                        if ckpt.keeps_phase_best and es.phase_best_step == step:
-                            save(state, "phase_best")
-                        if done and ckpt.keeps_phase_best:
-                            state = _restore_phase_best(ckpt, state, es, writer, step,
-                                                        phase_index, mesh)
+                    improved, done = _validate(validate if has_val else None, state, step, es,
+                                               writer, progress, config, phase_index, ckpt)
+                    if improved:
+                        save(state, "best")
+                    if ckpt.keeps_phase_best and es.phase_best_step == step:
+                        save(state, "phase_best")
+                    if done and ckpt.keeps_phase_best:
+                        state = _restore_phase_best(ckpt, state, es, writer, step, phase_index,
+                                                    mesh)
                     if config.checkpoint.at_epoch_end and not done and step != end:
                         save(state)  # A phase's end is saved once, at the boundary below.
                     throughput.restart()
@@ -305,6 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             if phase_index < len(config.phases):
                 state = _start_phase(config, state, phase_index, spe, mesh, writer, es, step)
             save(state)  # The phase boundary: a resume continues with the next phase.
+        stop.disarm()  # The test and the report: a signal ends the command at once again.
         # ---- test: the best checkpoint (by the validation metric) or the last weights ----
         ckpt.wait()
         use_best = config.early_stopping.restore_best and ckpt.best_step() is not None
@@ -411,13 +409,6 @@ def _check_finite(pending: list, step: int, config: ml_collections.ConfigDict, p
                 _diverged(step - len(values) + 1 + i, label, m[name], config, phase, ckpt)
 
 
-def _check_validation(result: dict, step: int, config: ml_collections.ConfigDict, phase: int,
-                      ckpt: checkpoints.Checkpointer) -> dict:
-    if not np.isfinite(result["loss"]):
-        _diverged(step, "validation loss", result["loss"], config, phase, ckpt)
-    return result
-
-
 def _diverged(step: int, what: str, value: Any, config: ml_collections.ConfigDict, i: int,
               ckpt: checkpoints.Checkpointer) -> None:
     """Stop a diverged run with the one line the user sees: what happened and what to try."""
@@ -445,11 +436,17 @@ def _log_train(writer: metrics.MetricsWriter, progress: metrics.Progress,
     progress.log(step, f"loss {record['loss']:.4f} acc {record['accuracy']:.4f} {rate:.1f} img/s")
 
 
-def _early_stopping(es: evaluation.EarlyStopping, result: dict, step: int,
-                    writer: metrics.MetricsWriter, progress: metrics.Progress,
-                    config: ml_collections.ConfigDict) -> tuple[bool, bool]:
-    """Record one validation and update early stopping: (a new best of the run, the phase
-    ends here)."""
+def _validate(validate: Callable | None, state: TrainState, step: int,
+              es: evaluation.EarlyStopping, writer: metrics.MetricsWriter,
+              progress: metrics.Progress, config: ml_collections.ConfigDict, phase: int,
+              ckpt: checkpoints.Checkpointer) -> tuple[bool, bool]:
+    """Validate (without validation data: nothing), record it, update early stopping: (a new
+    best of the run, the phase ends here). A non-finite validation loss stops the run."""
+    if validate is None:
+        return False, False
+    result = validate(state)
+    if not np.isfinite(result["loss"]):
+        _diverged(step, "validation loss", result["loss"], config, phase, ckpt)
     writer.write(step, "eval", {"val_loss": result["loss"], "val_accuracy": result["accuracy"]})
     progress.log(step, f"val_loss {result['loss']:.4f} val_acc {result['accuracy']:.4f}")
     value = result["accuracy"] if es.metric == "val_accuracy" else result["loss"]

@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.batch_size = 128
     # The linear head sees 2048 post-ReLU features with |f|^2 ~ 5000 at init, so with 10 classes
     # its loss curvature is ~500 and SGD+momentum on it is unstable above lr ~0.01: at the
-    # backbone's lr 0.1 the loss climbed from 2.3 to 4-5 during warmup (issue 11, item 10).
+    # backbone's lr 0.1 the loss climbed from 2.3 to 4-5 during warmup.
     c.phases = [
         phase("all", epochs=30, lr=0.1, group_lr={"head": 0.005}, warmup_epochs=1,
               weight_decay=5e-4, schedule="cosine"),

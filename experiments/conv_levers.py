@@ -1,5 +1,5 @@
 """Each CPU convolution lever on its own: the bare ResNet50 step with models.MatmulConv's rules
-switched on one at a time (README "Levers").
+switched on one at a time (experiments/README.md, "levers").
 
     python experiments/conv_levers.py --size 64 --batch 128 --steps 3 --rounds 2 \
         --json experiments/results/levers_64.json
@@ -9,9 +9,8 @@ convs on <= 2x2 input maps as patches @ kernel: the rule before this experiment)
 ``small_map`` (<= 2x2 output maps: adds stride-2 convs onto 2x2), ``one_by_one`` (1x1 convs as
 matmuls), ``both_patches_op`` (small_map + one_by_one, patches by XLA's patches op),
 ``both`` (the same, patches as 9 strided slices: the default). A sixth lever, other 3x3 convs'
-weight gradient as patches^T @ dy through a custom VJP, was measured too and removed (README
-"Levers"). Each variant is built by the bench's
-bare_step and compiled once in this process, then timed in ``--rounds`` interleaved rounds;
+weight gradient as patches^T @ dy through a custom VJP, was measured too and removed
+(experiments/README.md, "levers"). Each variant is built by the bench's bare_step and compiled once in this process, then timed in ``--rounds`` interleaved rounds;
 the best round counts, and every round is kept in the JSON. The first loss of each variant is
 compared with ``xla``'s (same init and batch: the forward pass must agree).
 """

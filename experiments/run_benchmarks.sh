@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Produce the README's benchmark tables: ResNet50 training throughput of Flax (the train.py step and
-# a bare jit step), Keras and PyTorch at 32x32 and 64x64, the fast-path speedups, and (with
+# Produce the benchmark tables of experiments/README.md: ResNet50 training throughput of Flax
+# (the train.py step and a bare jit step), Keras and PyTorch at 32x32 and 64x64, the fast-path speedups, and (with
 # --cpu-flags) the XLA:CPU compiler-option sweep. Run it on a quiet machine (nothing else running);
 # results go to experiments/results/ (JSON per table + benchmark.md with every printed table).
 #

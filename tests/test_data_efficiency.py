@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -111,7 +112,8 @@ def test_smoke_sweep_summary_holds_every_run(smoke_sweep, script):
     table = (out / "table.md").read_text()
     for row in ROWS:
         assert f"| {row} |" in table and f"| {row} |" in stdout
-    assert table.count(" +- ") == len(ROWS) * len(script.SMOKE["sizes"])
+    cells = re.findall(r"\| \d+\.\d\d \+- \d+\.\d\d ", table)  # mean +- std per row and size
+    assert len(cells) == len(ROWS) * len(script.SMOKE["sizes"])
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""train/evaluation.py: device-side sums over real examples only; logits kept on request."""
+"""training/evaluation.py: device-side sums over real examples only; logits kept on request."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ load TensorFlow).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Sequence
 
@@ -82,7 +83,5 @@ def _give_tensorflow_the_accelerators(tf: Any) -> None:
     """Make every device visible to TensorFlow again: the commands keep it on the CPU (there it
     only feeds the input pipeline, cli.hide_accelerators), but here it is the framework measured.
     Possible until TensorFlow has run its first op, which nothing in this process did yet."""
-    try:
+    with contextlib.suppress(RuntimeError, ValueError):  # Already initialised: it keeps those.
         tf.config.set_visible_devices(tf.config.list_physical_devices())
-    except (RuntimeError, ValueError):  # Already initialised: it keeps what it sees.
-        pass

@@ -95,25 +95,22 @@ def machine_info() -> dict[str, Any]:
                     device_count=jax.device_count())
     except Exception as e:  # noqa: BLE001 - reported, never fatal
         info["backend_error"] = str(e)
-    versions = {}
-    for pkg in VERSION_PACKAGES:
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    info["versions"] = versions
+    installed = {d.metadata["Name"].lower().replace("_", "-"): d.version
+                 for d in metadata.distributions()}
+    info["versions"] = {pkg: installed[pkg] for pkg in VERSION_PACKAGES if pkg in installed}
     return info
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    for line in _proc_file("/proc/cpuinfo").splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return platform.processor()
+
+
+def _proc_file(path: str) -> str:
+    """A /proc file's text; "" where there is none (not Linux)."""
+    return open(path).read() if os.path.exists(path) else ""
 
 
 # ---- timing ----
@@ -192,11 +189,8 @@ def peak_rss_mb() -> float:
     Linux's ``VmHWM``: ``ru_maxrss`` would not do, as Linux carries the starting process's peak
     over into it (the comparison holds TensorFlow and JAX when it starts a row's process).
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0  # kB
-    except OSError:
-        pass
+    status = _proc_file("/proc/self/status")
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux

@@ -27,11 +27,6 @@ import jax.numpy as jnp
 from cifar_flax.data.preprocessing import Preprocessing, normalize
 
 
-def _opt(aug_config: Any, name: str, default: Any) -> Any:
-    value = aug_config.get(name, default) if hasattr(aug_config, "get") else default
-    return default if value is None else value
-
-
 def crop_box(key: jax.Array, height: int, width: int, aug_config: Any) -> jnp.ndarray:
     """One example's crop window ``(y0, x0, h, w)`` in source pixels (float32).
 
@@ -42,8 +37,8 @@ def crop_box(key: jax.Array, height: int, width: int, aug_config: Any) -> jnp.nd
     """
     if aug_config.random_resized_crop:
         k_area, k_ratio, k_y, k_x = jax.random.split(key, 4)
-        lo, hi = _opt(aug_config, "rrc_scale", (0.35, 1.0))
-        r_lo, r_hi = _opt(aug_config, "rrc_ratio", (3 / 4, 4 / 3))
+        lo, hi = aug_config.rrc_scale
+        r_lo, r_hi = aug_config.rrc_ratio
         area = height * width * jax.random.uniform(k_area, (), minval=lo, maxval=hi)
         ratio = jnp.exp(jax.random.uniform(k_ratio, (), minval=jnp.log(r_lo), maxval=jnp.log(r_hi)))
         h = jnp.clip(jnp.sqrt(area / ratio), 1.0, height)
@@ -51,7 +46,7 @@ def crop_box(key: jax.Array, height: int, width: int, aug_config: Any) -> jnp.nd
         y0 = jax.random.uniform(k_y, ()) * (height - h)
         x0 = jax.random.uniform(k_x, ()) * (width - w)
         return jnp.stack([y0, x0, h, w])
-    pad = int(_opt(aug_config, "crop_padding", 0))
+    pad = int(aug_config.crop_padding)
     shift = jax.random.randint(key, (2,), -pad, pad + 1).astype(jnp.float32)
     return jnp.concatenate([shift, jnp.array([height, width], jnp.float32)])
 
@@ -111,9 +106,7 @@ def train_augment(
 
     x = jax.vmap(one)(images.astype(jnp.float32), ex_keys)
     y = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    mixup, cutmix = float(_opt(aug_config, "mixup_alpha", 0.0)), float(
-        _opt(aug_config, "cutmix_alpha", 0.0)
-    )
+    mixup, cutmix = float(aug_config.mixup_alpha), float(aug_config.cutmix_alpha)
     if mixup > 0 or cutmix > 0:
         perm = jax.random.permutation(keys[0], b)
         mix = jax.vmap(lambda *a: _mix_one(*a, mixup_alpha=mixup, cutmix_alpha=cutmix))

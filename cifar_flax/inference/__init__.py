@@ -1,3 +1,4 @@
-"""Using a trained run: load it (run.py), read images the way its pipeline did (images.py),
-predict, evaluate and export (the CLIs ``cifar_flax.predict|evaluate|export`` at the top level).
-May import train, data, models, weights and analysis.report; nothing in train imports this."""
+"""Using a trained run: load it with its checkpoint and run the evaluation's model step on images
+(trained_run.py), and read images the way its pipeline did (images.py). The commands are
+``cifar_flax.predict``, ``evaluate`` and ``export`` at the top level. Imports training/, data/,
+models and weights/; nothing in training imports this."""

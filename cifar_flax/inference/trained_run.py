@@ -96,10 +96,9 @@ def read_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
 
 def _dataset_info(workdir: epath.Path, config: ml_collections.ConfigDict) -> dict[str, Any]:
     """run_info.json, or (older runs) the same facts re-read from the run's dataset."""
-    try:
-        return read_run_info(str(workdir))
-    except FileNotFoundError:
-        pass
+    facts = read_run_info(str(workdir))
+    if facts is not None:
+        return facts
     logging.warning("%s has no run_info.json (trained before it existed): reading class names "
                     "and image size from its dataset %s.", workdir, config.dataset)
     info = input_pipeline.get_info(config)

@@ -24,13 +24,14 @@ topology restores). Nothing is created or written there.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -100,12 +101,7 @@ def unreadable_reason(step_dir: epath.Path) -> str | None:
         if (step_dir / "meta").exists():
             json.loads(meta.read_text())
         state = step_dir / "state"
-        quiet = lambda r: "Metadata file does not exist" not in r.getMessage()  # noqa: E731
-        logging.get_absl_logger().addFilter(quiet)  # PyTreeCheckpointer on an item folder.
-        try:
-            tree = ocp.PyTreeCheckpointer().metadata(state).item_metadata
-        finally:
-            logging.get_absl_logger().removeFilter(quiet)
+        tree = ocp.PyTreeCheckpointHandler().metadata(state)
         args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), tree)
         ocp.PyTreeCheckpointer().restore(state, args=ocp.args.PyTreeRestore(restore_args=args))
     except Exception as e:  # noqa: BLE001 - any failure to read back makes it unusable.
@@ -120,6 +116,18 @@ def _none_readable(directory: Any, steps: list[int], why: str) -> UserError:
         "changed there: restore the folder from a copy, or start over with "
         "--config.resume=replace or a new --workdir."
     )
+
+
+@contextlib.contextmanager
+def _save_errors(mngr: ocp.CheckpointManager, step: int) -> Iterator[None]:
+    """A failed save (a full disk: tensorstore reports it as a ValueError) as one UserError."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - any failure of a save is the same story.
+        raise UserError(
+            f"saving checkpoint step {step} in {mngr.directory} failed ({type(e).__name__}: "
+            f"{brief(e)}); the checkpoints saved before are intact: fix that (free space, "
+            "permissions) and rerun the same command to resume.") from None
 
 
 class Checkpointer:
@@ -163,19 +171,10 @@ class Checkpointer:
             mngr.wait_until_finished()  # Same step, new position (a phase boundary): replace.
             mngr.delete(step)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        try:
+        with _save_errors(mngr, step):
             mngr.save(step, args=args, force=True)
-        except Exception as e:  # noqa: BLE001 - tensorstore reports a full disk as ValueError.
-            raise self._save_error(mngr, step, e) from None
         self._usable[kind] = step  # Written by us: no need to read it back.
         self._saved_meta[kind] = _position(meta)
-
-    def _save_error(self, mngr: ocp.CheckpointManager, step: int,
-                    e: BaseException) -> UserError:
-        return UserError(
-            f"saving checkpoint step {step} in {mngr.directory} failed ({type(e).__name__}: {brief(e)}); the "
-            "checkpoints saved before are intact: fix that (free space, permissions) and rerun "
-            "the same command to resume.")
 
     # ---- finding a readable step ----
     def _usable_step(self, kind: str) -> int | None:
@@ -264,10 +263,8 @@ class Checkpointer:
     def wait(self) -> None:
         """Block until background saves are on disk (a failed one is a UserError)."""
         for mngr in self.managers.values():
-            try:
+            with _save_errors(mngr, mngr.latest_step() or 0):  # A background save failed.
                 mngr.wait_until_finished()
-            except Exception as e:  # noqa: BLE001 - a failed background save, of any type.
-                raise self._save_error(mngr, mngr.latest_step() or 0, e) from None
 
     def close(self) -> None:
         for mngr in self.managers.values():

@@ -205,7 +205,7 @@ def evaluate_features(
     return {"loss": total_loss / n, "accuracy": total_correct / n}
 
 
-# ---- The training loop's cached phase (loop.py) -----------------------------------------------
+# ---- The training loop's cached phase (train.py) ----------------------------------------------
 
 
 def augmented(aug_config: Any) -> bool:

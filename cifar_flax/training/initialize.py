@@ -63,7 +63,7 @@ def init_variables(config: ml_collections.ConfigDict, model: Any, load_weights: 
         jax.random.key(config.seed), jnp.zeros((1, res, res, 3), jnp.float32), train=False
     )
     source = config.pretrained.source
-    if config.get("init_from") and load_weights:
+    if config.init_from and load_weights:
         variables = variables_from_run(config, variables, config.init_from, class_names)
     elif source and load_weights:
         weights = load_pretrained(
@@ -141,9 +141,5 @@ def variables_from_run(config: ml_collections.ConfigDict, variables: dict, run: 
 
 def _run_class_names(ckpt: checkpoints.RunCheckpoint) -> list[str] | None:
     """The class names the checkpoint's run trained on (None when its workdir does not say)."""
-    if ckpt.workdir is None:
-        return None
-    try:
-        return read_run_info(str(ckpt.workdir))["class_names"]
-    except FileNotFoundError:
-        return None
+    facts = read_run_info(str(ckpt.workdir)) if ckpt.workdir is not None else None
+    return facts["class_names"] if facts else None

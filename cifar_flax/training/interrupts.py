@@ -17,9 +17,11 @@ second Ctrl-C aborts at once without saving. A signal inherited as ignored (a jo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import threading
 from typing import Any, Callable
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -52,10 +54,8 @@ def on_abort(release: Callable[[], None]) -> Callable[[], None]:
 def abort(signum: int, what: str) -> None:
     """Print ``Interrupted (<signal>): <what>.`` and end the process now (see the docstring)."""
     for release in list(_aborts):
-        try:
+        with contextlib.suppress(Exception):  # Exiting anyway: a failed release must not stop it.
             release()
-        except Exception:  # noqa: BLE001 - exiting anyway; a failed release must not stop it.
-            pass
     sys.stdout.flush()
     os.write(_stderr[0] if _stderr else 2, f"\nInterrupted ({NAMES[signum]}): {what}.\n".encode())
     os._exit(STATUS[signum])
@@ -69,13 +69,11 @@ def _install(handler: Any) -> dict[int, Any]:
     """``handler`` for SIGINT and SIGTERM (main thread only; ignored signals stay ignored);
     returns the previous handlers."""
     previous = {}
+    if threading.current_thread() is not threading.main_thread():
+        return previous  # Only the main thread may set handlers (a test calling from a thread).
     for sig in SIGNALS:
-        if signal.getsignal(sig) == signal.SIG_IGN:
-            continue
-        try:
+        if signal.getsignal(sig) != signal.SIG_IGN:
             previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # Not the main thread (a test calling a command from a thread).
-            pass
     return previous
 
 
@@ -115,4 +113,9 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self.disarm()
+
+    def disarm(self) -> None:
+        """The training steps are over: signals end the command at once again."""
         restore(self._previous)
+        self._previous = {}

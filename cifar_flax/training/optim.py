@@ -3,7 +3,7 @@
 A *group* is a named regex searched in the '/'-joined parameter path (``stage4/block1/conv1/kernel``);
 every parameter belongs to exactly one group. A *phase* (``config.phase()``) names the groups it
 trains, their learning rates, schedule and optimizer. Frozen groups get ``optax.set_to_zero()`` in
-an ``optax.multi_transform`` (no optimizer state, no update) and steps.py does not differentiate
+an ``optax.multi_transform`` (no optimizer state, no update) and train.py does not differentiate
 them at all, so no backward pass runs through a frozen prefix of the network.
 """
 

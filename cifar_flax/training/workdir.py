@@ -111,11 +111,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _read(path: epath.Path) -> dict[str, Any] | None:
+def read_json(path: epath.Path) -> Any:
+    """The JSON content of ``path``; None when it is missing, unreadable or not JSON (a lock
+    gone or being written this instant, a folder that is not a command's output)."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
-        return None  # Gone, or being written this instant.
+        return None
 
 
 class WorkdirLock:
@@ -160,14 +162,14 @@ class WorkdirLock:
             if self._create():
                 self.held = True
                 return
-            holder = _read(self.path)
+            holder = read_json(self.path)
             if holder is None:  # Vanished or half-written: look again shortly.
                 time.sleep(0.2)
                 continue
             if holder.get("host") != self.record["host"] or _pid_alive(int(holder["pid"])):
                 raise UserError(self._busy_message(holder))
             self._take_over(holder)
-        holder = _read(self.path) or {"pid": "?", "host": "?"}
+        holder = read_json(self.path) or {"pid": "?", "host": "?"}
         raise UserError(self._busy_message(holder))
 
     def _busy_message(self, holder: dict) -> str:
@@ -183,11 +185,9 @@ class WorkdirLock:
             self.path.rename(aside)
         except FileNotFoundError:
             return  # Another starter moved it first; retry the create.
-        if _read(aside) != stale:  # We moved a fresh lock taken meanwhile: put it back.
-            try:
+        if read_json(aside) != stale:  # We moved a fresh lock taken meanwhile: put it back.
+            with contextlib.suppress(OSError):  # Someone took the lock meanwhile: theirs.
                 os.link(os.fspath(aside), os.fspath(self.path))
-            except OSError:
-                pass
             aside.unlink(missing_ok=True)
             return
         aside.unlink(missing_ok=True)
@@ -196,7 +196,7 @@ class WorkdirLock:
                         self.path.parent, stale["pid"], stale["host"])
 
     def release(self) -> None:
-        if self.held and _read(self.path) == self.record:
+        if self.held and read_json(self.path) == self.record:
             self.path.unlink(missing_ok=True)
         self.held = False
 
@@ -451,12 +451,12 @@ def write_run_files(workdir: str, config: ml_collections.ConfigDict, info: Datas
     (path / FILENAME).write_text(json.dumps(record, indent=2))
 
 
-def read_run_info(workdir: str) -> dict[str, Any]:
-    """The content of ``<workdir>/run_info.json``; FileNotFoundError when the run has none
-    (runs trained before it existed)."""
+def read_run_info(workdir: str) -> dict[str, Any] | None:
+    """The content of ``<workdir>/run_info.json``; None when the run has none (runs trained
+    before it existed)."""
     path = epath.Path(workdir) / FILENAME
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        return None
     record = json.loads(path.read_text())
     record["class_names"] = list(record["class_names"])
     record["image_shape"] = tuple(int(x) for x in record["image_shape"])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import os
 import socket
 import tempfile
@@ -127,13 +128,12 @@ def _read_keras_h5(path: str) -> dict[str, np.ndarray]:
 
 
 def _read_torch(path: str) -> dict[str, np.ndarray]:
-    try:
-        import torch  # Optional (the [torch] extra), and slow to import: only for these files.
-    except ImportError as e:
+    if importlib.util.find_spec("torch") is None:
         raise UserError(
             f"Reading {path!r} needs PyTorch: pip install -e '.[torch]' (or convert the file to "
-            ".safetensors/.npz elsewhere)."
-        ) from e
+            ".safetensors/.npz elsewhere).")
+    import torch  # Optional (the [torch] extra), and slow to import: only for these files.
+
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(obj, dict):
         raise UserError(f"{path!r} holds a {type(obj).__name__}, not a state dict.")
