@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="cifar_flax",
-    version="0.1.0",
+    version="0.2.0",
     description="Transfer learning with a pretrained Flax ResNet50 on CIFAR-10 and your own images.",
     packages=find_packages(include=["cifar_flax", "cifar_flax.*"]),
     # CI runs 3.11; the GPU machine 3.12; Colab's TPU runtime 3.13 (tensorflow-cpu has cp313 wheels).

@@ -320,7 +320,7 @@ def hide_accelerators() -> list[str]:
     """Make TensorFlow see only the CPU; returns the device types TF still sees (["CPU"]). A
     no-op without TensorFlow; once TF is initialised its visible devices cannot change, and the
     returned list says what it sees."""
-    if importlib.util.find_spec("tensorflow") is None:
+    if "tensorflow" not in sys.modules and importlib.util.find_spec("tensorflow") is None:
         return []
     import tensorflow as tf  # Optional: the Colab TPU runtime and exported models lack it.
 

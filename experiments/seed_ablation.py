@@ -245,9 +245,6 @@ def plot(results: list[dict], out: str, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cifar_flax.cli import import_tensorflow_quietly
-
-    import_tensorflow_quietly()  # The configs import the package; keep TF's start-up notices out.
     args = parse_args(argv)
     args.out = os.path.abspath(args.out)
     os.makedirs(args.out, exist_ok=True)

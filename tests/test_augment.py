@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from cifar_flax.data import augment, preprocessing
 from cifar_flax.config import default_config
+from cifar_flax.data import augment, preprocessing
 
 K = 5
 

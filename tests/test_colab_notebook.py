@@ -7,7 +7,10 @@ import json
 import pathlib
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
+
+pytestmark = pytest.mark.slow  # End-to-end runs: the full suite only.
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "experiments" / "colab_tpu.ipynb"

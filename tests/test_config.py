@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
-
 from conftest import load_config
 
-from cifar_flax.training import optim
-from cifar_flax.config import default_config, phase, validate
 from cifar_flax import UserError
-
+from cifar_flax.config import default_config, phase, validate
+from cifar_flax.training import optim
 
 
 @pytest.mark.parametrize("name", ["finetune", "baseline", "scratch", "smoke"])

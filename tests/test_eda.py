@@ -7,7 +7,6 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-
 from train_utils import default_sigint, make_image_tree
 
 # Per class: (colour of its images, train count, test count). Known values -> known statistics.
@@ -56,6 +55,7 @@ def _run_cli(tmp_path, dataset, out):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_eda_cli_exact_stats_and_pngs(tmp_path):
     _tree(tmp_path / "data")
     out = tmp_path / "out"
@@ -84,6 +84,7 @@ def test_eda_cli_exact_stats_and_pngs(tmp_path):
     assert all(f"]({png})" in md for png in ("class_distribution.png", "samples.png"))
 
 
+@pytest.mark.slow
 def test_eda_cli_missing_folder_is_one_line(tmp_path):
     result = _run_cli(tmp_path, f"imagefolder:{tmp_path / 'missing'}", tmp_path / "out")
     assert result.returncode == 1
@@ -116,6 +117,7 @@ def test_samples_grid_has_no_empty_band(tmp_path):
     assert longest_blank_run(white.all(0)) < 0.05 * pixels.shape[1]  # ... or down the image.
 
 
+@pytest.mark.slow
 def test_eda_ctrl_c_is_one_line(tmp_path):
     import os
     import signal
@@ -139,6 +141,7 @@ def test_eda_ctrl_c_is_one_line(tmp_path):
         "Interrupted (Ctrl-C): EDA stopped; nothing was written for the unfinished scan."]
 
 
+@pytest.mark.slow
 def test_ctrl_c_after_the_eda_finished_changes_nothing(tmp_path):
     """A Ctrl-C that arrives once the EDA has written everything (while Python shuts down)
     leaves the finished command's status 0."""

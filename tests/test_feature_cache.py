@@ -68,6 +68,7 @@ def test_build_cache_pads_and_masks_last_batch(setup):
     assert c2.features.shape[:2] == c2.labels.shape == (1, 10)
 
 
+@pytest.mark.slow
 def test_cached_head_training_matches_uncached(setup):
     model, variables, images, labels = setup
     params, batch_stats = variables["params"], variables["batch_stats"]

@@ -6,11 +6,11 @@ import json
 import types
 
 import pytest
-
-from cifar_flax.config import phase
-from cifar_flax import UserError
-from cifar_flax.training.workdir import check_resume, differences, fingerprint
 from train_utils import tiny_config
+
+from cifar_flax import UserError
+from cifar_flax.config import phase
+from cifar_flax.training.workdir import check_resume, differences, fingerprint
 
 INFO = types.SimpleNamespace(class_names=("a", "b"), split_sizes={"train": 48, "validation": 16,
                                                                   "test": 24})

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from train_utils import tiny_config
 
-from cifar_flax.config import phase, validate
 from cifar_flax import UserError
+from cifar_flax.config import phase, validate
 from cifar_flax.inference.trained_run import load_run, read_config
 from cifar_flax.training.initialize import build_model, variables_from_run
 
@@ -81,6 +81,7 @@ def test_missing_or_empty_run(tmp_path):
         variables_from_run(config, _fake(config, 4), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_training_run_starts_from_the_earlier_run(smoke_run, tmp_path):
     """End to end through main.run (init_variables -> variables_from_run): a 3-class head-only
     run from the smoke run; its backbone (frozen, BatchNorm in inference mode) ends equal to the

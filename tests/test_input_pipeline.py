@@ -6,12 +6,11 @@ import socket
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-
-from cifar_flax.data import input_pipeline as ip
-from cifar_flax.config import default_config
-from cifar_flax import UserError
 from train_utils import make_image_tree as make_tree
 
+from cifar_flax import UserError
+from cifar_flax.config import default_config
+from cifar_flax.data import input_pipeline as ip
 
 pytestmark = pytest.mark.usefixtures("fresh_caches")
 

@@ -11,10 +11,12 @@ import time
 
 import numpy as np
 import pytest
+from train_utils import default_sigint
 
 from cifar_flax.training.metrics import read_metrics
 from cifar_flax.training.workdir import LOCK_NAME
-from train_utils import default_sigint
+
+pytestmark = pytest.mark.slow  # End-to-end runs: the full suite only.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPORT_FILES = ("curves.png", "confusion_matrix.png", "classification_report.txt",

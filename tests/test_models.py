@@ -51,6 +51,7 @@ def test_hidden_layers_have_the_right_shapes():
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", models.LAYOUTS)
 def test_output_shape_in_train_and_eval(layout):
     model = models.create_model(num_classes=7, layout=layout, head_hidden=(16,),
@@ -154,6 +155,7 @@ def test_matmul_rules_pick_the_slow_convolutions(k, hw, stride, rule):
     assert models._matmul_rule((k, k), (stride, stride), (pad, pad), (hw, hw)) == rule
 
 
+@pytest.mark.slow
 def test_conv_impl_gives_the_same_model():
     """conv_impl="im2col" and "xla" are one model: same params, same outputs and gradients."""
     from cifar_flax.models import create_model

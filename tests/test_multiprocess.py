@@ -24,11 +24,13 @@ import jax
 import numpy as np
 import pytest
 
-from cifar_flax.training.metrics import read_metrics
 from cifar_flax.data import input_pipeline
 from cifar_flax.training import devices
 from cifar_flax.training.checkpoints import Checkpointer
 from cifar_flax.training.initialize import build_model, init_variables
+from cifar_flax.training.metrics import read_metrics
+
+pytestmark = pytest.mark.slow  # End-to-end runs: the full suite only.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

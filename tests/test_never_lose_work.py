@@ -19,8 +19,8 @@ from train_utils import enable_compilation_cache, interrupted_at, steps_saved, t
 
 from cifar_flax import UserError, cli, main
 from cifar_flax.config import phase
-from cifar_flax.training.metrics import read_metrics
 from cifar_flax.training.checkpoints import Checkpointer
+from cifar_flax.training.metrics import read_metrics
 from cifar_flax.training.workdir import LOCK_NAME, WorkdirLock
 
 enable_compilation_cache()
@@ -67,6 +67,7 @@ def finished(tmp_path_factory):
     return workdir, results
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_run_with_new_lr_or_epochs_is_refused(finished):
     workdir, results = finished
     before = (workdir / "report" / "results.json").read_text()
@@ -79,6 +80,7 @@ def test_rerun_of_a_finished_run_with_new_lr_or_epochs_is_refused(finished):
     assert _steps(workdir)[-1] == 9 and not (workdir / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_plain_rerun_of_a_finished_run_keeps_its_wall_time(finished):
     workdir, results = finished
     again = main.run(_config(log_every_steps=3), str(workdir))  # A harmless change is fine.
@@ -86,6 +88,7 @@ def test_plain_rerun_of_a_finished_run_keeps_its_wall_time(finished):
     assert again["steps"] == 9 and again["test_accuracy"] == results["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_other_batch_size_refused_then_damaged_newest_checkpoint_falls_back(finished, tmp_path):
     straight, _ = finished
     assert interrupted_at(_config(), str(tmp_path), 5) == 5 and _steps(tmp_path) == [4, 5]
@@ -104,6 +107,7 @@ def test_other_batch_size_refused_then_damaged_newest_checkpoint_falls_back(fini
     assert len(kept) == 1 and kept[0].startswith("latest-5-")  # Kept, never deleted.
 
 
+@pytest.mark.slow
 def test_no_readable_checkpoint_stops_naming_the_folder_and_changes_nothing(finished, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(finished[0], workdir)
@@ -116,6 +120,7 @@ def test_no_readable_checkpoint_stops_naming_the_folder_and_changes_nothing(fini
     assert sorted(str(p) for p in workdir.rglob("*")) == files
 
 
+@pytest.mark.slow
 def test_resume_replace_moves_the_old_run_aside_and_starts_the_new_one(finished, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(finished[0], workdir)
@@ -129,6 +134,7 @@ def test_resume_replace_moves_the_old_run_aside_and_starts_the_new_one(finished,
     assert os.listdir(workdir / "previous") == [previous]
 
 
+@pytest.mark.slow
 def test_a_failed_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
                                                                      capsys):
     real_save, calls = ocp.CheckpointManager.save, []
@@ -178,6 +184,7 @@ def _command_line(tmp_path, workdir, *extra) -> list[str]:
             *extra]
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_step_is_one_warning_line_and_the_run_resumes(tmp_path):
     workdir = tmp_path / "run"
     assert interrupted_at(_config(), str(workdir), 5) == 5
@@ -205,6 +212,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(disk)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_error_line_and_a_rerun_with_space_resumes(tmp_path, small_disk):
     workdir = small_disk / "run"
     p = subprocess.run(_command_line(tmp_path, workdir, "--config.checkpoint.keep=5"), cwd=ROOT,

@@ -8,9 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from cifar_flax.training import optim
 from cifar_flax.config import default_config, phase
 from cifar_flax.models import create_model
+from cifar_flax.training import optim
 
 
 @pytest.fixture(scope="module")

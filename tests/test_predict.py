@@ -144,6 +144,7 @@ def test_command_line_prints_no_traceback(tmp_path):
         f"error: {tmp_path / 'none'} does not exist; pass the --workdir of a training run."]
 
 
+@pytest.mark.slow
 def test_two_devices_restore_and_pad_like_one(smoke_run, tmp_path):
     """The run was written on 1 device; on 2 (virtual CPU) devices its checkpoint restores with
     explicit shardings and an odd batch is padded: the same predictions as here."""

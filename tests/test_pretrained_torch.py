@@ -11,10 +11,10 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from weights_utils import assert_features_match, features_via_command, random_images
 
 from cifar_flax import pretrained
 from cifar_flax.weights import convert, files, store
-from weights_utils import assert_features_match, features_via_command, random_images
 
 torch = pytest.importorskip("torch")
 

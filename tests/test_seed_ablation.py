@@ -16,9 +16,9 @@ import pytest
 from conftest import ROOT, load_config
 from train_utils import make_image_tree
 
+from cifar_flax import UserError
 from cifar_flax.config import load_module
 from cifar_flax.data.subset import link_subset
-from cifar_flax import UserError
 
 SCRIPT = ROOT / "experiments" / "seed_ablation.py"
 ROWS = ["linear", "dense", "top", "all", "aug", "staged", "scratch"]  # The seed's progression.
@@ -134,6 +134,7 @@ def smoke_ablation(smoke_run, tmp_path_factory):
     return out, p.stdout
 
 
+@pytest.mark.slow
 def test_smoke_ablation_table_matches_every_row_run(smoke_ablation, smoke_run):
     out, stdout = smoke_ablation
     table = json.loads((out / "ablation.json").read_text())
@@ -157,6 +158,7 @@ def test_smoke_ablation_table_matches_every_row_run(smoke_ablation, smoke_run):
     assert any((out / "jax_cache").iterdir())  # The rows shared their compiled steps.
 
 
+@pytest.mark.slow
 def test_smoke_ablation_plot_and_rerun_keeps_finished_rows(smoke_ablation, smoke_run):
     from PIL import Image
 

@@ -27,9 +27,11 @@ from cifar_flax.data import input_pipeline
 from cifar_flax.main import run as train_and_evaluate
 from cifar_flax.training import devices, feature_cache, optim
 from cifar_flax.training.initialize import build_model, init_variables, input_preprocessing
-from cifar_flax.training.metrics import read_metrics
 from cifar_flax.training.interrupts import Interrupted
+from cifar_flax.training.metrics import read_metrics
 from cifar_flax.training.workdir import LOCK_NAME
+
+pytestmark = pytest.mark.slow  # End-to-end runs: the full suite only.
 
 enable_compilation_cache()
 HEAD_END, END = 18, 20  # Last steps of the head phase and of the run.

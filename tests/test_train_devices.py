@@ -16,6 +16,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # End-to-end runs: the full suite only.
 
 _SCRIPT = r"""
 import json, sys

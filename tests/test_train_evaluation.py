@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import optax
 import pytest
+from train_utils import init_variables, tiny_config
 
 from cifar_flax.data import augment, input_pipeline
 from cifar_flax.data.preprocessing import SIMPLE
 from cifar_flax.training import devices
 from cifar_flax.training.evaluation import Evaluator
 from cifar_flax.training.initialize import build_model
-from train_utils import init_variables, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,7 @@ def _direct(config, info, model, variables):
     return float(np.mean(loss)), float(np.mean(logits.argmax(-1) == labels)), logits, labels
 
 
+@pytest.mark.slow
 def test_padding_counts_in_neither_loss_nor_accuracy(setup):
     config, info, model, variables, evaluator = setup
     batches = list(input_pipeline.eval_batches(config, info, "test"))

@@ -14,6 +14,8 @@ from cifar_flax.main import run as train_and_evaluate
 from cifar_flax.training import optim
 from cifar_flax.training.metrics import read_metrics
 
+pytestmark = pytest.mark.slow  # End-to-end runs: the full suite only.
+
 enable_compilation_cache()
 
 

@@ -6,14 +6,14 @@ import jax
 import numpy as np
 import pytest
 from flax import traverse_util
+from train_utils import fake_batch, setup_step, tiny_config
 
-from cifar_flax.training import devices
 from cifar_flax import train as step_lib
-from cifar_flax.training.evaluation import make_logits_step
 from cifar_flax.config import phase
 from cifar_flax.data import augment
 from cifar_flax.data.preprocessing import SIMPLE
-from train_utils import fake_batch, setup_step, tiny_config
+from cifar_flax.training import devices
+from cifar_flax.training.evaluation import make_logits_step
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +21,7 @@ def mesh():
     return devices.make_mesh()
 
 
+@pytest.mark.slow
 def test_overfits_a_small_batch_to_full_accuracy(mesh):
     config = tiny_config()
     config.phases = [phase("all", steps=60, optimizer="adamw", lr=3e-3, schedule="constant")]
@@ -71,6 +72,7 @@ def _flops(config, mesh) -> float:
     return float(cost["flops"])
 
 
+@pytest.mark.slow
 def test_frozen_backbone_step_costs_far_fewer_flops(mesh):
     config = tiny_config(**{"augment.resolution": 32})
     config.model.base_width = 8
@@ -109,6 +111,7 @@ def test_step_keys_are_fold_ins_of_step_then_device():
     assert len(datas) == 8  # Every (step, device) pair and both uses get their own key.
 
 
+@pytest.mark.slow
 def test_train_step_draws_dropout_from_its_step_key(mesh):
     """The full step's loss equals a forward pass with step_keys(rng, step, device 0)'s dropout
     key, and differs from the one of the neighbouring step (dropout is on, so keys matter)."""
@@ -137,6 +140,7 @@ def test_train_step_draws_dropout_from_its_step_key(mesh):
     assert abs(other - expected) > 1e-3  # The test can tell the keys apart.
 
 
+@pytest.mark.slow
 def test_head_dropout_acts_before_the_output_layer():
     """With no hidden layer the only dropout is the one before ``out``: training-mode logits must
     differ from inference-mode ones and from another dropout key's."""

@@ -40,6 +40,7 @@ def get_config():
 """
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
     config = tmp_path / "diverge.py"
     config.write_text(_DIVERGING_CONFIG.format(tests=os.path.join(ROOT, "tests")))
@@ -76,6 +77,7 @@ def _smoke(workdir):
             "--workdir", str(workdir)]
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_exits_130_and_the_rerun_is_bit_identical(tmp_path, smoke_run):
     proc = subprocess.Popen(_smoke(tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
@@ -150,6 +152,7 @@ def _early_stop_config(first=("head",)):
     return c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("restore, first", [(True, ("head",)), (False, ("head",)),
                                             (True, ALL_GROUPS), (False, ALL_GROUPS)])
 def test_early_stopping_restores_the_phase_best_weights(tmp_path, restore, first):

@@ -53,6 +53,7 @@ def test_a_lock_from_another_host_is_never_taken(tmp_path):
     assert json.loads((tmp_path / LOCK_NAME).read_text())["host"] == "elsewhere"
 
 
+@pytest.mark.slow
 def test_of_many_processes_starting_at_once_exactly_one_gets_the_lock(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time

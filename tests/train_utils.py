@@ -9,10 +9,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from cifar_flax.training import optim, devices
 from cifar_flax import train as step_lib
 from cifar_flax.config import default_config, phase
 from cifar_flax.data.preprocessing import SIMPLE
+from cifar_flax.training import devices, optim
 from cifar_flax.training.initialize import build_model
 
 
