@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -57,3 +58,20 @@ def fresh_caches():
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs of the commands and scripts (the "
                             "fast tier, -m 'not slow', leaves them out)")
+
+
+@pytest.fixture
+def no_dns(monkeypatch):
+    """A machine without a network: every host name lookup fails (nothing is ever contacted).
+    The names looked up are recorded; proxy settings of the environment are removed."""
+    for var in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.upper(), raising=False)
+    looked_up = []
+
+    def getaddrinfo(host, *args, **kwargs):
+        looked_up.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return looked_up

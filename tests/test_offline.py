@@ -33,23 +33,6 @@ def warm_builder(tmp_path_factory):
 
 
 @pytest.fixture
-def no_dns(monkeypatch):
-    """A machine without a network: every host name lookup fails (nothing is ever contacted).
-    The names looked up are recorded; proxy settings of the environment are removed."""
-    for var in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
-        monkeypatch.delenv(var, raising=False)
-        monkeypatch.delenv(var.upper(), raising=False)
-    looked_up = []
-
-    def getaddrinfo(host, *args, **kwargs):
-        looked_up.append(host)
-        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    return looked_up
-
-
-@pytest.fixture
 def download(monkeypatch):
     """Replace tfds' download_and_prepare: calls are recorded, then ``download.error`` raised
     (by default a failure of the test: the download must not start)."""

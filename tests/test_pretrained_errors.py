@@ -191,24 +191,6 @@ def test_offline_download_is_one_clear_line(cache, monkeypatch):
     assert not (cache / "converted").exists()
 
 
-_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
-
-
-@pytest.fixture
-def no_dns(monkeypatch):
-    """A machine without a network: every host name lookup fails (nothing is ever contacted).
-    The names looked up are recorded; proxy settings of the environment are removed."""
-    for var in _PROXY_VARS:
-        monkeypatch.delenv(var, raising=False)
-        monkeypatch.delenv(var.upper(), raising=False)
-    looked_up = []
-
-    def getaddrinfo(host, *args, **kwargs):
-        looked_up.append(host)
-        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    return looked_up
 
 
 def test_unresolvable_host_fails_at_once_naming_it(cache, no_dns):

@@ -27,7 +27,7 @@ from cifar_flax import UserError  # noqa: E402
 from cifar_flax import config as config_lib  # noqa: E402
 from cifar_flax.bench.frameworks import run_worker  # noqa: E402
 from cifar_flax.bench.workload import (  # noqa: E402
-    DTYPES,
+    define_workload_flags,
     FRAMEWORKS,
     TINY_STAGES,
     Workload,
@@ -41,12 +41,7 @@ from cifar_flax.models import CONV_IMPLS  # noqa: E402
 FLAGS = flags.FlagValues()
 flags.DEFINE_list("frameworks", list(FRAMEWORKS), f"Rows to run, a subset of "
                   f"{','.join(FRAMEWORKS)}.", flag_values=FLAGS)
-flags.DEFINE_integer("size", 32, "Image height = width.", lower_bound=1, flag_values=FLAGS)
-flags.DEFINE_integer("batch", 128, "Images per step.", lower_bound=1, flag_values=FLAGS)
-flags.DEFINE_integer("steps", 10, "Timed steps.", lower_bound=1, flag_values=FLAGS)
-flags.DEFINE_integer("warmup", 2, "Untimed steps (after compilation).", lower_bound=0,
-                     flag_values=FLAGS)
-flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Compute dtype.", flag_values=FLAGS)
+define_workload_flags(FLAGS)
 flags.DEFINE_string("dataset", "synthetic", 'The input-pipeline row: "synthetic", a tfds name or '
                     '"imagefolder:<dir>".', flag_values=FLAGS)
 flags.DEFINE_integer("input_steps", 20, "Batches timed for the input-pipeline row; 0 = skip it.",

@@ -46,7 +46,7 @@ from absl import flags  # noqa: E402
 from cifar_flax import UserError  # noqa: E402
 from cifar_flax.bench import bare_step, keras_resnet  # noqa: E402
 from cifar_flax.bench.workload import (  # noqa: E402
-    DTYPES,
+    define_workload_flags,
     FRAMEWORKS,
     Workload,
     missing_reason,
@@ -60,12 +60,7 @@ LOADED = ("jax", "tensorflow", "keras", "torch")  # The frameworks a row's resul
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_enum("framework", None, list(FRAMEWORKS), "The row to time.", flag_values=FLAGS)
-flags.DEFINE_integer("size", 32, "Image height = width.", lower_bound=1, flag_values=FLAGS)
-flags.DEFINE_integer("batch", 128, "Images per step.", lower_bound=1, flag_values=FLAGS)
-flags.DEFINE_integer("steps", 10, "Timed steps.", lower_bound=1, flag_values=FLAGS)
-flags.DEFINE_integer("warmup", 2, "Untimed steps (after compilation).", lower_bound=0,
-                     flag_values=FLAGS)
-flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Compute dtype.", flag_values=FLAGS)
+define_workload_flags(FLAGS)
 flags.DEFINE_boolean("tiny", False, "stage_sizes (1,1,1,1) (tests only).", flag_values=FLAGS)
 flags.DEFINE_list("stage_sizes", None, "e.g. 3,4,6,3 (default: ResNet50's, or (1,1,1,1) with "
                   "--tiny).", flag_values=FLAGS)

@@ -23,6 +23,7 @@ from importlib import metadata
 from typing import Any, Callable
 
 import jax
+from absl import flags
 
 from cifar_flax.models import STAGE_SIZES
 
@@ -194,3 +195,15 @@ def peak_rss_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024.0  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+
+
+def define_workload_flags(flag_values: flags.FlagValues) -> None:
+    """The flags of the timed work that the comparison and its worker share (the same names and
+    bounds, so the comparison passes its own on unchanged)."""
+    flags.DEFINE_integer("size", 32, "Image height = width.", lower_bound=1,
+                         flag_values=flag_values)
+    flags.DEFINE_integer("batch", 128, "Images per step.", lower_bound=1, flag_values=flag_values)
+    flags.DEFINE_integer("steps", 10, "Timed steps.", lower_bound=1, flag_values=flag_values)
+    flags.DEFINE_integer("warmup", 2, "Untimed steps (after compilation).", lower_bound=0,
+                         flag_values=flag_values)
+    flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Compute dtype.", flag_values=flag_values)
