@@ -6,7 +6,6 @@ cache path, through ``file://`` URLs. No test touches the network."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
