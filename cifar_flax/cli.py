@@ -49,7 +49,8 @@ def run(main: Callable[[list[str]], str | None], flag_values: flags.FlagValues,
     call in-process, as the tests make) the signal handlers are put back afterwards."""
     previous = interrupts.exit_on_signal()
     try:
-        args = parse_flags(flag_values, [sys.argv[0]] + list(sys.argv[1:] if argv is None else argv))
+        args = parse_flags(flag_values,
+                           [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
         prepare_runtime()
         done = main(args)
     except UserError as e:
@@ -282,7 +283,8 @@ def _quiet_record(record: Any) -> bool:
     of JAX's backend probe."""
     if "orbax" in record.pathname:
         return record.levelno >= logging.logging.CRITICAL  # Python's levels, not absl's.
-    return not record.pathname.endswith("xla_bridge.py") or record.levelno >= logging.logging.WARNING
+    probe = record.pathname.endswith("xla_bridge.py")
+    return not probe or record.levelno >= logging.logging.WARNING
 
 
 def _drop_background_noise() -> None:

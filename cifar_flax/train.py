@@ -180,7 +180,8 @@ def make_head_step(model: Any, plan: optim.PhasePlan, mesh: jax.sharding.Mesh, p
         def loss_fn(p):
             logits = model.apply({"params": {"head": p["head"]}}, features, train=True,
                                  method="classify", rngs={"dropout": dropout_key})
-            return cross_entropy(logits, jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)), logits
+            soft = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+            return cross_entropy(logits, soft), logits
 
         (loss, logits), grads = trainable_value_and_grad(loss_fn, full, plan.trainable)
         new, opt_state = masked_update(plan.tx, full, opt_state, grads)
@@ -207,8 +208,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     info = input_pipeline.get_info(config)
     model = initialize.build_model(config, info.num_classes)
     prep = initialize.input_preprocessing(config)
-    spe = input_pipeline.steps_per_epoch(config, info)
-    eval_every = config.eval_every_steps or spe
+    epoch_steps = input_pipeline.steps_per_epoch(config, info)
+    eval_every = config.eval_every_steps or epoch_steps
     has_val = info.split_sizes.get("validation", 0) > 0
     run_fingerprint = workdir_lib.fingerprint(config, info)
     workdir_lib.check_previous_run(config, info, workdir)  # Refused, moved aside, or resumable.
@@ -216,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ckpt = checkpoints.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save,
                                     phase_best=es_cfg.enabled and es_cfg.restore_best and has_val)
     saved = ckpt.latest_meta()  # Where a rerun resumes (damaged newer steps moved aside).
-    state = _initial_state(config, model, mesh, ckpt, saved, info, spe)
+    state = _initial_state(config, model, mesh, ckpt, saved, info, epoch_steps)
     step, phase_index, phase_start, es = _position(saved, config)
     wall_before = wall_saved = saved["wall_seconds"] if saved else 0.0
     train_before = saved.get("train_seconds", 0.0) if saved else 0.0
@@ -225,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     evaluator = evaluation.Evaluator(config, info, model, mesh, prep)
     throughput = metrics.Throughput(config.batch_size)
     batches = _TrainBatches(config, info)
-    total = sum(optim.phase_steps(p, spe) for p in config.phases)  # The bar's ETA: an upper bound.
+    total = sum(optim.phase_steps(p, epoch_steps) for p in config.phases)  # The bar's: at most.
 
     def save(state: TrainState, kind: str = "latest") -> None:
         """A checkpoint of ``kind`` (latest, best, phase_best): the state, where the run stands."""
@@ -238,14 +239,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         ckpt.save(kind, step, state, meta)
 
     if saved is None:
-        state = _start_phase(config, state, 0, spe, mesh, writer, es, step)
+        state = _start_phase(config, state, 0, epoch_steps, mesh, writer, es, step)
     else:
         logging.info("Resuming from step %d (phase %d) in %s", step, phase_index, workdir)
     # ---- phases: each a fresh optimizer state, on cached features or the full step ----
     with ckpt, writer, interrupts.StopRequest() as stop, metrics.Progress(
             total, min(step, total), config.progress_bar) as progress:
         while phase_index < len(config.phases):
-            plan = optim.build_phase(config, state.params, phase_index, spe)
+            plan = optim.build_phase(config, state.params, phase_index, epoch_steps)
             use_cache, why = feature_cache.cache_decision(config, plan)
             if use_cache:
                 cached = feature_cache.CachedPhase(
@@ -300,7 +301,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             phase_index += 1
             phase_start = step
             if phase_index < len(config.phases):
-                state = _start_phase(config, state, phase_index, spe, mesh, writer, es, step)
+                state = _start_phase(config, state, phase_index, epoch_steps, mesh, writer, es,
+                                     step)
             save(state)  # The phase boundary: a resume continues with the next phase.
         stop.disarm()  # The test and the report: a signal ends the command at once again.
         # ---- test: the best checkpoint (by the validation metric) or the last weights ----
@@ -327,17 +329,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 def _initial_state(config: ml_collections.ConfigDict, model: Any, mesh: Any,
                    ckpt: checkpoints.Checkpointer, saved: dict | None, info: Any,
-                   spe: int) -> TrainState:
+                   epoch_steps: int) -> TrainState:
     """A fresh state (pretrained or ``init_from`` weights, phase 0's optimizer), or the latest
     checkpoint's: resuming, every value comes from the checkpoint, so shapes are enough."""
     rng = jax.random.key(config.seed + 1)
     if saved is None:
         variables = initialize.init_variables(config, model, class_names=info.class_names)
-        tx = optim.build_phase(config, variables["params"], 0, spe).tx
+        tx = optim.build_phase(config, variables["params"], 0, epoch_steps).tx
         return devices.replicate(mesh, create_train_state(variables, tx, rng))
     shapes = jax.eval_shape(lambda: initialize.init_variables(config, model, load_weights=False))
     phase = min(saved["phase_index"], len(config.phases) - 1)  # A finished run: its last phase.
-    tx = optim.build_phase(config, shapes["params"], phase, spe).tx
+    tx = optim.build_phase(config, shapes["params"], phase, epoch_steps).tx
     like = jax.eval_shape(lambda v: create_train_state(v, tx, rng, saved["step"]), shapes)
     return ckpt.restore("latest", devices.abstract(mesh, like))
 
@@ -356,13 +358,13 @@ def _variables(state: TrainState) -> dict[str, Any]:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def _start_phase(config: ml_collections.ConfigDict, state: TrainState, index: int, spe: int,
+def _start_phase(config: ml_collections.ConfigDict, state: TrainState, index: int, epoch_steps: int,
                  mesh: Any, writer: metrics.MetricsWriter, es: evaluation.EarlyStopping,
                  step: int) -> TrainState:
     """A new phase: a fresh optimizer state, patience reset, a phase marker in the metrics."""
-    plan = optim.build_phase(config, state.params, index, spe)
+    plan = optim.build_phase(config, state.params, index, epoch_steps)
     es.start_phase()
-    cached = feature_cache.cache_decision(config, plan)[0]
+    cached, _ = feature_cache.cache_decision(config, plan)
     writer.write(step, "phase", {"index": index, "name": plan.name, "feature_cache": cached})
     logging.info("Phase %d (%s): %d steps, training %s", index, plan.name, plan.steps,
                  list(config.phases[index].trainable))
@@ -471,7 +473,8 @@ def _restore_phase_best(ckpt: checkpoints.Checkpointer, state: TrainState,
 
 def _overall_rate(history: list[dict], throughput: metrics.Throughput) -> float:
     """Mean training images/s over the logged windows of all sessions."""
-    rates = [r["images_per_sec"] for r in history if r["kind"] == "train" and r.get("images_per_sec")]
+    rates = [r["images_per_sec"] for r in history
+             if r["kind"] == "train" and r.get("images_per_sec")]
     return float(np.mean(rates)) if rates else throughput.overall
 
 

@@ -95,13 +95,14 @@ def measure_frozen_backbone(w: Workload, head_steps: int, train_examples: int,
         return m["loss"]
 
     head_s = time_steps(head_one, lambda o: o.block_until_ready(), 5, head_steps)["s_per_step"]
-    spe = train_examples // w.batch
-    epoch_unc, epoch_cached = spe * uncached_s, spe * head_s
+    epoch_steps = train_examples // w.batch
+    epoch_unc, epoch_cached = epoch_steps * uncached_s, epoch_steps * head_s
     extraction = math.ceil(train_examples / w.batch) * extract_s
     phase_unc, phase_cached = epochs * epoch_unc, extraction + epochs * epoch_cached
     return {
         "uncached_step_s": uncached_s, "extract_batch_s": extract_s, "cached_head_step_s": head_s,
-        "steps_per_epoch": spe, "epoch_uncached_s": epoch_unc, "epoch_cached_s": epoch_cached,
+        "steps_per_epoch": epoch_steps, "epoch_uncached_s": epoch_unc,
+        "epoch_cached_s": epoch_cached,
         "feature_extraction_s": extraction, "epoch_speedup": epoch_unc / epoch_cached,
         "epochs": epochs, "phase_uncached_s": phase_unc, "phase_cached_s": phase_cached,
         "phase_speedup": phase_unc / phase_cached,

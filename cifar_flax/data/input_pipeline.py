@@ -8,9 +8,9 @@ resizes them if sizes vary (``config.image_size``) and caches them (``config.cac
 
 Training batches: per epoch a shuffle seeded by ``(seed, epoch)``, ``steps_per_epoch`` full
 batches (remainder dropped), forever; the batch at step ``s`` depends only on ``(seed, s)``, so
-``train_batches(..., start_step=k)`` resumes exactly. With several processes each host reads (epoch
-by epoch, uncached) its contiguous slice of every global batch (:func:`train_positions`), so a step's global
-batch is the same on any topology. Evaluation batches: one pass, no shuffle, each host its
+``train_batches(..., start_step=k)`` resumes exactly. With several processes each host reads
+(epoch by epoch, uncached) its contiguous slice of every global batch (:func:`train_positions`),
+so a step's global batch is the same on any topology. Evaluation batches: one pass, no shuffle, each host its
 contiguous slice of every global batch (:func:`eval_positions`), the last batch padded and a
 boolean ``mask`` marks real examples, so every example counts once (CIFAR-10's test accuracy is
 over exactly 10,000 images). All hosts yield the same number of batches (collectives in the step
@@ -158,9 +158,9 @@ def train_positions(config: Any, info: DatasetInfo, epoch: int, shard: Shard) ->
     order on any topology (1 process x 4 devices trains exactly like 2 x 2). Per epoch the
     hosts' positions are disjoint and cover the epoch's batches."""
     index, count = shard
-    spe, batch = steps_per_epoch(config, info), config.batch_size
+    epoch_steps, batch = steps_per_epoch(config, info), config.batch_size
     local = batch // count
-    order = epoch_order(config, epoch)[: spe * batch].reshape(spe, batch)
+    order = epoch_order(config, epoch)[: epoch_steps * batch].reshape(epoch_steps, batch)
     return order[:, index * local:(index + 1) * local].reshape(-1)
 
 
@@ -196,7 +196,8 @@ def _decoded(s: SplitSource, indices: np.ndarray, image_shape: tuple, cache: boo
     ds = s.read(indices)
     h, w, _ = image_shape
     if s.sizes != frozenset([(h, w)]):
-        ds = ds.map(functools.partial(resize_example, h=h, w=w), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(functools.partial(resize_example, h=h, w=w),
+                    num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.map(lambda ex: {"image": tf.ensure_shape(ex["image"], (h, w, 3)), "label": ex["label"]})
     options = tf.data.Options()
     options.deterministic = True
@@ -252,8 +253,8 @@ def train_batches(
     """Infinite per-host training batches ``{"image": uint8 (B,H,W,3), "label": int32 (B,)}``."""
     shard = _default_shard(shard)
     batch = local_batch_size(config.batch_size, process_count=shard[1])
-    spe = steps_per_epoch(config, info)
-    if spe == 0:
+    epoch_steps = steps_per_epoch(config, info)
+    if epoch_steps == 0:
         raise UserError(
             f"The train split has {info.split_sizes['train']} examples, fewer than "
             f"config.batch_size={config.batch_size}; lower --config.batch_size."
@@ -263,11 +264,11 @@ def train_batches(
         return
     base = host_dataset(config, info, "train", shard)
     n = len(host_indices(config, "train", shard))
-    epoch, skip = divmod(int(start_step), spe)
+    epoch, skip = divmod(int(start_step), epoch_steps)
     while True:
         ds = _epoch_shuffle(base, config, epoch, n)
-        # take(spe): every host yields the same number of steps even if its shard is larger.
-        ds = ds.batch(batch, drop_remainder=True).take(spe).skip(skip)
+        # take(epoch_steps): every host yields the same number of steps even if its shard is larger.
+        ds = ds.batch(batch, drop_remainder=True).take(epoch_steps).skip(skip)
         yield from ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
         epoch, skip = epoch + 1, 0
 
@@ -278,8 +279,8 @@ def _sliced_train_batches(
     """A multi-process host's train batches: epoch by epoch, its :func:`train_positions`, read
     (only those), decoded and held in memory for the epoch, in batch order."""
     s, indices = _logical(*_key(config), "train")
-    spe, local = steps_per_epoch(config, info), config.batch_size // shard[1]
-    epoch, skip = divmod(int(start_step), spe)
+    epoch_steps, local = steps_per_epoch(config, info), config.batch_size // shard[1]
+    epoch, skip = divmod(int(start_step), epoch_steps)
     while True:
         physical = indices[train_positions(config, info, epoch, shard)]
         logging.info("Input shard: process %d of %d reads %d of the %d train examples in epoch "
@@ -289,7 +290,7 @@ def _sliced_train_batches(
         rows = next(iter(_decoded(s, wanted, info.image_shape, False)
                          .batch(max(len(wanted), 1)).as_numpy_iterator()))
         at = np.searchsorted(wanted, physical)  # The sorted read, back in batch order.
-        for i in range(skip, spe):
+        for i in range(skip, epoch_steps):
             sl = at[i * local:(i + 1) * local]
             yield {"image": rows["image"][sl], "label": rows["label"][sl]}
         epoch, skip = epoch + 1, 0

@@ -37,10 +37,11 @@ The batch order is input_pipeline.epoch_order's (the one train_batches shuffles 
 Batches are dicts with ``"image"`` (uint8-valued NHWC) and ``"label"`` and optionally ``"mask"``
 (1 for real examples, 0 for padding, as eval batches are padded); a short last batch is padded to
 the first batch's size so the feature function compiles once, and padded rows are dropped.
-Single-process only (multi-host runs keep the uncached path). A cached phase (its head step is train.make_head_step) sees the same batch
-at the same step as the full step would (the input pipeline's shuffle order) and, on one device,
-the same dropout key, so with augmentation off it is the same training, not merely a similar one
-(on several devices the full step draws one dropout mask per device shard: same distribution).
+Single-process only (multi-host runs keep the uncached path). A cached phase (its head step is
+train.make_head_step) sees the same batch at the same step as the full step would (the input
+pipeline's shuffle order) and, on one device, the same dropout key, so with augmentation off it
+is the same training, not merely a similar one (on several devices the full step draws one
+dropout mask per device shard: same distribution).
 """
 
 from __future__ import annotations
@@ -261,7 +262,8 @@ class CachedPhase:
                  should_stop: Callable[[], bool] = lambda: False) -> None:
         t0 = time.perf_counter()
         self.config, self.model = config, model
-        self.batch, self.spe = config.batch_size, input_pipeline.steps_per_epoch(config, info)
+        self.batch = config.batch_size
+        self.epoch_steps = input_pipeline.steps_per_epoch(config, info)
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         sharding = NamedSharding(mesh, PartitionSpec("data"))
         self.cache = build_cache(
@@ -281,7 +283,7 @@ class CachedPhase:
         self.extract_seconds = time.perf_counter() - t0
 
     def _rows(self, s: int) -> tuple[np.ndarray, np.ndarray]:
-        epoch, i = divmod(int(s), self.spe)
+        epoch, i = divmod(int(s), self.epoch_steps)
         if epoch != self._epoch:
             self._epoch, self._order = epoch, input_pipeline.epoch_order(self.config, epoch)
         return self.cache.take(epoch, self._order[i * self.batch:(i + 1) * self.batch])
