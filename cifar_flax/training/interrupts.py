@@ -18,6 +18,7 @@ second Ctrl-C aborts at once without saving. A signal inherited as ignored (a jo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -39,30 +40,37 @@ class Interrupted(Exception):
         self.step, self.status = step, 130 if why == "SIGINT" else 0
 
 
-_aborts: list[Callable[[], None]] = []  # Run before an immediate exit (release what we hold).
-_message = ["stopped before it wrote anything"]  # Set by each command (cli.start).
-_stderr: list[int] = []  # A copy of the user's stderr (fd 2 is silenced while TF is imported).
+@dataclasses.dataclass
+class _Exit:
+    """What an immediate exit on a signal needs (one per process: signal handlers are too)."""
+
+    message: str = "stopped before it wrote anything"  # Set by each command (cli.start).
+    stderr: int = 2  # A copy of the user's stderr (fd 2 is silenced while TF is imported).
+    releases: list[Callable[[], None]] = dataclasses.field(default_factory=list)
+
+
+_EXIT = _Exit()
 
 
 def on_abort(release: Callable[[], None]) -> Callable[[], None]:
     """Call ``release`` before an immediate exit on a signal; returns the function that undoes
     the registration (call it once the resource is released normally)."""
-    _aborts.append(release)
-    return lambda: release in _aborts and _aborts.remove(release)
+    _EXIT.releases.append(release)
+    return lambda: release in _EXIT.releases and _EXIT.releases.remove(release)
 
 
 def abort(signum: int, what: str) -> None:
     """Print ``Interrupted (<signal>): <what>.`` and end the process now (see the docstring)."""
-    for release in list(_aborts):
+    for release in list(_EXIT.releases):
         with contextlib.suppress(Exception):  # Exiting anyway: a failed release must not stop it.
             release()
     sys.stdout.flush()
-    os.write(_stderr[0] if _stderr else 2, f"\nInterrupted ({NAMES[signum]}): {what}.\n".encode())
+    os.write(_EXIT.stderr, f"\nInterrupted ({NAMES[signum]}): {what}.\n".encode())
     os._exit(STATUS[signum])
 
 
 def _exit_now(signum: int, frame: Any) -> None:
-    abort(signum, _message[0])
+    abort(signum, _EXIT.message)
 
 
 def _install(handler: Any) -> dict[int, Any]:
@@ -82,9 +90,9 @@ def exit_on_signal(message: str | None = None) -> dict[int, Any]:
     to the work); returns the previous handlers (cli.run restores them after an in-process
     call)."""
     if message:
-        _message[0] = message
-    if not _stderr:
-        _stderr.append(os.dup(2))
+        _EXIT.message = message
+    if _EXIT.stderr == 2:
+        _EXIT.stderr = os.dup(2)
     return _install(_exit_now)
 
 
