@@ -14,9 +14,10 @@ optimizer state; per step: train, log, validate (early stopping, best checkpoint
 honour a stop request. A phase whose backbone is frozen trains its head on cached backbone
 features (training/feature_cache.py) with :func:`make_head_step`. At the end the best checkpoint
 (by the validation metric) is tested on the test split. What guards the run sits at one seam
-each: the workdir and resume checks (training/workdir.py, before anything is read), checkpoints
-with their damaged-step fallback (training/checkpoints.py), the divergence check
-(:func:`check_finite`, before every save), signals (training/interrupts.py).
+each: the workdir, its lock and the resume check (training/workdir.py, before anything trains),
+checkpoints with their damaged-step fallback (training/checkpoints.py), the divergence check
+(``_check_finite``, before every save), signals (training/interrupts.py: a stop request is
+honoured at a step boundary, after saving).
 """
 
 from __future__ import annotations
@@ -38,16 +39,8 @@ from jax.sharding import PartitionSpec as P
 
 from cifar_flax import UserError
 from cifar_flax.data import augment, input_pipeline
-from cifar_flax.training import (
-    checkpoints,
-    devices,
-    evaluation,
-    feature_cache,
-    initialize,
-    interrupts,
-    metrics,
-    optim,
-)
+from cifar_flax.training import checkpoints, devices, evaluation, feature_cache, initialize
+from cifar_flax.training import interrupts, metrics, optim
 from cifar_flax.training import workdir as workdir_lib
 from cifar_flax.training.devices import AXIS
 
