@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,7 +50,9 @@ def test_smoke_run_survives_sigterm_resumes_and_reports(tmp_path):
 
     done = subprocess.run(_cmd(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "test accuracy" in done.stdout
+    line = done.stdout.strip().splitlines()[-1]  # Says what each number is (not test images/s).
+    assert re.fullmatch(r"test accuracy \d\.\d{4} on 64 images \(training [\d.]+ images/s\); "
+                        r"report in .*", line), line
     for name in REPORT_FILES:
         assert os.path.getsize(tmp_path / "report" / name) > 0, name
     results = json.loads((tmp_path / "report" / "results.json").read_text())
