@@ -119,8 +119,8 @@ def test_workdir_that_is_a_file_and_quiet_start_up(tmp_path):
         assert noise not in p.stderr, p.stderr[-2000:]
 
 
-@pytest.mark.parametrize("sig, delay", [(signal.SIGINT, 1.0), (signal.SIGINT, 6.0),
-                                        (signal.SIGTERM, 2.5)])
+@pytest.mark.parametrize("sig, delay", [(signal.SIGINT, 2.0), (signal.SIGINT, 6.0),
+                                        (signal.SIGTERM, 3.0)])
 def test_a_signal_during_start_up_is_one_line_and_frees_the_workdir(tmp_path, sig, delay):
     """Importing, reading the data, building the model, compiling: one line, status 130 (Ctrl-C)
     or 143 (SIGTERM), no traceback or crash, the workdir lock released. If the signal lands
