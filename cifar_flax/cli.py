@@ -42,16 +42,20 @@ _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # c
 
 
 def run(main: Callable[[list[str]], str | None], flag_values: flags.FlagValues,
-        argv: Sequence[str] | None = None) -> int:
+        argv: Sequence[str] | None = None, progress: bool = False) -> int:
     """Parse ``argv`` (default: sys.argv) into ``flag_values``, then ``main(positional args)``;
     the command's exit status. ``main`` returns the command's last line (what it made, where),
     printed once the work is done and a late Ctrl-C can change nothing. With ``argv`` given (a
-    call in-process, as the tests make) the signal handlers are put back afterwards."""
-    previous = interrupts.exit_on_signal()
+    call in-process, as the tests make) the signal handlers are put back afterwards.
+    ``progress``: show the INFO log lines (training's phases, steps and input shards; the
+    commands parse their own flags, so absl's --verbosity does not apply)."""
+    previous, verbosity = interrupts.exit_on_signal(), logging.get_verbosity()
     try:
         args = parse_flags(flag_values,
                            [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
         prepare_runtime()
+        if progress:
+            logging.set_verbosity(logging.INFO)
         done = main(args)
     except UserError as e:
         return _fail(f"error: {_one_line(str(e))}")
@@ -63,6 +67,7 @@ def run(main: Callable[[list[str]], str | None], flag_values: flags.FlagValues,
                      f"{f' ({e.filename})' if e.filename else ''}; what was saved before is "
                      "intact: fix that (free space, permissions) and rerun the same command.")
     finally:
+        logging.set_verbosity(verbosity)
         if argv is None:  # The command is done: a late Ctrl-C changes nothing any more.
             for sig in interrupts.SIGNALS:
                 signal.signal(sig, signal.SIG_IGN)
@@ -269,6 +274,8 @@ def start(interrupted: str = "stopped before it wrote anything") -> None:
 def prepare_runtime() -> None:
     """Quiet logs; TensorFlow imported quietly and kept off every accelerator (before any of its
     ops). Idempotent."""
+    if not flags.FLAGS.is_parsed():  # (Else absl warns "Logging before flag parsing".)
+        flags.FLAGS.mark_as_parsed()
     logging.use_absl_handler()
     if not verbose() and _quiet_record not in logging.get_absl_handler().filters:
         logging.get_absl_handler().addFilter(_quiet_record)
@@ -283,6 +290,8 @@ def _quiet_record(record: Any) -> bool:
     of JAX's backend probe."""
     if "orbax" in record.pathname:
         return record.levelno >= logging.logging.CRITICAL  # Python's levels, not absl's.
+    if record.pathname.endswith("_flagvalues.py"):  # "unparse_flags() called": our config_flag.
+        return record.levelno >= logging.logging.WARNING
     probe = record.pathname.endswith("xla_bridge.py")
     return not probe or record.levelno >= logging.logging.WARNING
 
@@ -305,7 +314,7 @@ def _drop_background_noise() -> None:
 def _import_tensorflow_quietly() -> None:
     """Import TensorFlow (when installed) with the process's stderr silenced: its C++ start-up
     notices are printed before any log level applies. Errors still surface (as exceptions)."""
-    if verbose() or "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:
+    if verbose() or "tensorflow" in sys.modules or not _tensorflow_available():
         return  # (The Colab TPU runtime has no TensorFlow.)
     saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     sys.stderr.flush()
@@ -318,11 +327,19 @@ def _import_tensorflow_quietly() -> None:
         os.close(null)
 
 
+def _tensorflow_available() -> bool:
+    """Whether TensorFlow can be imported: installed, and not blocked by a process that keeps it
+    out (``sys.modules["tensorflow"] = None``, as the benchmark's TensorFlow-free rows do)."""
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"] is not None
+    return importlib.util.find_spec("tensorflow") is not None
+
+
 def hide_accelerators() -> list[str]:
     """Make TensorFlow see only the CPU; returns the device types TF still sees (["CPU"]). A
     no-op without TensorFlow; once TF is initialised its visible devices cannot change, and the
     returned list says what it sees."""
-    if "tensorflow" not in sys.modules and importlib.util.find_spec("tensorflow") is None:
+    if not _tensorflow_available():
         return []
     import tensorflow as tf  # Optional: the Colab TPU runtime and exported models lack it.
 

@@ -58,4 +58,4 @@ def main(argv: list[str]) -> str | None:
 
 
 if __name__ == "__main__":
-    cli.exit(cli.run(main, FLAGS))
+    cli.exit(cli.run(main, FLAGS, progress=True))

@@ -174,8 +174,8 @@ def test_outputs_written_once_by_process_zero(runs):
     workdir = runs["root"] / "resumed"
     steps = _train_steps(workdir)
     assert steps == sorted(set(steps)) and steps[-1] == 18  # One writer: no duplicate records.
-    events = os.listdir(workdir / "tensorboard")
-    assert len([f for f in events if f.startswith("events.out.tfevents")]) == 1
+    events = os.listdir(workdir / "tensorboard")  # One file per start (interrupted, resumed).
+    assert len([f for f in events if f.startswith("events.out.tfevents")]) == 2
     assert {"best", "latest"} <= set(os.listdir(workdir / "checkpoints"))  # One directory.
     outputs = [o for _, o, _ in runs["resumed"]]
     assert sum("test accuracy" in o for o in outputs) == 1  # Only process 0 prints the result.
@@ -226,4 +226,6 @@ def test_a_dead_process_stops_the_other_with_a_message(tmp_path):
     _, err = procs[0].communicate(timeout=120)  # Heartbeat timeout 10 s: never forever.
     assert procs[0].returncode != 0
     assert time.time() - t0 < 120
-    assert "another task died" in err or "unhealthy" in err, err[-3000:]
+    # JAX's coordination service aborts the survivor (in a step), or a save's collective fails.
+    assert any(m in err for m in ("another task died", "unhealthy",
+                                  "another process of this run has stopped")), err[-3000:]

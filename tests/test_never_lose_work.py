@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -184,6 +185,13 @@ def _command_line(tmp_path, workdir, *extra) -> list[str]:
             *extra]
 
 
+def _problems(stderr: str) -> list[str]:
+    """What a run printed besides its progress (absl INFO lines) and TensorFlow's AutoGraph
+    notices: warnings and errors."""
+    return [ln for ln in stderr.splitlines()
+            if ln.strip() and "AutoGraph" not in ln and not re.match(r"I\d{4} ", ln)]
+
+
 @pytest.mark.slow
 def test_a_damaged_newest_step_is_one_warning_line_and_the_run_resumes(tmp_path):
     workdir = tmp_path / "run"
@@ -194,7 +202,7 @@ def test_a_damaged_newest_step_is_one_warning_line_and_the_run_resumes(tmp_path)
     p = subprocess.run(_command_line(tmp_path, workdir), cwd=ROOT, capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    lines = [ln for ln in p.stderr.splitlines() if "AutoGraph" not in ln and ln.strip()]
+    lines = _problems(p.stderr)
     assert len(lines) == 1 and "latest/5 is unreadable" in lines[0], p.stderr[-3000:]
     assert "using step 4" in lines[0] and "Traceback" not in p.stderr
     assert json.loads((workdir / "report" / "results.json").read_text())["steps"] == 9
@@ -218,7 +226,7 @@ def test_a_full_disk_is_one_error_line_and_a_rerun_with_space_resumes(tmp_path, 
     p = subprocess.run(_command_line(tmp_path, workdir, "--config.checkpoint.keep=5"), cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 1, p.stderr[-3000:]
-    lines = [ln for ln in p.stderr.splitlines() if "AutoGraph" not in ln and ln.strip()]
+    lines = _problems(p.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr[-3000:]
     assert "No space left on device" in lines[0] and "rerun the same command" in lines[0]
     saved = steps_saved(str(workdir))

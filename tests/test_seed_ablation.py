@@ -22,6 +22,9 @@ from cifar_flax.data.subset import link_subset
 
 SCRIPT = ROOT / "experiments" / "seed_ablation.py"
 ROWS = ["linear", "dense", "top", "all", "aug", "staged", "scratch"]  # The seed's progression.
+# The smoke ablation's rows: one of each kind (cached head; two phases; three phases with early
+# stopping; random init). Every row's config is checked above without running it.
+SMOKE_ROWS = ["linear", "top", "staged", "scratch"]
 
 
 def _script():
@@ -37,6 +40,7 @@ def test_rows_add_one_change_each_and_recipe_is_finetune():
     assert list(module.PROGRESSION) == ROWS
     rows = {r: load_config("ablation", r) for r in module.ROWS}
     assert rows["recipe"].to_dict() == finetune.to_dict()
+    assert rows["full"].to_dict() == finetune.to_dict()  # The sweep's winner is the default.
     assert rows["linear"].model.head_hidden == () and rows["dense"].model.head_hidden == (256,)
     assert [len(rows[r].phases) for r in ("dense", "top", "all", "aug")] == [1, 2, 3, 3]
     budget = module.BUDGET_EPOCHS
@@ -129,7 +133,8 @@ def test_link_subset_caps_train_links_test_and_refuses_another_recipe(tmp_path):
 def smoke_ablation(smoke_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("ablation")
     p = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--weights", str(smoke_run),
-                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+                        "--out", str(out), "--rows", ",".join(SMOKE_ROWS)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stderr[-3000:]
     return out, p.stdout
 
@@ -138,7 +143,7 @@ def smoke_ablation(smoke_run, tmp_path_factory):
 def test_smoke_ablation_table_matches_every_row_run(smoke_ablation, smoke_run):
     out, stdout = smoke_ablation
     table = json.loads((out / "ablation.json").read_text())
-    assert [r["row"] for r in table] == ROWS
+    assert [r["row"] for r in table] == SMOKE_ROWS
     for r in table:
         results = json.loads((out / r["row"] / "report" / "results.json").read_text())
         assert r["test_accuracy"] == results["test_accuracy"] and r["steps"] == results["steps"]
@@ -147,13 +152,13 @@ def test_smoke_ablation_table_matches_every_row_run(smoke_ablation, smoke_run):
         config = json.loads((out / r["row"] / "config.json").read_text())
         want_from = "" if r["row"] == "scratch" else str(smoke_run)
         assert config["init_from"] == want_from, r["row"]
-    assert [r["tested"] for r in table] == ["last"] * 5 + ["best", "last"]
+    assert [r["tested"] for r in table] == ["last", "last", "best", "last"]
     steps = {r["row"]: r["steps"] for r in table}
     spe = 192 // 32  # The smoke data: 192 training images at batch 32.
-    for r in ROWS:  # Every phase its planned length; early stopping may end `staged` sooner.
+    for r in SMOKE_ROWS:  # Every phase its planned length; early stopping may end `staged` sooner.
         planned = sum(max(1, round(p.epochs * spe)) for p in load_config("ablation", f"{r},smoke").phases)
         assert steps[r] <= planned if r == "staged" else steps[r] == planned, r
-    assert steps["top"] < steps["all"] and abs(steps["all"] - steps["scratch"]) <= 2
+    assert steps["linear"] == steps["scratch"] and steps["top"] < steps["scratch"]
     assert "| staged |" in stdout  # The table is printed too.
     assert any((out / "jax_cache").iterdir())  # The rows shared their compiled steps.
 

@@ -120,14 +120,36 @@ def _none_readable(directory: Any, steps: list[int], why: str) -> UserError:
 
 @contextlib.contextmanager
 def _save_errors(mngr: ocp.CheckpointManager, step: int) -> Iterator[None]:
-    """A failed save (a full disk: tensorstore reports it as a ValueError) as one UserError."""
+    """A failed save as one UserError that says why: the disk's own words (a full disk reaches
+    us as tensorstore's ValueError with the errno text deep in its message), or another process
+    of the run gone (the save's collective fails)."""
     try:
         yield
-    except Exception as e:  # noqa: BLE001 - any failure of a save is the same story.
+    except Exception as e:  # noqa: BLE001 - any failure of a save is one of these stories.
+        where = f"saving checkpoint step {step} in {mngr.directory} failed"
+        if isinstance(e, jax.errors.JaxRuntimeError) and jax.process_count() > 1:
+            raise UserError(
+                f"{where}: another process of this run has stopped ({brief(e, 120)}); its own "
+                "output says why. The checkpoints saved before are intact: rerun the same "
+                "command on every process to resume.") from None
         raise UserError(
-            f"saving checkpoint step {step} in {mngr.directory} failed ({type(e).__name__}: "
-            f"{brief(e)}); the checkpoints saved before are intact: fix that (free space, "
-            "permissions) and rerun the same command to resume.") from None
+            f"{where} ({_disk_reason(e)}); the checkpoints saved before are intact: fix that "
+            "(free space, permissions) and rerun the same command to resume.") from None
+
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EIO)
+
+
+def _disk_reason(e: BaseException) -> str:
+    """The OS's words for a failed write, wherever the exception chain holds them (an OSError,
+    or its text inside tensorstore's message); else the exception's first line."""
+    for cause in (e, e.__cause__, e.__context__):
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+    for code in DISK_ERRNOS:
+        if os.strerror(code) in str(e):
+            return os.strerror(code)
+    return f"{type(e).__name__}: {brief(e)}"
 
 
 class Checkpointer:
