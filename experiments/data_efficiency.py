@@ -137,8 +137,10 @@ def write_table(summary: dict, out: str, title: str) -> str:
              f"{summary['seeds']}, on all {summary['runs'][0]['test_examples']} test images.", "",
              "| row | " + " | ".join(f"{pc} per class" for pc in sizes) + " |",
              "| --- |" + " ---: |" * len(sizes)]
-    for row in summary["rows"]:
+    seeds = len(summary["seeds"])
+    for row in summary["rows"]:  # A cell over fewer seeds (a sweep still running) says so.
         cells = [f"{100 * stats[row, pc][0]:.2f} +- {100 * stats[row, pc][1]:.2f}"
+                 + (f" (n={stats[row, pc][2]})" if stats[row, pc][2] != seeds else "")
                  if (row, pc) in stats else "-" for pc in sizes]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines += ["", "Budgets (every row, per size): " + "; ".join(
@@ -223,6 +225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="generated images, the tiny network, "
                    f"sizes {SMOKE['sizes']}, seeds {SMOKE['seeds']}: CI's end-to-end run")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--report-only", action="store_true", help="run nothing: the summary, table "
+                   "and plot of the runs finished so far (while a sweep runs, say)")
     args = p.parse_args(argv)
     ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
     try:
@@ -279,6 +283,18 @@ def sweep(args: argparse.Namespace, runs: list[dict], src: str) -> None:
                   f"test accuracy {100 * acc:.2f}% ({seconds / 60:.1f} min)", flush=True)
 
 
+def finished(args: argparse.Namespace, runs: list[dict]) -> list[dict]:
+    """The runs of the plan that have a report; says how many are missing (and errs on none)."""
+    done = [r for r in runs if os.path.exists(os.path.join(
+        run_dir(args.out, r["row"], r["per_class"], r["seed"]), "report", "results.json"))]
+    missing = [f"{r['per_class']}pc/{r['row']}/seed{r['seed']}" for r in runs if r not in done]
+    print(f"{len(done)} of {len(runs)} runs finished" +
+          (f"; not yet: {', '.join(missing)}" if missing else ""), flush=True)
+    if not done:
+        raise ablation.AblationError(f"no finished run in {args.out}/runs to report on")
+    return done
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -291,7 +307,10 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join("$ " + shlex.join(r["cmd"]) for r in runs))
             return 0
         t0 = time.time()
-        sweep(args, runs, src)
+        if args.report_only:
+            runs = finished(args, runs)
+        else:
+            sweep(args, runs, src)
     except ablation.AblationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -129,3 +129,17 @@ def test_smoke_sweep_plot_and_rerun_reads_back(smoke_sweep):
     assert "running 0" in p.stdout
     after = json.loads((out / "summary.json").read_text())
     assert after["runs"] == json.loads(before)["runs"]
+    # --report-only: nothing runs; the runs finished so far, and the missing one named.
+    report = out / "runs" / "2pc" / "linear" / "seed0" / "report"
+    report.rename(report.with_name("report.aside"))
+    try:
+        p = subprocess.run(cmd + ["--report-only"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+    finally:
+        report.with_name("report.aside").rename(report)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "19 of 20 runs finished; not yet: 2pc/linear/seed0" in p.stdout
+    partial = json.loads((out / "summary.json").read_text())["runs"]
+    assert len(partial) == 19 and ("linear", 2, 0) not in {
+        (r["row"], r["per_class"], r["seed"]) for r in partial}
+    assert re.search(r"\| linear \| \d+\.\d\d \+- 0\.00 \(n=1\) \|", p.stdout)
