@@ -8,6 +8,7 @@ import signal
 import jax
 import ml_collections
 import numpy as np
+from conftest import COMPILATION_CACHE_DIR
 
 from cifar_flax import train as step_lib
 from cifar_flax.config import default_config, phase
@@ -17,11 +18,9 @@ from cifar_flax.training.initialize import build_model
 
 
 def enable_compilation_cache() -> None:
-    """Share compiled steps between the tests' training runs (each run re-jits its steps)."""
-    import tempfile
-
-    path = os.path.join(tempfile.gettempdir(), "cifar_flax_test_jax_cache")
-    jax.config.update("jax_compilation_cache_dir", path)
+    """Share compiled steps between the tests' training runs (each run re-jits its steps), in
+    the cache the commands the tests start use (conftest.py)."""
+    jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE_DIR)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

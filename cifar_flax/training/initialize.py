@@ -22,6 +22,7 @@ same way). Checkpoints restore onto the current devices whatever device count wr
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Sequence
 
@@ -51,6 +52,13 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
     )
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _random_init(model: Any, key: jax.Array, resolution: int) -> dict[str, Any]:
+    """``model.init`` as one compiled program (run eagerly, each layer's ops compile on their own:
+    seconds more at every start); the model is static, so equal models reuse the program."""
+    return model.init(key, jnp.zeros((1, resolution, resolution, 3), jnp.float32), train=False)
+
+
 def init_variables(config: ml_collections.ConfigDict, model: Any, load_weights: bool = True,
                    class_names: Sequence[str] | None = None) -> dict[str, Any]:
     """{"params", "batch_stats"}: random init, then the pretrained backbone when configured.
@@ -59,9 +67,7 @@ def init_variables(config: ml_collections.ConfigDict, model: Any, load_weights: 
     ``class_names`` (the dataset's) decide whether an ``init_from`` run's head is kept.
     """
     res = config.augment.resolution
-    variables = model.init(
-        jax.random.key(config.seed), jnp.zeros((1, res, res, 3), jnp.float32), train=False
-    )
+    variables = _random_init(model, jax.random.key(config.seed), res)
     source = config.pretrained.source
     if config.init_from and load_weights:
         variables = variables_from_run(config, variables, config.init_from, class_names)
