@@ -11,6 +11,7 @@ import tempfile
 
 import jax  # noqa: F401  (before the environment below: this process keeps its settings)
 import pytest
+from filelock import FileLock
 
 from cifar_flax.config import load_config_file
 
@@ -27,18 +28,23 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # Tiny
 
 
 @pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory) -> pathlib.Path:
+def smoke_run(tmp_path_factory, worker_id) -> pathlib.Path:
     """The workdir of one finished ``python -m cifar_flax.main --config configs/smoke.py`` run.
 
-    Shared by every test that needs a trained run (predict, evaluate, export, init_from); tests
-    must not write into it (copy it first)."""
-    workdir = tmp_path_factory.mktemp("smoke_run")
-    p = subprocess.run(
-        [sys.executable, "-m", "cifar_flax.main", "--config", "configs/smoke.py",
-         "--workdir", str(workdir)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ},
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
+    Shared by every test that needs a trained run (predict, evaluate, export, init_from), and by
+    the parallel workers of one session (the first to need it trains it, the others wait on a
+    file lock); tests must not write into it (copy it first)."""
+    base = tmp_path_factory.getbasetemp()
+    root = base if worker_id == "master" else base.parent  # The session's folder, all workers'.
+    workdir = root / "smoke_run"
+    with FileLock(str(root / "smoke_run.lock")):
+        if not (workdir / "report" / "results.json").exists():
+            p = subprocess.run(
+                [sys.executable, "-m", "cifar_flax.main", "--config", "configs/smoke.py",
+                 "--workdir", str(workdir)],
+                cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ},
+            )
+            assert p.returncode == 0, p.stderr[-3000:]
     assert (workdir / "report" / "results.json").exists()
     return workdir
 
