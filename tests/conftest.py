@@ -26,6 +26,22 @@ COMPILATION_CACHE_DIR = os.path.join(tempfile.gettempdir(), "cifar_flax_test_jax
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", COMPILATION_CACHE_DIR)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # Tiny steps: < 1 s.
 
+# The tests compile without LLVM's optimisations (XLA's CPU backend at level 0): compiling is most
+# of a test's time and the tiny programs run for milliseconds (a cold smoke run: 46 -> 31
+# CPU-seconds). The programs are the same; float results may differ from an optimised build in
+# the last bits (fused multiply-adds), so every process of the tests, this one included (JAX reads
+# XLA_FLAGS when its backend starts), compiles this way: give children ``cpu_devices_env``.
+XLA_TEST_FLAGS = "--xla_backend_optimization_level=0"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_TEST_FLAGS}".strip()
+
+
+def cpu_devices_env(count: int, **extra: str) -> dict[str, str]:
+    """The environment of a child process that sees ``count`` CPU devices (and the tests'
+    compiler flags), plus ``extra`` variables."""
+    flags = f"{XLA_TEST_FLAGS} --xla_force_host_platform_device_count={count}"
+    return {**os.environ, "XLA_FLAGS": flags, **extra}
+
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory, worker_id) -> pathlib.Path:

@@ -23,6 +23,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import cpu_devices_env
 
 from cifar_flax.data import input_pipeline
 from cifar_flax.training import devices
@@ -50,8 +51,7 @@ def _cmd(workdir, *overrides) -> list[str]:
             "--workdir", str(workdir), *overrides]
 
 
-def _env(devices: int) -> dict:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+_env = cpu_devices_env
 
 
 def _start_pair(workdir, port: int, *extra) -> list[subprocess.Popen]:

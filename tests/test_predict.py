@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import cpu_devices_env
 from inference_utils import image_folder, write_image
 from PIL import Image
 
@@ -150,8 +151,7 @@ def test_two_devices_restore_and_pad_like_one(smoke_run, tmp_path):
     explicit shardings and an odd batch is padded: the same predictions as here."""
     np.save(tmp_path / "x.npy", np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), np.uint8))
     rows = predict.predict(str(smoke_run), [str(tmp_path / "x.npy")], top_k=4)[0]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "JAX_PLATFORMS": "cpu"}
+    env = cpu_devices_env(2, JAX_PLATFORMS="cpu")
     p = subprocess.run([sys.executable, "-m", "cifar_flax.predict", "--workdir", str(smoke_run),
                         str(tmp_path / "x.npy"), "--top_k", "4", "--output",
                         str(tmp_path / "p.json")], capture_output=True, text=True, timeout=300,

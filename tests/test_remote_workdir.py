@@ -21,6 +21,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+from conftest import cpu_devices_env
 
 pytestmark = pytest.mark.slow  # End-to-end runs: the full suite only.
 
@@ -60,9 +61,8 @@ def gcs_env(tmp_path_factory):
         f"{url}/storage/v1/b?project=test", data=json.dumps({"name": BUCKET}).encode(),
         headers={"Content-Type": "application/json"}, method="POST")
     urllib.request.urlopen(request, timeout=30).read()
-    env = {**os.environ, "EPATH_USE_TF": "false", "STORAGE_EMULATOR_HOST": url,
-           "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "offline",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = cpu_devices_env(1, EPATH_USE_TF="false", STORAGE_EMULATOR_HOST=url,
+                          TENSORSTORE_GCS_HTTP_URL=url, GOOGLE_AUTH_TOKEN_FOR_TESTING="offline")
     try:
         yield url, env
     finally:

@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import cpu_devices_env
 
 pytestmark = pytest.mark.slow  # End-to-end runs: the full suite only.
 
@@ -54,14 +55,17 @@ mesh = devices.make_mesh(jax.devices()[:8])
 model, plan, state, fn = setup_step(config, mesh)
 params0, stats0 = jax.device_get(state.params), jax.device_get(state.batch_stats)
 state, _ = fn(state, devices.shard_batch(mesh, batch))
-per_shard = []
-for i in range(8):
-    rows = slice(2 * i, 2 * i + 2)
-    x, _ = augment.train_augment(batch["image"][rows], batch["label"][rows], jax.random.key(0),
-                                 config.augment, 4, SIMPLE)  # Augmentation off: deterministic.
+
+@jax.jit  # One program for the 8 shards (eagerly, every layer's ops compile on their own).
+def shard_stats(images, labels):
+    x, _ = augment.train_augment(images, labels, jax.random.key(0), config.augment, 4,
+                                 SIMPLE)  # Augmentation off: deterministic.
     _, new = model.apply({"params": params0, "batch_stats": stats0}, x, train=True,
                          bn_train_modules=plan.bn_train_modules, mutable=["batch_stats"])
-    per_shard.append(new["batch_stats"])
+    return new["batch_stats"]
+
+per_shard = [shard_stats(batch["image"][2 * i:2 * i + 2], batch["label"][2 * i:2 * i + 2])
+             for i in range(8)]
 flat = lambda tree: [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(tree)]
 out["unsynced"] = {"got": flat(state.batch_stats), "first": flat(per_shard[0]),
                    "mean": flat(jax.tree.map(lambda *xs: np.mean(xs, 0), *per_shard))}
@@ -71,8 +75,7 @@ print("RESULT" + json.dumps(out))
 
 def test_eight_devices_match_one_device(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
+    env = cpu_devices_env(8, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-c", _SCRIPT, root, os.path.join(root, "tests")],
         env=env, capture_output=True, text=True, timeout=300,
