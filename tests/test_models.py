@@ -58,15 +58,16 @@ def test_output_shape_in_train_and_eval(layout):
                                  head_dropout=0.5, **TINY)
     variables = _random_variables(model)
     x = jax.random.normal(jax.random.key(1), (3, 40, 40, 3))
-    logits = model.apply(variables, x)
+    apply = jax.jit(model.apply, static_argnames=("train", "mutable", "method"))  # Not per op.
+    logits = apply(variables, x)
     assert logits.shape == (3, 7) and logits.dtype == jnp.float32
-    logits, updates = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)},
-                                  mutable=["batch_stats"])
+    logits, updates = apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)},
+                            mutable=("batch_stats",))
     assert logits.shape == (3, 7)
     # Training mode updates the BatchNorm statistics; inference mode does not touch them.
     before, after = jax.tree.leaves(variables["batch_stats"]), jax.tree.leaves(updates)
     assert any(not np.allclose(a, b) for a, b in zip(before, after))
-    assert model.apply(variables, x, method=model.features).shape == (3, FEATURES)
+    assert apply(variables, x, method="features").shape == (3, FEATURES)
 
 
 def test_dropout_is_active_only_in_training():
@@ -163,11 +164,12 @@ def test_conv_impl_gives_the_same_model():
     kw = dict(num_classes=3, layout="v1", stage_sizes=(1, 1, 1, 1), base_width=8, zero_init_head=False)
     a, b = create_model(**kw, conv_impl="xla"), create_model(**kw, conv_impl="im2col")
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
-    variables = a.init(jax.random.PRNGKey(1), x)
-    assert jax.tree.structure(b.init(jax.random.PRNGKey(1), x)) == jax.tree.structure(variables)
+    variables = jax.jit(a.init)(jax.random.PRNGKey(1), x)  # Jitted: one program, not per op.
+    assert jax.tree.structure(jax.eval_shape(b.init, jax.random.PRNGKey(1), x)) == \
+        jax.tree.structure(variables)
     loss = lambda m: lambda p: jnp.sum(m.apply({**variables, "params": p}, x) ** 2)  # noqa: E731
-    la, ga = jax.value_and_grad(loss(a))(variables["params"])
-    lb, gb = jax.value_and_grad(loss(b))(variables["params"])
+    la, ga = jax.jit(jax.value_and_grad(loss(a)))(variables["params"])
+    lb, gb = jax.jit(jax.value_and_grad(loss(b)))(variables["params"])
     assert jnp.allclose(la, lb, rtol=1e-5)
     for x1, x2 in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         assert jnp.allclose(x1, x2, rtol=1e-4, atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import optax
 import pytest
@@ -32,7 +33,7 @@ def _direct(config, info, model, variables):
         labels.append(b["label"][b["mask"]])
     images, labels = np.concatenate(images), np.concatenate(labels)
     x = augment.eval_preprocess(images, config.augment, SIMPLE)
-    logits = np.asarray(model.apply(variables, x, train=False))
+    logits = np.asarray(jax.jit(model.apply)(variables, x))  # Inference mode; one program.
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return float(np.mean(loss)), float(np.mean(logits.argmax(-1) == labels)), logits, labels
 

@@ -125,6 +125,7 @@ def test_train_step_draws_dropout_from_its_step_key(mesh):
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     rng, step = np.asarray(state.rng), int(state.step)
 
+    @jax.jit  # One program (eagerly, every layer's ops would compile on their own).
     def loss_with(key_step):
         aug_key, dropout_key = step_lib.step_keys(rng, key_step, 0)
         x, soft = augment.train_augment(batch["image"], batch["label"], aug_key, config.augment,
@@ -132,9 +133,9 @@ def test_train_step_draws_dropout_from_its_step_key(mesh):
         logits, _ = model.clone(bn_axis_name=None).apply(  # One device: same statistics.
             variables, x, train=True, bn_train_modules=plan.bn_train_modules,
             mutable=["batch_stats"], rngs={"dropout": dropout_key})
-        return float(step_lib.cross_entropy(logits, soft))
+        return step_lib.cross_entropy(logits, soft)
 
-    expected, other = loss_with(step), loss_with(step + 1)
+    expected, other = float(loss_with(step)), float(loss_with(step + 1))
     _, metrics = fn(state, devices.shard_batch(mesh, batch))
     assert abs(float(metrics["loss"]) - expected) < 1e-5 * max(1.0, abs(expected))
     assert abs(other - expected) > 1e-3  # The test can tell the keys apart.
