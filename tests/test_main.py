@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 from train_utils import default_sigint
 
+from cifar_flax import cli, main
 from cifar_flax.training.metrics import read_metrics
 from cifar_flax.training.workdir import LOCK_NAME
-
-pytestmark = pytest.mark.slow  # End-to-end runs: the full suite only.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPORT_FILES = ("curves.png", "confusion_matrix.png", "classification_report.txt",
@@ -33,6 +32,7 @@ def _train_steps(workdir) -> list[int]:
     return [r["step"] for r in read_metrics(str(workdir), "train")]
 
 
+@pytest.mark.slow  # An end-to-end run: the full suite only.
 def test_smoke_run_survives_sigterm_resumes_and_reports(tmp_path):
     proc = subprocess.Popen(_cmd(tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -65,60 +65,69 @@ def test_smoke_run_survives_sigterm_resumes_and_reports(tmp_path):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
 
 
-def test_errors_are_one_line_with_exit_code_1(tmp_path):
+def _in_process(capsys, workdir, *overrides, config="configs/smoke.py") -> tuple[int, str]:
+    """(status, stderr) of the command called in this process, behind the same boundary
+    (cli.run) as ``python -m cifar_flax.main``: its error paths without a 6-second start-up.
+    The real entry point's exit status: test_workdir_that_is_a_file_and_quiet_start_up."""
+    capsys.readouterr()
+    status = cli.run(main.main, main.FLAGS,
+                     ["--config", config, "--workdir", str(workdir), *overrides])
+    return status, capsys.readouterr().err
+
+
+def _one_error_line(status: int, err: str) -> str:
+    assert status == 1, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err[-2000:]
+    return lines[0]
+
+
+def test_errors_are_one_line_with_exit_code_1(tmp_path, capsys):
     cases = [
         ("--config.dataset=imagefolder:/nonexistent/cifar", "does not exist"),
         ('--config.phases[1].trainable=("stage4","stage7")', "stage7"),
     ]
     for override, expected in cases:
-        p = subprocess.run(_cmd(tmp_path / "e", override), cwd=ROOT, capture_output=True,
-                           text=True, timeout=120)
-        assert p.returncode == 1, p.stderr[-2000:]
-        lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
-        assert len(lines) == 1 and expected in lines[0], p.stderr[-2000:]
-        assert "Traceback" not in p.stderr
+        line = _one_error_line(*_in_process(capsys, tmp_path / "e", override))
+        assert expected in line, line
 
 
-def _one_error_line(p: subprocess.CompletedProcess) -> str:
-    assert p.returncode == 1, p.stderr[-2000:]
-    assert "Traceback" not in p.stderr, p.stderr[-2000:]
-    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, p.stderr[-2000:]
-    return lines[0]
-
-
-def test_slips_in_flags_and_config_paths_are_one_line(tmp_path):
+def test_slips_in_flags_and_config_paths_are_one_line(tmp_path, capsys, monkeypatch):
     """Caught while parsing flags (seconds, before JAX, data or weights are touched)."""
     cases = [
-        (["--config.batch_sizee=3"], ROOT, "did you mean --config.batch_size?"),
-        (["--config.phases[5].lr=0.1"], ROOT, "phases[5] is out of range: phases has 2 entries"),
-        (["--config.batch_size=abc"], ROOT, "--config.batch_size=abc"),
-        (["--wrkdir=x"], ROOT, "Unknown command line flag 'wrkdir'"),
+        (["--config.batch_sizee=3"], "did you mean --config.batch_size?"),
+        (["--config.phases[5].lr=0.1"], "phases[5] is out of range: phases has 2 entries"),
+        (["--config.batch_size=abc"], "--config.batch_size=abc"),
+        (["--wrkdir=x"], "Unknown command line flag 'wrkdir'"),
     ]
-    for extra, cwd, expected in cases:
-        p = subprocess.run(_cmd(tmp_path / "w", *extra), cwd=cwd, capture_output=True,
-                           text=True, timeout=120)
-        assert expected in _one_error_line(p), (extra, p.stderr[-2000:])
-    nope = [sys.executable, "-m", "cifar_flax.main", "--config", "configs/nope.py",
-            "--workdir", str(tmp_path / "w")]
-    line = _one_error_line(subprocess.run(nope, cwd=ROOT, capture_output=True, text=True,
-                                          timeout=120))
+    monkeypatch.chdir(ROOT)
+    for extra, expected in cases:
+        line = _one_error_line(*_in_process(capsys, tmp_path / "w", *extra))
+        assert expected in line, (extra, line)
+    line = _one_error_line(*_in_process(capsys, tmp_path / "w", config="configs/nope.py"))
     assert f"looked for {ROOT}/configs/nope.py" in line
-    elsewhere = subprocess.run(_cmd(tmp_path / "w"), cwd=tmp_path, capture_output=True,
-                               text=True, timeout=120)  # A relative path from another folder.
-    assert f"did you mean --config={ROOT}/configs/smoke.py?" in _one_error_line(elsewhere)
+    monkeypatch.chdir(tmp_path)  # A relative path from another folder.
+    line = _one_error_line(*_in_process(capsys, tmp_path / "w"))
+    assert f"did you mean --config={ROOT}/configs/smoke.py?" in line
     assert not os.path.exists(tmp_path / "w")  # Nothing was created.
 
 
+def _exited_with_one_error_line(p: subprocess.CompletedProcess) -> str:
+    return _one_error_line(p.returncode, p.stderr)
+
+
+@pytest.mark.slow  # An end-to-end run: the full suite only.
 def test_workdir_that_is_a_file_and_quiet_start_up(tmp_path):
     (tmp_path / "f").write_text("")
     p = subprocess.run(_cmd(tmp_path / "f"), cwd=ROOT, capture_output=True, text=True,
                        timeout=180)
-    assert f"--workdir {tmp_path / 'f'} is a file" in _one_error_line(p)
+    assert f"--workdir {tmp_path / 'f'} is a file" in _exited_with_one_error_line(p)
     for noise in ("oneDNN", "absl::InitializeLog", "libtpu", "cpu_feature_guard"):
         assert noise not in p.stderr, p.stderr[-2000:]
 
 
+@pytest.mark.slow  # An end-to-end run: the full suite only.
 @pytest.mark.parametrize("sig, delay", [(signal.SIGINT, 2.0), (signal.SIGINT, 6.0),
                                         (signal.SIGTERM, 3.0)])
 def test_a_signal_during_start_up_is_one_line_and_frees_the_workdir(tmp_path, sig, delay):
@@ -143,32 +152,35 @@ def test_a_signal_during_start_up_is_one_line_and_frees_the_workdir(tmp_path, si
     assert not (tmp_path / "w" / LOCK_NAME).exists()
 
 
+@pytest.mark.slow  # An end-to-end run: the full suite only.
 def test_distributed_without_a_cluster_or_with_a_missing_process_is_one_line(tmp_path):
     p = subprocess.run(_cmd(tmp_path / "w", "--config.distributed.enabled=True"), cwd=ROOT,
                        capture_output=True, text=True, timeout=180)
-    line = _one_error_line(p)
+    line = _exited_with_one_error_line(p)
     assert "detected no cluster" in line and "coordinator_address=HOST:PORT" in line
     alone = ["--config.distributed.enabled=True", "--config.distributed.num_processes=2",
              "--config.distributed.coordinator_address=127.0.0.1:29931",
              "--config.distributed.process_id=0", "--config.distributed.timeout_seconds=5"]
     p = subprocess.run(_cmd(tmp_path / "w", *alone), cwd=ROOT, capture_output=True, text=True,
                        timeout=180)
-    line = _one_error_line(p)
+    line = _exited_with_one_error_line(p)
     assert "process 1 did not join" in line and "timeout_seconds=5" in line
     printed = [ln for ln in p.stderr.splitlines() if not re.match(r"I\d{4} ", ln)]  # Progress.
     assert "stack trace" not in p.stderr and printed == [line]
 
 
+@pytest.mark.slow  # An end-to-end run: the full suite only.
 def test_an_unreachable_gs_workdir_is_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "STORAGE_EMULATOR_HOST"}
     env["EPATH_USE_TF"] = "false"
     p = subprocess.run(_cmd("gs://cifar-flax-no-such-bucket/x"), cwd=ROOT, capture_output=True,
                        text=True, timeout=300, env=env)
-    line = _one_error_line(p)
+    line = _exited_with_one_error_line(p)
     assert "gs://cifar-flax-no-such-bucket/x" in line
     assert "offline" in line or "credentials" in line or "gcloud auth" in line
 
 
+@pytest.mark.slow  # An end-to-end run: the full suite only.
 def test_ctrl_c_before_training_exits_130_with_one_line(tmp_path):
     proc = subprocess.Popen(_cmd(tmp_path / "w"), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)

@@ -15,10 +15,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from absl import flags
-from train_utils import enable_compilation_cache, interrupted_at, steps_saved, tiny_config
+from train_utils import (command_status, enable_compilation_cache, interrupted_at, steps_saved,
+                         tiny_config)
 
-from cifar_flax import UserError, cli, main
+from cifar_flax import UserError, main
 from cifar_flax.config import phase
 from cifar_flax.training.checkpoints import Checkpointer
 from cifar_flax.training.metrics import read_metrics
@@ -39,11 +39,6 @@ def _config(**overrides):
     c.early_stopping.patience = 5
     c.update_from_flattened_dict(overrides)
     return c
-
-
-def _command(config, workdir) -> int:
-    """main.run(config, workdir) behind the commands' one boundary (cli.run): the status."""
-    return cli.run(lambda argv: main.run(config, str(workdir)), flags.FlagValues(), [])
 
 
 def _steps(workdir) -> list[int]:
@@ -147,7 +142,7 @@ def test_a_failed_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, m
         return real_save(self, step, *args, **kwargs)
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
-    assert _command(_config(), tmp_path) == 1
+    assert command_status(_config(), tmp_path) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len([ln for ln in err if ln.startswith("error:")]) == 1
     assert "saving checkpoint step 4" in err[-1] and "No space left on device" in err[-1]
@@ -159,7 +154,7 @@ def test_a_failed_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, m
 
 def test_a_workdir_in_use_or_a_file_is_one_line(tmp_path, capsys):
     with WorkdirLock(str(tmp_path)):
-        assert _command(_config(), tmp_path) == 1
+        assert command_status(_config(), tmp_path) == 1
     assert f"in use by pid {os.getpid()}" in capsys.readouterr().err
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="is a file, not a folder"):

@@ -146,6 +146,17 @@ def interrupted_at(config, workdir: str, stop_after_steps: int) -> int:
     return stopped.value.step
 
 
+def command_status(config, workdir) -> int:
+    """``main.run(config, workdir)`` behind the commands' one boundary (cli.run), in this
+    process: the exit status ``python -m cifar_flax.main`` would have (its lines go to the
+    captured stdout/stderr)."""
+    from absl import flags
+
+    from cifar_flax import cli, main
+
+    return cli.run(lambda argv: main.run(config, str(workdir)), flags.FlagValues(), [])
+
+
 def steps_saved(workdir: str, kind: str = "latest") -> list[int]:
     """The step folders in ``<workdir>/checkpoints/<kind>``, sorted."""
     folder = os.path.join(workdir, "checkpoints", kind)
