@@ -18,10 +18,10 @@ from cifar_flax.data.subset import link_few_shot
 
 SCRIPT = ROOT / "experiments" / "data_efficiency.py"
 ROWS = ["linear", "staged", "full", "lpft", "scratch"]
-# The smoke sweep's rows: the recipe and the one without weights (rows of two and three phases
-# from an earlier run run end to end in the smoke ablation, tests/test_seed_ablation.py; every
-# row's budget split is checked above without running it).
-SMOKE_ROWS = ["full", "scratch"]
+# The smoke sweep's row: the recipe (rows of two and three phases and the one without weights
+# run end to end in the smoke ablation, tests/test_seed_ablation.py; every row's command and
+# budget split is checked below without running it).
+SMOKE_ROWS = ["full"]
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,22 @@ def test_phase_overrides_split_the_budget_in_the_rows_proportions(script, row):
     warmups = [float(a.split("=")[1]) for a in args if "warmup_epochs=" in a]
     for w, s, p in zip(warmups, steps, config.phases):  # Each warmup keeps its share.
         assert w * b["steps_per_epoch"] / s == pytest.approx(p.warmup_epochs / p.epochs, rel=1e-4)
+
+
+def test_every_row_runs_the_real_command_and_only_scratch_starts_without_weights(script,
+                                                                                 tmp_path):
+    args = script.parse_args(["--weights", "torchvision", "--dataset", "imagefolder:/data/b",
+                              "--out", str(tmp_path), "--rows", ",".join(ROWS)])
+    b = script.budget(10, 5)
+    for row in ROWS:
+        cmd = script.run_command(row, 10, 1, args, "/data/b_10", b)
+        assert cmd[1:4] == ["-m", "cifar_flax.main", f"--config=configs/ablation.py:{row}"]
+        weights = [a for a in cmd if a.startswith(("--config.pretrained.", "--config.init_from"))]
+        assert bool(weights) == (row != "scratch"), (row, cmd)
+        assert {"--config.dataset=imagefolder:/data/b_10", "--config.seed=1",
+                f"--config.batch_size={b['batch_size']}"} <= set(cmd), cmd
+        assert cmd[-2 * len(load_config("ablation", row).phases):] == script.phase_overrides(
+            load_config("ablation", row), b)
 
 
 def test_few_shot_subsets_share_one_validation_set_and_nest(tmp_path):
@@ -143,8 +159,8 @@ def test_smoke_sweep_plot_and_rerun_reads_back(smoke_sweep):
     finally:
         report.with_name("report.aside").rename(report)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "7 of 8 runs finished; not yet: 2pc/full/seed0" in p.stdout
+    assert "3 of 4 runs finished; not yet: 2pc/full/seed0" in p.stdout
     partial = json.loads((out / "summary.json").read_text())["runs"]
-    assert len(partial) == 7 and ("full", 2, 0) not in {
+    assert len(partial) == 3 and ("full", 2, 0) not in {
         (r["row"], r["per_class"], r["seed"]) for r in partial}
     assert re.search(r"\| full \| \d+\.\d\d \+- 0\.00 \(n=1\) \|", p.stdout)
