@@ -1,4 +1,6 @@
-"""The real entry point: the smoke config end to end (with a SIGTERM and a resume), and errors."""
+"""The real entry point: the smoke config end to end (with a SIGTERM and a resume), signals,
+and errors (flag slips and config errors through its boundary in this process, the rest as
+``python -m cifar_flax.main``)."""
 
 from __future__ import annotations
 
