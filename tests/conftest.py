@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 
-import jax  # noqa: F401  (before the environment below: this process keeps its settings)
+import jax  # noqa: F401  (before the cache settings below: this process keeps its own)
 import pytest
 from filelock import FileLock
 
@@ -37,10 +37,11 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 
 
 def cpu_devices_env(count: int, **extra: str) -> dict[str, str]:
-    """The environment of a child process that sees ``count`` CPU devices (and the tests'
-    compiler flags), plus ``extra`` variables."""
-    flags = f"{XLA_TEST_FLAGS} --xla_force_host_platform_device_count={count}"
-    return {**os.environ, "XLA_FLAGS": flags, **extra}
+    """The environment of a child process that sees ``count`` CPU devices, with this process's
+    other XLA flags (the compiler flags above), plus ``extra`` variables."""
+    device_flag = "--xla_force_host_platform_device_count"
+    flags = [f for f in os.environ["XLA_FLAGS"].split() if not f.startswith(device_flag)]
+    return {**os.environ, "XLA_FLAGS": " ".join([*flags, f"{device_flag}={count}"]), **extra}
 
 
 @pytest.fixture(scope="session")
