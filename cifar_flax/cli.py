@@ -3,8 +3,10 @@ signals, a quiet start-up.
 
 - Flags: absl with ml_collections ``config_flags`` for every command; each command keeps its
   flags in its own ``FlagValues`` (commands can be called in one process, as the tests do).
-  Positional arguments come through absl's argv. A slip is one line, found before JAX starts: an
-  unknown or misspelled ``--config.field`` (with the near name), an index out of range
+  Positional arguments come through absl's argv. ``--help``: the command's one line (its module
+  docstring's first paragraph), where the config fields are documented (config.py), its flags.
+  A slip is one line, found before JAX starts: an unknown or misspelled flag or
+  ``--config.field`` (with the near name), an index out of range
   (``--config.phases[5].lr``), a value of the wrong type, a config file that is not there (with
   where it was looked for, and the project's own ``configs/`` file when a relative path was given
   from another directory).
@@ -51,8 +53,8 @@ def run(main: Callable[[list[str]], str | None], flag_values: flags.FlagValues,
     commands parse their own flags, so absl's --verbosity does not apply)."""
     previous, verbosity = interrupts.exit_on_signal(), logging.get_verbosity()
     try:
-        args = parse_flags(flag_values,
-                           [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+        args = parse_flags(flag_values, [sys.argv[0], *(sys.argv[1:] if argv is None else argv)],
+                           description(sys.modules.get(main.__module__)))
         prepare_runtime()
         if progress:
             logging.set_verbosity(logging.INFO)
@@ -100,27 +102,92 @@ def _one_line(text: str) -> str:
 # ---- flags and config files ----
 
 
-def parse_flags(flag_values: flags.FlagValues, argv: list[str]) -> list[str]:
+CONFIG_DOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
+HELP_CONFIG = (f"Config fields (--config.<field>=value; a run's config.json): each one, its "
+               f"default and meaning, is documented in {CONFIG_DOC}.")
+
+
+def description(module: Any) -> str:
+    """The command's one-line description for ``--help``: the first paragraph of its module
+    docstring, on one line (without reST's markup)."""
+    doc = (getattr(module, "__doc__", None) or "").strip()
+    first = _one_line(doc.split("\n\n")[0]).replace("``", "")
+    return f"{first.rstrip(':')}." if first.endswith(":") else first
+
+
+def parse_flags(flag_values: flags.FlagValues, argv: list[str], about: str = "") -> list[str]:
     """absl's parsing of ``argv`` into ``flag_values`` (and absl's own logging flags); returns
-    argv[0] and the positional arguments. ``--help`` prints the command's flags and exits 0;
-    every slip is a UserError of one line."""
+    argv[0] and the positional arguments. ``--help`` prints ``about`` (the command's one line),
+    where the config fields are documented and the command's flags, and exits 0; every slip is
+    a UserError of one line (an unknown flag with the near name, as for ``--config.`` fields)."""
     if any(a in ("-h", "--help", "--helpshort", "-?") for a in argv[1:]):
-        print(flag_values.get_help(), flush=True)
+        print("\n\n".join(filter(None, [about, HELP_CONFIG, flag_values.get_help().strip("\n")])),
+              flush=True)
         raise SystemExit(0)
     flag_values.unparse_flags()  # A second call in one process starts from the defaults.
     try:
         if id(flag_values) in _CONFIG_FLAGS:  # Its --config.<field> overrides come from argv.
             _define_config(flag_values, *_CONFIG_FLAGS[id(flag_values)], argv)
+        unknown = unknown_flag_error(argv, flag_values)
+        if unknown:  # Before absl's checks: a misspelled required flag is named as misspelled.
+            raise UserError(unknown)
         rest = flags.FLAGS(flag_values(argv, known_only=True))
         for name in _config_flag_names(flag_values):
             if flag_values[name].value is not None:
                 flag_values[name].value.keys()  # A config file that failed to load raises here.
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - every parsing failure is a user's slip.
         raise UserError(describe_flag_error(e, argv, flag_values)) from None
-    unknown = [a for a in rest[1:] if a.startswith("-")]
-    if unknown:
-        raise UserError(f"unknown flag {unknown[0]}; --help lists this command's flags.")
+    left = [a for a in rest[1:] if a.startswith("-")]  # (What absl left: a flag it lacks.)
+    if left:
+        raise UserError(f"unknown flag {left[0]}; --help lists this command's flags.")
     return rest
+
+
+def near(name: str, names: Sequence[str]) -> str | None:
+    """The one of ``names`` that ``name`` most likely misspells (difflib), or None."""
+    found = difflib.get_close_matches(name, list(names), 1, 0.6)
+    return found[0] if found else None
+
+
+def unknown_flag_error(argv: list[str], flag_values: flags.FlagValues) -> str | None:
+    """The line for the first ``--flag`` of argv that neither the command nor absl defines
+    (None when there is none), with the command's flag it most likely misspells.
+    ``--config.<field>`` overrides are left to :func:`override_error`; after ``--`` every
+    argument is positional."""
+    ours = [n for n in flag_values if "." not in n]
+    configs = _config_flag_names(flag_values)
+    takes_value = False
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        if takes_value or not arg.startswith("-") or arg == "-" or _is_number(arg):
+            takes_value = False  # A flag's value given as the next argument, or a positional.
+            continue
+        name = arg.lstrip("-").split("=", 1)[0]
+        known = flag_values if name in flag_values else flags.FLAGS if name in flags.FLAGS else None
+        if known is not None:
+            takes_value = "=" not in arg and not known[name].boolean
+            continue
+        head, dot, field = name.partition(".")
+        if dot and head in configs:
+            continue  # A --config.<field> override: override_error names a wrong field.
+        if any(name[2:] in fv and fv[name[2:]].boolean for fv in (flag_values, flags.FLAGS)):
+            continue  # --noforce
+        guess = near(head, configs) if dot else near(name, ours)
+        hint = f"did you mean --{guess}{dot}{field}? " if guess else ""
+        return f"unknown flag {arg.split('=', 1)[0]}; {hint}--help lists this command's flags."
+    return None
+
+
+def _is_number(text: str) -> bool:
+    """Whether ``text`` is a number (``--config.phases[0].lr -1``: a value, never a flag)."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 _OVERRIDE = re.compile(r"^--?(\w+)\.([^=]+)(?:=.*)?$")
@@ -201,8 +268,8 @@ def override_error(config: Any, path: str) -> str | None:
         keys = list(node.keys()) if hasattr(node, "keys") else []
         if part not in keys:
             where = f"{done}." if done else ""
-            near = difflib.get_close_matches(part, [str(k) for k in keys], 1, 0.6)
-            hint = f"; did you mean --config.{where}{near[0]}?" if near else (
+            guess = near(part, [str(k) for k in keys])
+            hint = f"; did you mean --config.{where}{guess}?" if guess else (
                 f"; {done or 'the config'} has: {', '.join(map(str, keys))}" if keys else "")
             return f"--config.{path}: no field {part!r} in {done or 'the config'}{hint}"
         node, done = node[part], f"{done}.{part}" if done else part

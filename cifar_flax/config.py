@@ -93,6 +93,13 @@ def default_config() -> ml_collections.ConfigDict:
     # every parameter must match exactly one group (else one error lists up to 10 offenders).
     c.groups = ml_collections.ConfigDict(DEFAULT_GROUPS)
     c.phases = [phase("finetune")]  # Run in order; see phase() below for every phase field.
+    # The batch size the phases' lr and group_lr are stated for: a run at another batch_size
+    # trains every group at lr x batch_size / lr_batch_size (linear scaling, the convention of
+    # flax's imagenet example and big_vision), so halving the batch to fit a device halves the
+    # rates instead of doubling the per-image step. The phase start log line and results.json's
+    # "learning_rates" show the rates a run uses. A config whose batch is not 128 sets this to
+    # the batch its rates were chosen at (configs/smoke.py: 32).
+    c.lr_batch_size = 128
     c.frozen_bn_inference = True  # BatchNorm of modules with no trainable group: running stats, not updated.
     c.sync_batchnorm = True  # Average BatchNorm batch statistics over all devices (device-count independent).
     c.eval_every_steps = 0  # Validate every N steps (0 = every epoch end) and at every phase's end.
@@ -324,6 +331,10 @@ def _loop_errors(c: ml_collections.ConfigDict) -> list[str]:
             f"checkpoint.every_steps={c.checkpoint.every_steps} must be >= 0 and "
             f"checkpoint.keep={c.checkpoint.keep} >= 1."
         )
+    lr_batch = c.lr_batch_size
+    if isinstance(lr_batch, bool) or not isinstance(lr_batch, int) or lr_batch <= 0:
+        errors.append(f"lr_batch_size={lr_batch!r} must be a positive integer: the batch size "
+                      "the phases' learning rates are stated for (see config.py).")
     if c.log_every_steps < 1 or c.eval_every_steps < 0:
         errors.append(
             f"log_every_steps={c.log_every_steps} must be >= 1 and "
@@ -391,19 +402,25 @@ def _slip_errors(c: ml_collections.ConfigDict) -> list[str]:
 
 
 def _empty_class_errors(c: ml_collections.ConfigDict) -> list[str]:
-    """imagefolder: a class folder of the train split with no files (the model would be tested
-    on a class it never saw)."""
+    """imagefolder: a train split with fewer than two class folders (nothing to tell apart: such
+    a run would report accuracy 1.0), or a class folder of it with no files (the model would be
+    tested on a class it never saw). Classes left without training images by the validation
+    hold-out or skipped files are caught when the data is read (input_pipeline.check_train_classes);
+    a split lacking a class folder of another, by sources.imagefolder_source."""
     dataset = str(c.dataset)
     if not dataset.startswith("imagefolder:"):
         return []
     split_dir = os.path.join(dataset.split(":", 1)[1], c.train_split)
     if not os.path.isdir(split_dir):
         return []  # The data check names a missing split folder.
-    empty = sorted(
-        name for name in os.listdir(split_dir)
-        if not name.startswith(".") and os.path.isdir(os.path.join(split_dir, name))
-        and not any(not f.startswith(".") for f in os.listdir(os.path.join(split_dir, name)))
-    )
+    classes = sorted(name for name in os.listdir(split_dir)
+                     if not name.startswith(".") and os.path.isdir(os.path.join(split_dir, name)))
+    if len(classes) == 1:
+        return [f"split folder {split_dir} has one class folder ({classes[0]}): a classifier "
+                "needs at least two classes; add a folder of images for each other class "
+                f"({split_dir}/<class>/, and the same in every split)."]
+    empty = [name for name in classes
+             if not any(not f.startswith(".") for f in os.listdir(os.path.join(split_dir, name)))]
     if not empty:
         return []
     return [f"class folder {os.path.join(split_dir, empty[0])} has no training images"

@@ -1,14 +1,17 @@
 """Export a trained run as a self-contained model:
 ``python -m cifar_flax.export --workdir RUN --output DIR [--force] [--checkpoint latest]``.
 
-DIR receives (cifar_flax/exported.py loads it with jax and numpy alone):
+DIR receives (cifar_flax/exported.py loads it with what ``requirements.txt`` lists):
 - ``model.jax``: jax.export serialized StableHLO of ``(variables, images) -> (logits,
   probabilities)`` for CPU, CUDA and TPU, with a symbolic batch dimension; ``images`` are uint8
   (N, H, W, 3) at the size the run's pipeline fed the model, and the resize to
-  ``augment.resolution`` and the normalisation are inside. It uses XLA's convolution everywhere
+  ``augment.resolution`` and the normalisation are inside (``exported.load`` resizes images of
+  another size to H x W first, as predict does). It uses XLA's convolution everywhere
   (``model.conv_impl="xla"``), not the CPU-only small-map path.
 - ``params.npz`` (weights, '/'-joined paths), ``model.json`` (class names, input shape,
-  provenance) and ``exported.py`` (the loader, so the folder needs no cifar_flax).
+  provenance, ``"format": "cifar_flax.export/1"``), ``exported.py`` (the loader, so the folder
+  needs no cifar_flax) and ``requirements.txt`` (the loader's packages: jax, numpy and
+  flatbuffers, which jax's deserializer imports but jax does not install).
 - ``saved_model/`` when TensorFlow is importable: a TF SavedModel (jax2tf, native serialization)
   with a ``serving_default`` signature ``images`` uint8 -> ``logits``, ``probabilities``.
 """
@@ -19,6 +22,7 @@ if __name__ == "__main__":  # Before the imports below: Ctrl-C as one line, Tens
     cli.start()
 
 import datetime  # noqa: E402
+import importlib.metadata  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 from typing import Any, Callable  # noqa: E402
@@ -80,10 +84,11 @@ def model_info(run: TrainedRun, exp: jax.export.Exported) -> dict[str, Any]:
     trained = epath.Path(run.workdir) / "report" / "results.json"
     trained = json.loads(trained.read_text()) if trained.exists() else {}
     return {
-        "format": "cifar_flax.export/1",
+        "format": FORMAT,
         "class_names": run.class_names,
         "input": {"shape": list(run.image_shape), "dtype": "uint8", "layout": "NHWC",
-                  "note": "any batch size; resize and normalisation are inside the model"},
+                  "note": "any batch size; the resize to model_resolution and the normalisation "
+                          "are inside the model; exported.load resizes other sizes to shape"},
         "outputs": ["logits", "probabilities"],
         "platforms": list(exp.platforms),
         "model_resolution": int(run.config.augment.resolution),
@@ -100,14 +105,33 @@ def model_info(run: TrainedRun, exp: jax.export.Exported) -> dict[str, Any]:
     }
 
 
-EXPORT_FILES = (exported.MODEL_FILE, exported.PARAMS_FILE, exported.INFO_FILE, "exported.py",
-                "saved_model")  # All that an export folder holds.
+FORMAT = "cifar_flax.export/1"  # model.json's mark of an export (--force replaces only these).
+REQUIRED_FILES = (exported.MODEL_FILE, exported.PARAMS_FILE, exported.INFO_FILE, "exported.py")
+EXPORT_FILES = (*REQUIRED_FILES, exported.REQUIREMENTS_FILE,
+                "saved_model")  # All that an export folder holds (older ones: no requirements).
 
 
 def _is_export(folder: epath.Path) -> bool:
-    """Whether ``folder`` holds an earlier export (its model.json says so)."""
+    """Whether ``folder`` holds an earlier export: every file an export always writes, and a
+    model.json whose format is this export's (a folder that merely has a model.json is not)."""
     info = read_json(folder / exported.INFO_FILE)
-    return isinstance(info, dict) and str(info.get("format", "")).startswith("cifar_flax.export/")
+    return (isinstance(info, dict) and info.get("format") == FORMAT
+            and all((folder / name).is_file() for name in REQUIRED_FILES))
+
+
+def requirements() -> str:
+    """requirements.txt: what exported.py needs to load the folder, from the versions that
+    wrote it. jax (its jaxlib follows) reads exports of older jax versions, within jax.export's
+    compatibility window (about 6 months); numpy only reads params.npz; flatbuffers is imported
+    by jax's deserializer, which jax does not install."""
+    used = {name: importlib.metadata.version(name) for name in ("jax", "numpy", "flatbuffers")}
+    return (
+        "# The packages exported.py needs to load this folder: pip install -r requirements.txt\n"
+        f"# Written with jax {used['jax']}, numpy {used['numpy']}, flatbuffers "
+        f"{used['flatbuffers']}. A jax much newer than this\n"
+        f"# (beyond jax.export's ~6-month compatibility window) may refuse it: then install "
+        f"jax=={used['jax']}.\n"
+        f"jax>={used['jax']}\nnumpy>=1.26,<3\nflatbuffers>={used['flatbuffers']}\n")
 
 
 def export(workdir: str, output: str, force: bool = False, checkpoint: str = "best",
@@ -129,6 +153,7 @@ def _write(run: TrainedRun, exp: jax.export.Exported, out: epath.Path,
     info = model_info(run, exp)
     (out / exported.INFO_FILE).write_text(json.dumps(info, indent=2))
     (out / "exported.py").write_text(epath.Path(exported.__file__).read_text())
+    (out / exported.REQUIREMENTS_FILE).write_text(requirements())
     info["saved_model"] = savedmodel and write_saved_model(run, serving_function(run),
                                                            out / "saved_model")
     return info

@@ -1,10 +1,11 @@
-"""Train: ``python -m cifar_flax.main --config configs/finetune.py --workdir runs/finetune``.
+"""Train a model (or resume its run), test it and write its report:
+``python -m cifar_flax.main --config configs/finetune.py --workdir runs/finetune``.
 
 ``--config configs/x.py`` or ``configs/x.py:arg``, with ``--config.a.b=value`` overrides (e.g.
 ``--config.dataset=imagefolder:/data/pets --config.phases[0].lr=0.1``). Rerunning with the same
 ``--workdir`` resumes (only the same run: training/workdir.py); one run per workdir at a time.
-The report (curves, confusion matrix, classification report, results.json) goes to
-``<workdir>/report``.
+The report (curves, confusion matrix, classification report, calibration with the temperature
+fitted on the validation split, results.json) goes to ``<workdir>/report``.
 """
 
 from cifar_flax import cli
@@ -18,6 +19,7 @@ from absl import flags  # noqa: E402
 from etils import epath  # noqa: E402
 
 from cifar_flax import UserError, config as config_lib  # noqa: E402
+from cifar_flax.analysis import calibration  # noqa: E402
 from cifar_flax.analysis.report import write_report  # noqa: E402
 from cifar_flax.train import train_and_evaluate  # noqa: E402
 from cifar_flax.training import devices, workdir as workdir_lib  # noqa: E402
@@ -36,9 +38,9 @@ def run(config, workdir: str, stop_after_steps: int | None = None) -> dict:
     config_lib.validate(config)
     workdir_lib.check_workdir(workdir)
 
-    def report(history, labels, logits, class_names, results):
+    def report(history, labels, logits, class_names, results, validation):
         write_report(str(epath.Path(workdir) / "report"), history, labels, logits, class_names,
-                     results)
+                     results, calibration.from_validation(validation))  # Never fitted on test.
 
     with workdir_lib.WorkdirLock(workdir, take=jax.process_index() == 0):
         return train_and_evaluate(config, workdir, stop_after_steps, report)
@@ -53,8 +55,10 @@ def main(argv: list[str]) -> str | None:
     results = run(config, workdir)
     if jax.process_index() != 0:
         return None
-    return (f"test accuracy {results['test_accuracy']:.4f} on {results['test_examples']} images "
-            f"(training {results['images_per_sec']:.1f} images/s); report in {workdir}/report")
+    rate = results["images_per_sec"]  # None: no training step was timed.
+    speed = f" (training {rate:.1f} images/s)" if rate else ""
+    return (f"test accuracy {results['test_accuracy']:.4f} on {results['test_examples']} "
+            f"images{speed}; report in {workdir}/report")
 
 
 if __name__ == "__main__":

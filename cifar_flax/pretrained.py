@@ -1,4 +1,4 @@
-"""The weights command::
+"""Convert published ResNet50 weights, or compute their backbone features::
 
     python -m cifar_flax.pretrained convert --source=keras --input=FILE --output=DIR
     python -m cifar_flax.pretrained features --weights=DIR --images=IMAGES.npy --output=FEATS.npy

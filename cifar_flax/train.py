@@ -18,11 +18,18 @@ each: the workdir, its lock and the resume check (training/workdir.py, before an
 checkpoints with their damaged-step fallback (training/checkpoints.py), the divergence check
 (``_check_finite``, before every save), signals (training/interrupts.py: a stop request is
 honoured at a step boundary, after saving).
+
+An unstable run goes on but is reported: the first logged training loss (the mean of a log
+window) or validation loss above ``UNSTABLE_FACTOR`` x ln(num_classes), 100 times the loss of a
+chance-level prediction (230 for 10 classes), prints one warning naming the step, the value and
+the learning rate to lower, and results.json's ``unstable`` (null when stable) and report.md
+record it (:func:`unstable_loss`, derived from the metrics history, so a resumed run knows it).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any, Callable
 
@@ -44,7 +51,10 @@ from cifar_flax.training import interrupts, metrics, optim
 from cifar_flax.training import workdir as workdir_lib
 from cifar_flax.training.devices import AXIS
 
-ReportFn = Callable[[list, np.ndarray, np.ndarray, list, dict], None]
+UNSTABLE_FACTOR = 100.0  # A loss above this x ln(num_classes) marks the run unstable.
+# (history, test labels, test logits, class names, results, the tested weights' validation
+# {"labels", "logits", ...} or None without a validation split: calibration's temperature).
+ReportFn = Callable[[list, np.ndarray, np.ndarray, list, dict, dict | None], None]
 
 
 # ---- the step -----------------------------------------------------------------------------------
@@ -199,6 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     wall_start = time.time()
     mesh = devices.make_mesh()
     info = input_pipeline.get_info(config)
+    input_pipeline.check_train_classes(config, info)  # Two classes or more, each with images.
     model = initialize.build_model(config, info.num_classes)
     prep = initialize.input_preprocessing(config)
     epoch_steps = input_pipeline.steps_per_epoch(config, info)
@@ -220,6 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     throughput = metrics.Throughput(config.batch_size)
     batches = _TrainBatches(config, info)
     total = sum(optim.phase_steps(p, epoch_steps) for p in config.phases)  # The bar's: at most.
+    unstable = unstable_loss(writer.history, info.num_classes)  # Warned once, also on resume.
 
     def save(state: TrainState, kind: str = "latest") -> None:
         """A checkpoint of ``kind`` (latest, best, phase_best): the state, where the run stands."""
@@ -262,6 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 why_stop = _stop_requested(stop, step, stop_after_steps, config)
                 if why_stop:
                     _check_finite(pending, step, config, phase_index, ckpt)
+                    throughput.window()  # The steps since the last log (synced just above).
                     save(state)
                     raise interrupts.Interrupted(step, why_stop)
                 state, m = train_step(state, step)
@@ -273,10 +286,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     _check_finite(pending, step, config, phase_index, ckpt)
                     _log_train(writer, progress, throughput, plan, step, phase_start, pending)
                     pending = []
+                    unstable = _warn_unstable(writer.history, unstable, info.num_classes, config)
                 if step % eval_every == 0 or step == end:
                     _check_finite(pending, step, config, phase_index, ckpt)
+                    throughput.window()  # The steps since the last log (synced just above).
                     improved, done = _validate(validate if has_val else None, state, step, es,
                                                writer, progress, config, phase_index, ckpt)
+                    unstable = _warn_unstable(writer.history, unstable, info.num_classes, config)
                     if improved:
                         save(state, "best")
                     if ckpt.keeps_phase_best and es.phase_best_step == step:
@@ -289,6 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     throughput.restart()
                 elif config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
                     _check_finite(pending, step, config, phase_index, ckpt)
+                    throughput.window()
                     save(state)
                     throughput.restart()
             phase_index += 1
@@ -304,6 +321,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         tested = (ckpt.restore("best", devices.abstract(mesh, _variables(state))) if use_best
                   else _variables(state))
         test = evaluator(tested, "test", keep_logits=True)
+        val = (evaluator(tested, "validation", keep_logits=True)  # The report's temperature.
+               if has_val and report_fn is not None else None)
         results = {
             "test_accuracy": test["accuracy"], "test_loss": test["loss"],
             "test_examples": test["count"], "tested_checkpoint": "best" if use_best else "last",
@@ -311,12 +330,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             f"best_{es.metric}": es.run_best, "best_step": es.run_best_step, "steps": step,
             "wall_seconds": wall_saved, "train_seconds": train_before + throughput.seconds,
             "images_per_sec": _overall_rate(writer.history, throughput),
+            "learning_rates": {p.name: optim.peak_learning_rates(config, i)
+                               for i, p in enumerate(config.phases)},
+            "unstable": unstable_loss(writer.history, info.num_classes),
             "devices": jax.device_count(), "dataset": info.name,
             "config": json.loads(config.to_json_best_effort()),
         }
         if report_fn is not None and jax.process_index() == 0:
             report_fn(writer.history, test["labels"], test["logits"], list(info.class_names),
-                      results)
+                      results, val)
     return results
 
 
@@ -359,8 +381,8 @@ def _start_phase(config: ml_collections.ConfigDict, state: TrainState, index: in
     es.start_phase()
     cached, _ = feature_cache.cache_decision(config, plan)
     writer.write(step, "phase", {"index": index, "name": plan.name, "feature_cache": cached})
-    logging.info("Phase %d (%s): %d steps, training %s", index, plan.name, plan.steps,
-                 list(config.phases[index].trainable))
+    logging.info("Phase %d (%s): %d steps, training %s, %s", index, plan.name, plan.steps,
+                 list(config.phases[index].trainable), _lr_text(config, index))
     return state.replace(opt_state=devices.replicate(mesh, plan.tx.init(state.params)))
 
 
@@ -413,8 +435,56 @@ def _diverged(step: int, what: str, value: Any, config: ml_collections.ConfigDic
     raise UserError(
         f"training diverged at step {step} in phase {i} ({phase.name}): the {what} is "
         f"{float(value)}; {kept}. Try a lower learning rate (--config.phases[{i}].lr, now "
-        f"{phase.lr:g}) or a warmup (--config.phases[{i}].warmup_epochs, now "
-        f"{phase.warmup_epochs:g}), in a new --workdir or with --config.resume=replace.")
+        f"{phase.lr:g}: {_lr_text(config, i)}) or a warmup (--config.phases[{i}].warmup_epochs, "
+        f"now {phase.warmup_epochs:g}), in a new --workdir or with --config.resume=replace.")
+
+
+def _lr_text(config: ml_collections.ConfigDict, i: int) -> str:
+    """Phase ``i``'s peak learning rates as this run trains with them, and where they come from
+    when the batch scaled them (optim.peak_learning_rates), for the log and the error lines."""
+    rates = optim.peak_learning_rates(config, i)
+    shown = (f"{next(iter(rates.values())):g}" if len(set(rates.values())) == 1
+             else ", ".join(f"{g} {v:g}" for g, v in rates.items()))
+    if config.batch_size == config.lr_batch_size:
+        return f"peak lr {shown}"
+    return (f"peak lr {shown} (the config's rates are for --config.lr_batch_size="
+            f"{config.lr_batch_size}, x {config.batch_size}/{config.lr_batch_size} at "
+            f"batch_size {config.batch_size})")
+
+
+def unstable_loss(history: list[dict], num_classes: int) -> dict[str, Any] | None:
+    """The first record of ``history`` whose training loss (a "train" record's window mean) or
+    validation loss exceeds UNSTABLE_FACTOR x ln(num_classes): {"step", "phase", "what",
+    "value", "limit", "chance_loss"}; None when there is none (results.json's ``unstable``)."""
+    chance, phase = math.log(num_classes), 0
+    limit = UNSTABLE_FACTOR * chance
+    keys = {"train": ("loss", "training loss"), "eval": ("val_loss", "validation loss")}
+    for r in history:
+        if r["kind"] == "phase":
+            phase = r["index"]
+        key, what = keys.get(r["kind"], (None, None))
+        value = r.get(key) if key else None
+        if value is not None and value > limit:
+            return {"step": r["step"], "phase": phase, "what": what, "value": value,
+                    "limit": limit, "chance_loss": chance}
+    return None
+
+
+def _warn_unstable(history: list[dict], known: dict | None, num_classes: int,
+                   config: ml_collections.ConfigDict) -> dict | None:
+    """``known``, or the first unstable record of ``history`` (unstable_loss), warned once."""
+    if known is not None:
+        return known
+    found = unstable_loss(history, num_classes)
+    if found is not None:
+        i = found["phase"]
+        logging.warning(
+            "unstable run: the %s at step %d is %.4g, above %.4g (%g x ln(%d), the loss of a "
+            "chance-level guess); the learning rate is too high for batch_size %d: lower "
+            "--config.phases[%d].lr (now %g: %s) in a new --workdir.", found["what"],
+            found["step"], found["value"], found["limit"], UNSTABLE_FACTOR, num_classes,
+            config.batch_size, i, config.phases[i].lr, _lr_text(config, i))
+    return found
 
 
 def _log_train(writer: metrics.MetricsWriter, progress: metrics.Progress,
@@ -422,13 +492,14 @@ def _log_train(writer: metrics.MetricsWriter, progress: metrics.Progress,
                phase_start: int, pending: list) -> None:
     """One "train" record: the mean of the steps since the last, images/s, learning rates."""
     values = jax.device_get(pending)
-    rate = throughput.window()
+    rate = throughput.window()  # None: no step of this window was timed (a compilation).
     record = {"loss": float(np.mean([m["loss"] for m in values])),
               "accuracy": float(np.mean([m["accuracy"] for m in values])),
               "images_per_sec": rate, "phase": plan.index,
               **{f"lr/{g}": v for g, v in optim.learning_rates(plan, step - phase_start).items()}}
     writer.write(step, "train", record)
-    progress.log(step, f"loss {record['loss']:.4f} acc {record['accuracy']:.4f} {rate:.1f} img/s")
+    speed = f" {rate:.1f} img/s" if rate else ""
+    progress.log(step, f"loss {record['loss']:.4f} acc {record['accuracy']:.4f}{speed}")
 
 
 def _validate(validate: Callable | None, state: TrainState, step: int,
@@ -464,8 +535,9 @@ def _restore_phase_best(ckpt: checkpoints.Checkpointer, state: TrainState,
     return state.replace(params=best["params"], batch_stats=best["batch_stats"])
 
 
-def _overall_rate(history: list[dict], throughput: metrics.Throughput) -> float:
-    """Mean training images/s over the logged windows of all sessions."""
+def _overall_rate(history: list[dict], throughput: metrics.Throughput) -> float | None:
+    """Mean training images/s over the logged windows of all sessions, else over this session's
+    timed steps; None when no step was timed (each phase's first step compiles, and is not)."""
     rates = [r["images_per_sec"] for r in history
              if r["kind"] == "train" and r.get("images_per_sec")]
     return float(np.mean(rates)) if rates else throughput.overall

@@ -125,8 +125,8 @@ def _row(c: ml_collections.ConfigDict, row: str) -> None:
 def _smoke(c: ml_collections.ConfigDict) -> None:
     """configs/smoke.py's data and network: the whole ablation in minutes, no downloads."""
     smoke = load_config_file(os.path.join(_HERE, "smoke.py"))
-    for field in ("dataset", "synthetic", "val_fraction", "batch_size", "eval_batch_size",
-                  "checkpoint", "log_every_steps"):
+    for field in ("dataset", "synthetic", "val_fraction", "batch_size", "lr_batch_size",
+                  "eval_batch_size", "checkpoint", "log_every_steps"):
         c[field] = smoke[field]
     c.augment.resolution = smoke.augment.resolution
     c.model.stage_sizes, c.model.base_width = smoke.model.stage_sizes, smoke.model.base_width

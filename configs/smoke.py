@@ -15,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.synthetic.num_test = 64
     c.val_fraction = 0.25  # 64 validation images; 192 train -> 6 steps per epoch at batch 32.
     c.batch_size = 32
+    c.lr_batch_size = 32  # The phases' rates below are for batch 32 (another batch scales them).
     c.eval_batch_size = 48  # Does not divide the splits: exercises the padded, masked last batch.
     c.augment.resolution = 32  # No upscaling.
     c.model.stage_sizes = (1, 1, 1, 1)  # Tiny network, same parameter paths as ResNet50.

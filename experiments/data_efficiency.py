@@ -14,10 +14,19 @@ seed and row), ``test`` = the dataset's whole test split. Every row of configs/a
 finished run is only read back. Budgets are in steps, the same for every row at a size
 (:func:`budget`), split over a row's phases in the proportions of its config.
 
-Writes ``OUT/summary.json`` (``{"runs": [{"row", "per_class", "seed", "test_accuracy",
-"best_val_accuracy", "steps", "wall_seconds", "command"}], "budgets", "rows", ...}``),
-``OUT/table.md`` (mean +- standard deviation per row and size) and ``OUT/data_efficiency.png``
-(test accuracy against images per class, log x axis, one line per row, error bars).
+After a run has trained, its robustness is measured (unless ``--shift-images 0``): the real
+``python -m cifar_flax.evaluate --shift=corruptions`` on a fixed subset of the test split
+(``--shift-images`` images, the same for every run, x every corruption x ``--shift-severities``,
+generated once into the shared cache), written to ``OUT/shift/<size>pc/<row>/seed<seed>``. The
+run's own report holds its calibration (ECE raw and after the temperature fitted on ``val``).
+
+Writes ``OUT/summary.json`` (``{"runs": [{"row", "per_class", "seed", "test_accuracy", "mca",
+"relative_robustness", "ece", "ece_scaled", "best_val_accuracy", "steps", "wall_seconds",
+"command"}], "budgets", "rows", ...}``; paths in commands as ``$OUT``, ``$DATA`` and
+``$WEIGHTS``, so they run as written from the repository root once those are set), ``OUT/table.md``
+(mean +- standard deviation per row and size, one table per measure), ``OUT/data_efficiency.png``
+(test accuracy against images per class, log x axis, one line per row, error bars) and
+``OUT/corrupted_vs_clean.png`` (mCA against clean accuracy, one point per run, a colour per row).
 """
 
 from __future__ import annotations
@@ -37,11 +46,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import seed_ablation as ablation  # noqa: E402  (the rows' commands and weights, shared)
 
+from cifar_flax.data.corruptions import CORRUPTIONS  # noqa: E402
 from cifar_flax.data.subset import link_few_shot  # noqa: E402
 
 ROWS = ("linear", "staged", "full", "lpft", "scratch")
 SMOKE = {"sizes": (2, 6), "seeds": (0, 1), "val_per_class": 2, "classes": 4,
-         "train_pool": 10, "test_per_class": 4}
+         "train_pool": 10, "test_per_class": 4, "shift_images": 8}
 
 
 def budget(per_class: int, num_classes: int, smoke: bool = False) -> dict:
@@ -92,6 +102,31 @@ def run_dir(out: str, row: str, per_class: int, seed: int) -> str:
     return os.path.join(out, "runs", f"{per_class}pc", row, f"seed{seed}")
 
 
+def shift_dir(out: str, row: str, per_class: int, seed: int) -> str:
+    return os.path.join(out, "shift", f"{per_class}pc", row, f"seed{seed}")
+
+
+def shift_command(row: str, per_class: int, seed: int, args: argparse.Namespace) -> list[str]:
+    """The exact ``python -m cifar_flax.evaluate --shift=corruptions`` command of one run."""
+    return [sys.executable, "-m", "cifar_flax.evaluate",
+            f"--workdir={run_dir(args.out, row, per_class, seed)}",
+            f"--output={shift_dir(args.out, row, per_class, seed)}", "--shift=corruptions",
+            f"--corruptions={args.shift_corruptions}", f"--severities={args.shift_severities}",
+            f"--num_images={args.shift_images}"]
+
+
+def portable(cmd: list[str], args: argparse.Namespace) -> str:
+    """``cmd`` as a reader reruns it from the repository root: ``python``, and the machine's
+    folders as ``$OUT``, ``$DATA`` (the dataset) and ``$WEIGHTS`` (the pretrained run)."""
+    names = [(args.out, "$OUT"), (args.dataset.split(":", 1)[-1], "$DATA"),
+             (args.weights, "$WEIGHTS"), (ablation.ROOT + os.sep, "")]
+    text = shlex.join(["python"] + cmd[1:])
+    for path, name in names:
+        if path and os.path.isabs(path):
+            text = text.replace(path.rstrip(os.sep) if name else path, name)
+    return text
+
+
 def run_once(cmd: list[str], workdir: str, env: dict) -> float:
     """Run one command unless its workdir has a report; its log in ``workdir/run.log``. Returns
     the seconds it took (0 when it had finished before)."""
@@ -111,30 +146,77 @@ def run_once(cmd: list[str], workdir: str, env: dict) -> float:
     return time.time() - t0
 
 
-def result(row: str, per_class: int, seed: int, cmd: list[str], out: str) -> dict:
-    with open(os.path.join(run_dir(out, row, per_class, seed), "report", "results.json")) as f:
+def result(row: str, per_class: int, seed: int, cmd: list[str], args: argparse.Namespace
+           ) -> dict:
+    """One run's line of summary.json: its report's accuracy and calibration, and the mCA of its
+    shift evaluation (None where it was not measured)."""
+    with open(os.path.join(run_dir(args.out, row, per_class, seed), "report",
+                           "results.json")) as f:
         r = json.load(f)
+    calib = r.get("calibration") or {}
+    shift_results = os.path.join(shift_dir(args.out, row, per_class, seed), "results.json")
+    shift = {}
+    if os.path.exists(shift_results):
+        with open(shift_results) as f:
+            shift = json.load(f)["corruptions"]
     return {"row": row, "per_class": per_class, "seed": seed,
             "test_accuracy": r["test_accuracy"], "test_examples": r["test_examples"],
+            "mca": shift.get("mca"), "relative_robustness": shift.get("relative_robustness"),
+            "shift_clean_accuracy": shift.get("clean_accuracy"),
+            "ece": (calib.get("raw") or {}).get("ece"),
+            "ece_scaled": (calib.get("scaled") or {}).get("ece"),
+            "temperature": calib.get("temperature"),
             "best_val_accuracy": r.get("best_val_accuracy"), "tested": r["tested_checkpoint"],
             "steps": r["steps"], "wall_seconds": r["wall_seconds"],
-            "command": shlex.join(["python"] + cmd[1:])}
+            "unstable": r.get("unstable"), "command": portable(cmd, args),
+            "shift_command": portable(shift_command(row, per_class, seed, args), args)
+            if shift else None}
 
 
-def summarize(runs: list[dict]) -> dict[tuple[str, int], tuple[float, float, int]]:
-    """(row, per_class) -> (mean, sample standard deviation, count) of test accuracy."""
+MEASURES = {  # summary.json key -> what the table calls it.
+    "test_accuracy": "Test accuracy (%)",
+    "mca": "Mean corruption accuracy (mCA, %)",
+    "ece": "Expected calibration error (ECE, %, 15 bins), raw",
+    "ece_scaled": "ECE (%) after the temperature fitted on the validation images",
+}
+
+
+def summarize(runs: list[dict], key: str = "test_accuracy"
+              ) -> dict[tuple[str, int], tuple[float, float, int]]:
+    """(row, per_class) -> (mean, sample standard deviation, count) of ``key`` over the runs
+    that measured it."""
     groups: dict[tuple[str, int], list[float]] = {}
     for r in runs:
-        groups.setdefault((r["row"], r["per_class"]), []).append(r["test_accuracy"])
+        if r.get(key) is not None:
+            groups.setdefault((r["row"], r["per_class"]), []).append(r[key])
     return {k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v))
             for k, v in groups.items()}
 
 
 def write_table(summary: dict, out: str, title: str) -> str:
-    stats = summarize(summary["runs"])
+    """table.md: one table per measure that some run has (mean +- sample std over seeds)."""
+    lines = [f"# {title}", ""]
+    for key, what in MEASURES.items():
+        stats = summarize(summary["runs"], key)
+        if stats:
+            lines += _measure_table(summary, stats, what, key) + [""]
+    lines += ["Budgets (every row, per size): " + "; ".join(
+        f"{pc} per class: {b['steps']} steps at batch {b['batch_size']}, validation every "
+        f"{b['eval_every_steps']}" for pc, b in summary["budgets"].items()) + ".", "",
+        "Rows: " + "; ".join(f"`{r}` {summary['row_what'][r]}" for r in summary["rows"]) + "."]
+    if summary.get("shift"):
+        lines += ["", f"Corruptions: {summary['shift']}."]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def _measure_table(summary: dict, stats: dict, what: str, key: str) -> list[str]:
     sizes = sorted({pc for _, pc in stats})
-    lines = [f"# {title}", "", "Test accuracy (%), mean +- standard deviation over seeds "
-             f"{summary['seeds']}, on all {summary['runs'][0]['test_examples']} test images.", "",
+    on = (f"on all {summary['runs'][0]['test_examples']} test images" if key == "test_accuracy"
+          else "on the shift subset" if key == "mca" else "on the test images")
+    lines = [f"{what}, mean +- standard deviation over seeds {summary['seeds']}, {on}.", "",
              "| row | " + " | ".join(f"{pc} per class" for pc in sizes) + " |",
              "| --- |" + " ---: |" * len(sizes)]
     seeds = len(summary["seeds"])
@@ -143,14 +225,7 @@ def write_table(summary: dict, out: str, title: str) -> str:
                  + (f" (n={stats[row, pc][2]})" if stats[row, pc][2] != seeds else "")
                  if (row, pc) in stats else "-" for pc in sizes]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    lines += ["", "Budgets (every row, per size): " + "; ".join(
-        f"{pc} per class: {b['steps']} steps at batch {b['batch_size']}, validation every "
-        f"{b['eval_every_steps']}" for pc, b in summary["budgets"].items()) + ".", "",
-        "Rows: " + "; ".join(f"`{r}` {summary['row_what'][r]}" for r in summary["rows"]) + "."]
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(text)
-    return text
+    return lines
 
 
 def plot(summary: dict, out: str, title: str) -> None:
@@ -182,6 +257,38 @@ def plot(summary: dict, out: str, title: str) -> None:
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "data_efficiency.png"), dpi=120)
+    plt.close(fig)
+
+
+def plot_shift(summary: dict, out: str, title: str) -> None:
+    """corrupted_vs_clean.png: each run's mCA against its clean accuracy on the same images, a
+    colour per row, a marker per size (Miller et al.'s "accuracy on the line" view)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in summary["runs"] if r.get("mca") is not None]
+    if not runs:
+        return
+    fig, ax = plt.subplots(figsize=(7, 6))
+    markers = dict(zip(sorted({r["per_class"] for r in runs}), "o^sDv"))
+    for i, row in enumerate(summary["rows"]):
+        for pc, marker in markers.items():
+            mine = [r for r in runs if r["row"] == row and r["per_class"] == pc]
+            if mine:
+                ax.scatter([100 * r["shift_clean_accuracy"] for r in mine],
+                           [100 * r["mca"] for r in mine], color=f"C{i}", marker=marker,
+                           label=f"{row}, {pc}/class", alpha=0.8)
+    top = max(100 * r["shift_clean_accuracy"] for r in runs)
+    ax.plot([0, top], [0, top], color="gray", linewidth=0.8, linestyle=":", label="mCA = clean")
+    ax.set_xlabel("clean accuracy on the shift subset (%)")
+    ax.set_ylabel("mean corruption accuracy, mCA (%)")
+    ax.set_title(f"{title}\n{summary.get('shift', '')}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "corrupted_vs_clean.png"), dpi=120)
     plt.close(fig)
 
 
@@ -220,6 +327,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-per-class", type=int, default=50, help="fixed validation images")
     p.add_argument("--resolution", type=int, default=32, help="augment.resolution (0: the row's)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (1 on a 2-core machine)")
+    p.add_argument("--shift-images", type=int, default=1000, help="test images of every run's "
+                   "corruption evaluation (0: none; --smoke: 8)")
+    p.add_argument("--shift-corruptions", default=",".join(CORRUPTIONS),
+                   help="corruptions of that evaluation (--smoke: gaussian_noise,fog)")
+    p.add_argument("--shift-severities", default="1,3,5", help="their severities (--smoke: 3)")
     p.add_argument("--title", default="", help="the table's and plot's title (names the weights "
                    "and data as a reader would)")
     p.add_argument("--smoke", action="store_true", help="generated images, the tiny network, "
@@ -240,6 +352,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.sizes, args.seeds = list(SMOKE["sizes"]), list(SMOKE["seeds"])
         args.val_per_class = SMOKE["val_per_class"]
+        args.shift_images = min(args.shift_images, SMOKE["shift_images"])
+        args.shift_corruptions, args.shift_severities = "gaussian_noise,fog", "3"
     elif not args.dataset.startswith("imagefolder:") or not args.weights:
         p.error("give --weights and --dataset imagefolder:<dir> (or --smoke)")
     if min(args.sizes + [args.val_per_class, args.jobs]) < 1:
@@ -263,24 +377,52 @@ def plan(args: argparse.Namespace, src: str) -> tuple[list[dict], dict]:
 
 
 def sweep(args: argparse.Namespace, runs: list[dict], src: str) -> None:
-    """Link every subset, then run what is not finished (``--jobs`` at once), one line each."""
+    """Link every subset, then train and measure what is not finished (``--jobs`` at once), one
+    line each."""
     for r in runs:
         link_few_shot(src, r["data"], r["per_class"], r["seed"], args.val_per_class)
     env = ablation.child_env(args.out, args.smoke)
-    todo = [r for r in runs if not os.path.exists(
-        os.path.join(run_dir(args.out, r["row"], r["per_class"], r["seed"]), "report",
-                     "results.json"))]
+    todo = [r for r in runs if not _done(args, r)]
     print(f"{len(runs)} runs, {len(runs) - len(todo)} finished before; running {len(todo)}",
           flush=True)
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(run_once, r["cmd"], run_dir(args.out, r["row"], r["per_class"],
-                                                           r["seed"]), env): r for r in todo}
+        futures = {pool.submit(train_and_measure, r, args, env): r for r in todo}
         for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
             r = futures[future]
             seconds = future.result()
-            acc = result(r["row"], r["per_class"], r["seed"], r["cmd"], args.out)["test_accuracy"]
+            got = result(r["row"], r["per_class"], r["seed"], r["cmd"], args)
+            mca = f", mCA {100 * got['mca']:.2f}%" if got["mca"] is not None else ""
             print(f"[{i}/{len(todo)}] {r['per_class']} per class, {r['row']}, seed {r['seed']}: "
-                  f"test accuracy {100 * acc:.2f}% ({seconds / 60:.1f} min)", flush=True)
+                  f"test accuracy {100 * got['test_accuracy']:.2f}%{mca} ({seconds / 60:.1f} min)",
+                  flush=True)
+
+
+def _done(args: argparse.Namespace, r: dict) -> bool:
+    where = (r["row"], r["per_class"], r["seed"])
+    trained = os.path.exists(os.path.join(run_dir(args.out, *where), "report", "results.json"))
+    return trained and (not args.shift_images or os.path.exists(
+        os.path.join(shift_dir(args.out, *where), "results.json")))
+
+
+def train_and_measure(r: dict, args: argparse.Namespace, env: dict) -> float:
+    """Train one run (run_once), then evaluate it on the corrupted subset unless that was done;
+    the evaluation's log is ``<shift dir>.log`` (its output folder must start empty). Seconds."""
+    where = (r["row"], r["per_class"], r["seed"])
+    seconds = run_once(r["cmd"], run_dir(args.out, *where), env)
+    out = shift_dir(args.out, *where)
+    if not args.shift_images or os.path.exists(os.path.join(out, "results.json")):
+        return seconds
+    cmd = shift_command(*where, args)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    t0 = time.time()
+    with open(out + ".log", "a") as log:
+        log.write("$ " + shlex.join(cmd) + "\n")
+        log.flush()
+        rc = subprocess.call(cmd, cwd=ablation.ROOT, env=env, stdout=log, stderr=log)
+    if rc:
+        raise ablation.AblationError(f"{out}: the shift evaluation exited {rc} (see {out}.log); "
+                                     "rerun the same command to retry it.")
+    return seconds + time.time() - t0
 
 
 def finished(args: argparse.Namespace, runs: list[dict]) -> list[dict]:
@@ -322,13 +464,22 @@ def main(argv: list[str] | None = None) -> int:
                "num_classes": facts["num_classes"],
                "budgets": {str(pc): b for pc, b in facts["budgets"].items()},
                "sweep_seconds_this_session": time.time() - t0,
-               "runs": [result(r["row"], r["per_class"], r["seed"], r["cmd"], args.out)
+               "shift": _shift_text(args) if args.shift_images else None,
+               "runs": [result(r["row"], r["per_class"], r["seed"], r["cmd"], args)
                         for r in runs]}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(write_table(summary, args.out, title))
     plot(summary, args.out, title)
+    plot_shift(summary, args.out, title)
     return 0
+
+
+def _shift_text(args: argparse.Namespace) -> str:
+    n = len(args.shift_corruptions.split(","))
+    return (f"{args.shift_images} test images (a seeded choice, the same for every run) x {n} "
+            f"generated corruptions x severities {args.shift_severities} (imagecorruptions-imaug, "
+            "ImageNet-C severity constants, applied at 32x32; not the released CIFAR-10-C)")
 
 
 if __name__ == "__main__":

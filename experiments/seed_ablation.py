@@ -204,9 +204,10 @@ def write_table(results: list[dict], out: str, title: str) -> None:
              "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     for r in results:
         val = "-" if r["best_val_accuracy"] is None else f"{100 * r['best_val_accuracy']:.2f}%"
+        rate = "-" if r["images_per_sec"] is None else f"{r['images_per_sec']:.0f}"  # None: untimed
         lines.append(f"| {r['row']} | {r['what']} | {100 * r['test_accuracy']:.2f}% | "
                      f"{r['tested']} | {val} | "
-                     f"{r['steps']} | {r['wall_seconds'] / 60:.1f} min | {r['images_per_sec']:.0f} |")
+                     f"{r['steps']} | {r['wall_seconds'] / 60:.1f} min | {rate} |")
     n = {r["test_examples"] for r in results}
     lines += ["", f"Test accuracy on all {'/'.join(map(str, sorted(n)))} test images of the "
               "last weights, or of the best checkpoint by validation accuracy where early "

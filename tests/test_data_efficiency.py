@@ -68,6 +68,33 @@ def test_every_row_runs_the_real_command_and_only_scratch_starts_without_weights
             load_config("ablation", row), b)
 
 
+# Handmade results: (row, images per class) -> test accuracy of seeds 0, 1, 2 (linear at 100:
+# seed 0 only, a sweep still running). Mean +- sample std (ddof 1), by hand, in percent:
+# full 10: 60 +- 10; full 100: 82 +- 2; linear 10: 35 +- sqrt(0.0039) = 6.24; linear 100: 71 +- 0.
+# (Population std would give 8.16, 1.63, 5.10; grouping by seed mixes the sizes.)
+HANDMADE = {("full", 10): [0.50, 0.60, 0.70], ("full", 100): [0.80, 0.84, 0.82],
+            ("linear", 10): [0.30, 0.33, 0.42], ("linear", 100): [0.71]}
+
+
+def test_the_table_is_mean_and_sample_std_over_seeds_per_row_and_size(script, tmp_path):
+    runs = [{"row": row, "per_class": pc, "seed": seed, "test_accuracy": acc,
+             "test_examples": 500} for (row, pc), accs in HANDMADE.items()
+            for seed, acc in enumerate(accs)]
+    stats = script.summarize(runs)
+    assert set(stats) == set(HANDMADE)
+    for key, want in {("full", 10): (0.60, 0.10, 3), ("full", 100): (0.82, 0.02, 3),
+                      ("linear", 10): (0.35, 0.0039 ** 0.5, 3),
+                      ("linear", 100): (0.71, 0.0, 1)}.items():
+        assert stats[key] == pytest.approx(want, abs=1e-12), key
+    summary = {"runs": runs, "seeds": [0, 1, 2], "rows": ["linear", "full"],
+               "budgets": {"10": script.budget(10, 5), "100": script.budget(100, 5)},
+               "row_what": {"linear": "a probe", "full": "every layer"}}
+    table = script.write_table(summary, str(tmp_path), "handmade")
+    assert "| linear | 35.00 +- 6.24 | 71.00 +- 0.00 (n=1) |" in table
+    assert "| full | 60.00 +- 10.00 | 82.00 +- 2.00 |" in table
+    assert (tmp_path / "table.md").read_text() == table
+
+
 def test_few_shot_subsets_share_one_validation_set_and_nest(tmp_path):
     src = tmp_path / "src"
     make_image_tree(src, {"train": {"a": 12, "b": 12}, "test": {"a": 3, "b": 3}})
@@ -130,11 +157,21 @@ def test_smoke_sweep_summary_holds_every_run(smoke_sweep, script):
         planned = summary["budgets"][str(r["per_class"])]["steps"]
         assert r["steps"] <= planned if r["row"] == "staged" else r["steps"] == planned
         assert r["command"].startswith("python -m cifar_flax.main")
+        # Robustness and calibration: the run's shift evaluation and its own report.
+        shift = json.loads((out / "shift" / f"{r['per_class']}pc" / r["row"] / f"seed{r['seed']}"
+                            / "results.json").read_text())["corruptions"]
+        assert r["mca"] == shift["mca"] and shift["images"] == script.SMOKE["shift_images"]
+        assert sorted(shift["accuracy"]) == ["fog", "gaussian_noise"]
+        assert r["ece"] == results["calibration"]["raw"]["ece"]
+        # Commands as a reader reruns them: the machine's folders are named, not spelled out.
+        for command in (r["command"], r["shift_command"]):
+            assert str(out) not in command and str(ROOT) not in command and "$OUT/" in command
+        assert "$WEIGHTS" in r["command"] and "$DATA" not in r["command"]
     table = (out / "table.md").read_text()
     for row in SMOKE_ROWS:
         assert f"| {row} |" in table and f"| {row} |" in stdout
     cells = re.findall(r"\| \d+\.\d\d \+- \d+\.\d\d ", table)  # mean +- std per row and size
-    assert len(cells) == len(SMOKE_ROWS) * len(script.SMOKE["sizes"])
+    assert len(cells) == len(script.MEASURES) * len(SMOKE_ROWS) * len(script.SMOKE["sizes"])
 
 
 @pytest.mark.slow
@@ -142,8 +179,9 @@ def test_smoke_sweep_plot_and_rerun_reads_back(smoke_sweep):
     from PIL import Image
 
     out, _, cmd = smoke_sweep
-    with Image.open(out / "data_efficiency.png") as im:
-        assert im.size[0] > 600 and im.size[1] > 400
+    for name in ("data_efficiency.png", "corrupted_vs_clean.png"):
+        with Image.open(out / name) as im:
+            assert im.size[0] > 600 and im.size[1] > 400
     before = (out / "summary.json").read_text()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]

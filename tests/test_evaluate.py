@@ -56,7 +56,7 @@ def test_class_name_mismatch_lists_both(smoke_run, tmp_path, capsys):
 def test_bad_override_is_one_error_line(smoke_run, tmp_path, capsys):
     for arg, text in [("--config.eval_bath_size=1", "did you mean --config.eval_batch_size"),
                       ("--config.eval_batch_size=x", "eval_batch_size"),
-                      ("--bogus", "Unknown command line flag 'bogus'")]:
+                      ("--bogus", "unknown flag --bogus;")]:
         assert evaluate.main(["--workdir", str(smoke_run), "--output", str(tmp_path), arg]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and text in err[0], err

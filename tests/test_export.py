@@ -1,9 +1,11 @@
-"""export: jax.export StableHLO + params loadable with jax and numpy alone, a SavedModel, both
-equal to the run's own model; a non-empty output folder needs --force."""
+"""export: jax.export StableHLO + params loadable with what the folder's requirements.txt lists
+(in a process that can import nothing else), a SavedModel, both equal to the run's own model;
+images of another size resized as predict does; a non-empty output folder needs --force."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -11,13 +13,15 @@ import textwrap
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import load_config
+from conftest import env_with_only, load_config
 
 from cifar_flax import export, exported, main
 from cifar_flax.config import phase
+from cifar_flax.inference.images import resize_like_pipeline
 from cifar_flax.inference.trained_run import Predictor, load_run
 
 BANNED = ("flax", "optax", "tensorflow", "orbax", "ml_collections", "cifar_flax.models")
+JAX_DEPS = ("jax", "jaxlib", "numpy", "ml_dtypes", "opt_einsum", "scipy")  # What pip gives jax.
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +48,8 @@ def test_folder_contents(exported_dir, smoke_run):
     assert info["platforms"] == ["cpu", "cuda", "tpu"]
     assert info["provenance"]["checkpoint"] == "best"
     assert info["provenance"]["config"]["model"]["conv_impl"] == "xla"
-    for name in ("model.jax", "params.npz", "exported.py", "saved_model/saved_model.pb"):
+    for name in ("model.jax", "params.npz", "exported.py", "requirements.txt",
+                 "saved_model/saved_model.pb"):
         assert (exported_dir / name).is_file(), name
 
 
@@ -66,12 +71,26 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
+def _requirements(folder) -> list[str]:
+    """The package names that ``folder/requirements.txt`` lists."""
+    lines = (folder / "requirements.txt").read_text().splitlines()
+    return [re.split(r"[<>=!~;\[ ]", ln.strip())[0] for ln in lines
+            if ln.strip() and not ln.startswith("#")]
+
+
 @pytest.mark.parametrize("loader", ["package", "copied"])
 def test_loads_with_jax_alone_and_equals_the_run(exported_dir, reference, tmp_path, loader):
+    """"copied": the folder's own exported.py, in a process that can import nothing but the
+    standard library, jax with its own dependencies and what requirements.txt lists (a fresh
+    virtual environment after ``pip install -r requirements.txt``)."""
     images, logits = reference
     np.savez(tmp_path / "x.npz", **{f"b{n}": x for n, x in images.items()})
+    (tmp_path / "site").mkdir()
+    env = (env_with_only(tmp_path / "site", *JAX_DEPS, *_requirements(exported_dir))
+           if loader == "copied" else None)
     p = subprocess.run([sys.executable, "-c", _SCRIPT, str(exported_dir), str(tmp_path / "x.npz"),
-                        loader], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                        loader], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads(p.stdout.strip().splitlines()[-1]) == []  # None of BANNED imported.
     out = np.load(tmp_path / "x.npz.out.npz")
@@ -91,12 +110,40 @@ def test_saved_model_equals_the_run(exported_dir, reference):
         np.testing.assert_allclose(out["probabilities"].numpy().sum(-1), 1.0, atol=1e-6)
 
 
+def test_requirements_name_what_jax_lacks(exported_dir, tmp_path):
+    """Without requirements.txt's flatbuffers (jax alone), the loader fails, naming the file."""
+    assert "flatbuffers" in _requirements(exported_dir)
+    p = subprocess.run([sys.executable, "-c", _SCRIPT, str(exported_dir), "-", "copied"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env=env_with_only(tmp_path, *JAX_DEPS))
+    assert p.returncode == 1 and "flatbuffers" in p.stderr, p.stderr[-2000:]
+    assert f"pip install -r {exported_dir / 'requirements.txt'}" in p.stderr
+
+
 def test_loader_rejects_wrong_images(exported_dir):
     model = exported.load(exported_dir)
     with pytest.raises(ValueError, match="uint8"):
         model(np.zeros((2, *model.input_shape), np.float32))
-    with pytest.raises(ValueError, match="resize"):
-        model(np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="RGB"):
+        model(np.zeros((2, 8, 8), np.uint8))
+
+
+def test_loader_resizes_other_sizes_as_predict_does(exported_dir, smoke_run):
+    """Images of another size: resized as predict's host resize does (TensorFlow's antialiased
+    bilinear; jax's differs by a rounding step of 1 in a few pixels), then the model."""
+    model, predictor = exported.load(exported_dir), Predictor(load_run(str(smoke_run)))
+    h, w, _ = model.input_shape
+    rng = np.random.default_rng(1)
+    for size in [(48, 40), (20, 17), (64, 64)]:
+        images = rng.integers(0, 256, (3, *size, 3), dtype=np.uint8)
+        ours = np.asarray(exported.resize(images, h, w))
+        theirs = np.stack([resize_like_pipeline(x, h, w) for x in images])
+        diff = np.abs(ours.astype(int) - theirs)
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (size, diff.max(), diff.mean())
+        logits = model(images)["logits"]
+        np.testing.assert_array_equal(logits, model(ours)["logits"])
+        # Another resize (no antialiasing, nearest, cubic) is >= 4e-3 away on these images.
+        np.testing.assert_allclose(logits, predictor.logits(theirs), atol=2e-4, rtol=0)
 
 
 def test_refuses_a_non_empty_folder_without_force(smoke_run, tmp_path, capsys):

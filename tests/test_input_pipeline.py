@@ -1,11 +1,13 @@
 """Host input pipeline: tfds (mocked), ImageFolder trees, synthetic; splits, shards, resume."""
 
+import dataclasses
 import os
 import socket
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from train_utils import command_status, tiny_config
 from train_utils import make_image_tree as make_tree
 
 from cifar_flax import UserError
@@ -150,6 +152,43 @@ def test_folder_problems_name_the_folder(tmp_path):
     ip.clear_caches()
     with pytest.raises(UserError, match=f"{tmp_path}/empty has no readable images"):
         ip.get_info(cfg(f"imagefolder:{tmp_path}", test_split="empty"))
+
+
+def test_a_split_missing_a_class_stops_the_command_with_one_line(tmp_path, capsys):
+    """Through the command, before anything trains: test/ lacks a class folder train/ has."""
+    make_tree(tmp_path / "data", {"train": {"cat": 3, "dog": 3}, "test": {"cat": 2}})
+    c = tiny_config(dataset=f"imagefolder:{tmp_path / 'data'}")
+    assert command_status(c, tmp_path / "run") == 1
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    test_dog = tmp_path / "data" / "test" / "dog"
+    assert f"has no counterpart {test_dog}" in errors[0]
+    assert f"add {test_dog} with images" in errors[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_class_left_without_training_images_is_one_error(tmp_path):
+    """The hold-out takes the only image of one class of two; a synthetic train split smaller
+    than its class count lacks a class; a dataset of one class (any source) is refused."""
+    make_tree(tmp_path, {"train": {"cat": 1, "dog": 1}, "test": {"cat": 1, "dog": 1}})
+    c = cfg(f"imagefolder:{tmp_path}", val_fraction=0.5)
+    with pytest.raises(UserError) as e:
+        ip.check_train_classes(c, ip.get_info(c))
+    assert "\n" not in str(e.value)
+    assert "has no training images: all 1 of its images in the train split 'train' of " \
+           "imagefolder:" in str(e.value) and "--config.val_fraction" in str(e.value)
+    c = cfg(f"imagefolder:{tmp_path}")  # Without the hold-out: both classes train.
+    ip.check_train_classes(c, ip.get_info(c))
+    c = cfg("synthetic")
+    c.synthetic.num_train = 3  # 4 classes.
+    with pytest.raises(UserError, match="class 'class_3' has no images in the train split"):
+        ip.check_train_classes(c, ip.get_info(c))
+    c.synthetic.num_train = 8
+    info = ip.get_info(c)
+    ip.check_train_classes(c, info)
+    with pytest.raises(UserError, match=r"synthetic has 1 class \(class_0\): a classifier needs"):
+        ip.check_train_classes(c, dataclasses.replace(info, class_names=("class_0",)))
 
 
 def test_two_hosts_shards_are_disjoint_and_cover_the_split(tmp_path):

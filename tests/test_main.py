@@ -101,7 +101,7 @@ def test_slips_in_flags_and_config_paths_are_one_line(tmp_path, capsys, monkeypa
         (["--config.batch_sizee=3"], "did you mean --config.batch_size?"),
         (["--config.phases[5].lr=0.1"], "phases[5] is out of range: phases has 2 entries"),
         (["--config.batch_size=abc"], "--config.batch_size=abc"),
-        (["--wrkdir=x"], "Unknown command line flag 'wrkdir'"),
+        (["--wrkdir=x"], "unknown flag --wrkdir; did you mean --workdir?"),
     ]
     monkeypatch.chdir(ROOT)
     for extra, expected in cases:

@@ -4,10 +4,12 @@ one boundary (cli.run), or through ``python -m cifar_flax.main``."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -15,11 +17,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from train_utils import (command_status, enable_compilation_cache, interrupted_at, steps_saved,
-                         tiny_config)
+import tensorstore as ts
+from train_utils import (command_status, default_sigint, enable_compilation_cache, interrupted_at,
+                         steps_saved, tiny_config)
 
 from cifar_flax import UserError, main
 from cifar_flax.config import phase
+from cifar_flax.training import evaluation
 from cifar_flax.training.checkpoints import Checkpointer
 from cifar_flax.training.metrics import read_metrics
 from cifar_flax.training.workdir import LOCK_NAME, WorkdirLock
@@ -152,6 +156,155 @@ def test_a_failed_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, m
     ckpt.close()
 
 
+@pytest.mark.slow
+def test_an_infinite_validation_loss_stops_the_run_keeping_the_last_good_checkpoint(
+        tmp_path, monkeypatch, capsys):
+    """The first validation (step 3) is real, the second (step 6) says inf: the run stops there
+    with one error line naming the validation loss, and its newest checkpoint is the one before."""
+    real, calls = evaluation.Evaluator.__call__, []
+
+    def inf_after_the_first(self, variables, split, keep_logits=False):
+        calls.append(split)
+        result = real(self, variables, split, keep_logits)
+        return result if len(calls) == 1 else {**result, "loss": float("inf")}
+
+    monkeypatch.setattr(evaluation.Evaluator, "__call__", inf_after_the_first)
+    c = _config(eval_every_steps=3)
+    c.phases = [phase("all", steps=9, lr=0.05, schedule="constant")]
+    assert command_status(c, tmp_path) == 1
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    good = steps_saved(str(tmp_path))[-1]
+    assert errors[0].startswith("error: training diverged at step 6 in phase 0 (all): the "
+                                "validation loss is inf; the last good checkpoint (step "
+                                f"{good}) is kept in "), errors[0]
+    assert calls == ["validation", "validation"] and good == 4  # Saved every 2 steps.
+    monkeypatch.undo()
+    ckpt = Checkpointer(str(tmp_path))
+    assert ckpt.latest_meta()["step"] == good  # It reads back whole.
+    ckpt.close()
+    assert not (tmp_path / "report").exists()
+    assert [r["step"] for r in read_metrics(str(tmp_path), "eval")] == [3]  # inf not recorded.
+
+
+# What tensorstore raised when a real disk filled up (a 3 MB tmpfs, tensorstore 0.1.86): the OS's
+# words are inside a ValueError's text, with no OSError anywhere in the chain.
+TENSORSTORE_DISK_FULL = (
+    'RESOURCE_EXHAUSTED: Error writing "params.w/0.0" in OCDBT database at local file "{path}": '
+    f'Failed to write 739651 bytes to file 14: {os.strerror(errno.ENOSPC)} '
+    f"[os_error_code='{errno.ENOSPC}']")
+
+
+def _disk_full_from(step: int, failed: list[int]):
+    """A ``tensorstore.open`` whose array writes into ``latest`` at ``step`` or later fail the
+    way a full disk fails them (the save's own path through Orbax; no root, no tmpfs)."""
+    real_open = ts.open
+
+    def open_(spec, *args, **kwargs):
+        text = json.dumps(spec.to_json() if hasattr(spec, "to_json") else spec)
+        m = re.search(r'"path": "([^"]*/latest/(\d+)\.orbax-checkpoint-tmp[^"]*)"', text)
+        if kwargs.get("create") and m and int(m.group(2)) >= step:
+            failed.append(int(m.group(2)))
+            raise ValueError(TENSORSTORE_DISK_FULL.format(path=m.group(1)))
+        return real_open(spec, *args, **kwargs)
+
+    return open_
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_full_disk_is_one_line_in_the_disks_words_and_a_rerun_resumes(tmp_path, monkeypatch,
+                                                                         capsys, async_save):
+    """The message a user sees when the disk fills up (pinned without root: the tmpfs test
+    needs it), with the save in the foreground or in Orbax's background thread; the checkpoints
+    before are intact and the same command resumes from them once there is space."""
+    failed = []
+    monkeypatch.setattr(ts, "open", _disk_full_from(4, failed))
+    c = _config(**{"checkpoint.async_save": async_save})
+    assert command_status(c, tmp_path) == 1
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert failed and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert re.fullmatch(
+        r"error: saving checkpoint step \d+ in \S+/checkpoints/latest failed \(No space left on "
+        r"device\); the checkpoints saved before are intact: fix that \(free space, "
+        r"permissions\) and rerun the same command to resume\.", errors[0]), errors[0]
+    assert f"saving checkpoint step {failed[0]} in" in errors[0] or async_save
+    monkeypatch.undo()  # Space again.
+    ckpt = Checkpointer(str(tmp_path))
+    assert ckpt.latest_meta()["step"] == steps_saved(str(tmp_path))[-1] == 3  # Read back whole.
+    ckpt.close()
+    assert command_status(c, tmp_path) == 0
+    assert [r["step"] for r in read_metrics(str(tmp_path), "train")] == list(range(1, 10))
+
+
+def _write_steps(workdir, steps) -> dict[int, dict]:
+    """Checkpoints of ``latest`` at ``steps`` (random arrays, as a real state: they do not
+    compress away), written as a run writes them; each step's state."""
+    states = {s: {"params": {"w": np.random.default_rng(s).standard_normal((64, 64), np.float32)},
+                  "step": np.array(s, np.int32)} for s in steps}
+    with Checkpointer(str(workdir), keep=len(steps), async_save=False) as ckpt:
+        for s, state in states.items():
+            ckpt.save("latest", s, state, {"step": s})
+    return states
+
+
+def _damage(workdir, step: int, part: str) -> None:
+    """``arrays``: the step's largest array file cut short; ``meta``: its meta not JSON."""
+    folder = workdir / "checkpoints" / "latest" / str(step)
+    if part == "arrays":
+        data = max((p for p in (folder / "state").rglob("*") if p.is_file()),
+                   key=lambda p: p.stat().st_size)
+        os.truncate(data, 100)
+    else:
+        (folder / "meta" / "metadata").write_text('{"step": ')
+
+
+@pytest.mark.parametrize("damaged, resumes", [
+    ({5: "arrays"}, 4), ({5: "meta"}, 4), ({5: "arrays", 4: "meta"}, 3)])
+def test_damaged_steps_are_moved_aside_newest_first_and_the_next_older_one_is_used(
+        tmp_path, caplog, damaged, resumes):
+    """Steps 3, 4, 5: each damaged step, newest first, is one warning naming why (the failure's
+    kind), moved to checkpoints/unreadable/; the run resumes from the newest step that reads
+    back, with that step's values; the older steps stay where they were."""
+    states = _write_steps(tmp_path, (3, 4, 5))
+    for step, part in damaged.items():
+        _damage(tmp_path, step, part)
+    ckpt = Checkpointer(str(tmp_path), keep=3)
+    try:
+        meta = ckpt.latest_meta()
+        restored = ckpt.restore("latest", states[5])
+    except Exception as e:  # noqa: BLE001 - the point: not an exception, a fallback.
+        pytest.fail(f"a damaged newest step must be moved aside, not raise {type(e).__name__}: "
+                    f"{e}")
+    finally:
+        ckpt.close()
+    assert meta["step"] == resumes and int(restored["step"]) == resumes
+    np.testing.assert_array_equal(restored["params"]["w"], states[resumes]["params"]["w"])
+    assert steps_saved(str(tmp_path)) == [s for s in (3, 4, 5) if s <= resumes]
+    moved = sorted(os.listdir(tmp_path / "checkpoints" / "unreadable"))
+    assert [name.rsplit("-", 2)[0] for name in moved] == [f"latest-{s}" for s in sorted(damaged)]
+    warnings = [r.getMessage() for r in caplog.records if "is unreadable" in r.getMessage()]
+    assert [int(re.search(r"latest/(\d+) is unreadable", w).group(1)) for w in warnings] == sorted(
+        damaged, reverse=True)  # Newest first, one line each.
+    for w, step in zip(warnings, sorted(damaged, reverse=True)):
+        kind = "JSONDecodeError" if damaged[step] == "meta" else "ValueError"  # tensorstore's.
+        assert f"is unreadable ({kind}: " in w and f"using step {resumes}." in w, w
+
+
+def test_no_step_that_reads_back_stops_naming_the_folder_and_moves_nothing(tmp_path):
+    _write_steps(tmp_path, (3, 4))
+    _damage(tmp_path, 4, "meta")
+    _damage(tmp_path, 3, "arrays")
+    with Checkpointer(str(tmp_path), keep=2) as ckpt, pytest.raises(UserError) as e:
+        ckpt.latest_meta()
+    assert str(e.value).startswith(f"no readable checkpoint in {tmp_path}/checkpoints/latest "
+                                   "(steps [4, 3]; newest: JSONDecodeError: ")
+    assert steps_saved(str(tmp_path)) == [3, 4]
+    assert not (tmp_path / "checkpoints" / "unreadable").exists()
+
+
 def test_a_workdir_in_use_or_a_file_is_one_line(tmp_path, capsys):
     with WorkdirLock(str(tmp_path)):
         assert command_status(_config(), tmp_path) == 1
@@ -245,3 +398,53 @@ def test_the_entry_point_holds_the_workdir_lock_while_it_trains(tmp_path, monkey
     assert main.run(_config(), str(tmp_path)) == {"steps": 0}
     assert [(r["pid"]) for r in seen] == [os.getpid()]
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+_STARTING_UP = """
+import sys, time
+from cifar_flax import cli
+cli.start(interrupted="nothing new was saved; rerun the same command to resume")  # As main.py.
+from absl import flags
+from cifar_flax import main
+from cifar_flax.config import load_config_file
+
+
+def starting_up(config, workdir, stop_after_steps, report_fn):  # Data, model, compiling ...
+    print("locked", flush=True)
+    time.sleep(300)
+
+
+main.train_and_evaluate = starting_up
+config = load_config_file({config!r})
+cli.exit(cli.run(lambda argv: main.run(config, {workdir!r}), flags.FlagValues()))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT,
+                                 pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
+                         ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_start_up_releases_the_workdir_lock(tmp_path, caplog, sig):
+    """The lock taken, training not begun (the signal ends the process at once, os._exit): the
+    lock is gone, and a rerun takes it without a takeover warning (a "killed run")."""
+    workdir = tmp_path / "run"
+    script = tmp_path / "starting_up.py"
+    script.write_text(_STARTING_UP.format(config=os.path.join(ROOT, "configs", "smoke.py"),
+                                          workdir=str(workdir)))
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+    try:
+        assert proc.stdout.readline() == "locked\n", proc.communicate()[1][-3000:]
+        assert json.loads((workdir / LOCK_NAME).read_text())["pid"] == proc.pid
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == (130 if sig == signal.SIGINT else 143), err[-3000:]
+    name = "Ctrl-C" if sig == signal.SIGINT else "SIGTERM"
+    lines = [ln for ln in err.splitlines() if ln.strip() and not re.match(r"[IW]\d{4} ", ln)]
+    assert lines == [f"Interrupted ({name}): nothing new was saved; rerun the same command to "
+                     "resume."], err[-3000:]
+    assert not (workdir / LOCK_NAME).exists()
+    with WorkdirLock(str(workdir)):  # The rerun.
+        pass
+    assert "Taking over" not in caplog.text and "no longer running" not in caplog.text

@@ -10,7 +10,7 @@ import pytest
 
 from cifar_flax.config import default_config, phase
 from cifar_flax.models import create_model
-from cifar_flax.training import optim
+from cifar_flax.training import optim, workdir
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +83,45 @@ def test_weight_decay_only_on_kernels(params, opt):
     assert np.all(new["stage1/block1/conv1/kernel"] < 1.0)  # Decayed.
     assert np.all(new["stage1/block1/bn1/scale"] == 1.0)  # Not decayed.
     assert np.all(new["head/out/bias"] == 1.0)
+
+
+def test_every_rate_scales_linearly_with_the_batch(params):
+    """lr and group_lr are stated for lr_batch_size (128): at batch 64 every group's schedule and
+    the update it makes are half of batch 128's, which are the rates as given."""
+    c = default_config()
+    p = phase("upper", trainable=("stage4", "head"), lr=0.01, group_lr={"head": 0.1},
+              momentum=0.0, warmup_epochs=1.0, steps=20)
+    c.phases = [p]
+    plans = {}
+    for batch in (128, 64):
+        c.batch_size = batch
+        plans[batch] = optim.build_phase(c, params, 0, steps_per_epoch=10)
+    for group, lr in (("stage4", 0.01), ("head", 0.1)):
+        stated = optim.make_schedule(p, lr, 20, 10)
+        halved = optim.make_schedule(p, lr / 2, 20, 10)
+        for step in (5, 15):  # In the warmup and in the cosine.
+            assert float(plans[128].schedules[group](step)) == float(stated(step))  # Exactly.
+            assert float(plans[64].schedules[group](step)) == pytest.approx(float(halved(step)))
+            assert float(halved(step)) < float(stated(step))
+    c.batch_size = 64
+    assert optim.peak_learning_rates(c, 0) == {"head": 0.05, "stage4": 0.005}
+    grads = jax.tree.map(jnp.ones_like, params)
+    moved = {}
+    for batch, plan in plans.items():  # Plain SGD at step 10 (the peak): update = -lr * grad.
+        state = plan.tx.init(params)
+        for _ in range(11):
+            updates, state = plan.tx.update(grads, state, params)
+        moved[batch] = optim.flat_paths(updates)["head/out/bias"]
+    assert np.allclose(moved[64], moved[128] / 2) and np.allclose(moved[128], -0.1)
+
+
+def test_a_checkpoint_from_before_lr_batch_size_resumes_only_at_its_own_rates():
+    """A run saved before the field existed trained at its rates as given (stated for its own
+    batch): resuming it at batch 32 with lr_batch_size 128 would quarter them, so that is a
+    difference; with lr_batch_size 32 it is the same run."""
+    c = default_config()
+    c.batch_size = 32
+    old = {k: v for k, v in workdir.fingerprint(c).items() if k != "lr_batch_size"}
+    assert workdir.differences(old, workdir.fingerprint(c)) == ["lr_batch_size: 32 -> 128"]
+    c.lr_batch_size = 32
+    assert workdir.differences(old, workdir.fingerprint(c)) == []

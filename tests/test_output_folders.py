@@ -1,19 +1,25 @@
-"""export and evaluate never delete or overwrite what they did not write.
+"""export, evaluate, eda and predict never delete or overwrite what they did not write.
 
-Every check runs before any work; the output is written into a new folder next to ``--output``
-and moved into place at the end; ``--force`` replaces only an earlier output of the same command,
-never a run's workdir, a folder holding runs, or a folder with other files. Through the commands'
-``main`` on a copy of the session's smoke run.
+Every check runs before any work; the output is written next to its place (a new folder, a
+temporary file) and moved into place at the end, so a failure half-way leaves what was there;
+``--force`` replaces only an earlier output of the same command, never a run's workdir, a folder
+holding runs, or a folder or file of other content; predict writes into a run's workdir only
+under ``<run>/predictions/``. Through the commands' ``main`` on a copy of the session's smoke run.
 """
 
 from __future__ import annotations
 
+import csv
+import errno
 import json
 import shutil
 
+import numpy as np
 import pytest
+from conftest import ROOT
 
-from cifar_flax import evaluate, export
+from cifar_flax import eda, evaluate, export, predict
+from cifar_flax.analysis import dataset_stats
 
 
 @pytest.fixture
@@ -30,12 +36,15 @@ def _tree(path) -> dict[str, int]:
             if p.is_file()}
 
 
-def _one_error(capsys, *words: str) -> str:
+def _one_error(capsys, *words: str, progress: bool = False) -> str:
+    """The one ``error:`` line of stderr, holding ``words``; it is all of stderr, or with
+    ``progress`` its last line (after progress bars)."""
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
+    errors = [ln for ln in err if ln.startswith("error: ")]
+    assert errors == err[-1:] and (progress or len(err) == 1), err
     for w in words:
-        assert w in err[0], err[0]
-    return err[0]
+        assert w in err[-1], err[-1]
+    return err[-1]
 
 
 def _export(run, out, *extra) -> int:
@@ -101,3 +110,188 @@ def test_evaluate_into_a_new_subfolder_of_the_run_has_its_own_report(run, capsys
     _one_error(capsys, "--force")
     assert evaluate.main(["--workdir", str(run), "--output", str(out), "--force"]) == 0
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".eval")) == []
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("folder", ["own model.json", "model.json claiming an export"])
+def test_export_force_refuses_a_folder_with_a_model_json_it_did_not_write(run, tmp_path, capsys,
+                                                                          folder):
+    """A model.json alone does not make a folder an earlier export: its format must be the
+    export's and every file an export writes must be there."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    if folder == "own model.json":
+        (out / "model.json").write_text(json.dumps({"name": "my model", "version": 3}))
+    else:
+        (out / "model.json").write_text(json.dumps({"format": export.FORMAT}))
+        (out / "params.npz").write_bytes(b"my weights")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert _export(run, out, "--force") == 1
+    _one_error(capsys, "no output of it", "--force replaces only an earlier output of export")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("target", ["an earlier export", "an empty folder"])
+def test_export_failing_half_way_leaves_the_output_as_it_was(run, tmp_path, capsys, monkeypatch,
+                                                             target):
+    """A failure after model.jax, params.npz and model.json were written (a full disk): one
+    error line, the earlier export (or the empty folder) untouched, no partial folder left."""
+    out = tmp_path / "out" / "export"
+    out.mkdir(parents=True)
+    if target == "an earlier export":
+        assert _export(run, out) == 0
+    before, written = _tree(tmp_path / "out"), []
+
+    def fail(*args):  # Called once the other files are written: record them, then fail.
+        written.extend(str(p) for p in (tmp_path / "out").rglob("model.json"))
+        _disk_full()
+
+    monkeypatch.setattr(export, "requirements", fail)
+    capsys.readouterr()
+    assert _export(run, out, "--force") == 1
+    _one_error(capsys, "No space left on device")
+    assert len(written) == 1 + (target == "an earlier export")  # It had written half an export.
+    assert _tree(tmp_path / "out") == before
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["export"]
+
+
+# ---- eda ----
+
+
+def _eda(out, *extra) -> int:
+    return eda.main(["--config", str(ROOT / "configs" / "smoke.py"), "--workdir", str(out),
+                     "--samples_per_class", "2", *extra])
+
+
+@pytest.mark.parametrize("target", ["user stats.json", "run"])
+def test_eda_refuses_a_folder_it_did_not_write(run, tmp_path, capsys, target):
+    if target == "run":
+        out, words = run, ("holds the training run", "never writes over a run")
+    else:
+        out, words = tmp_path / "stats", ("no output of it",)
+        out.mkdir()
+        (out / "stats.json").write_text('{"mine": 1}')
+    before = _tree(out)
+    for force in ([], ["--force"]):
+        assert _eda(out, *force) == 1
+        err = _one_error(capsys, f"--workdir {out}")
+        assert all(w in err for w in words) if force or target == "run" else "--force" in err
+    assert _tree(out) == before
+
+
+def test_eda_force_replaces_only_its_own_output_and_a_failure_keeps_it(tmp_path, capsys,
+                                                                       monkeypatch):
+    out, smaller = tmp_path / "eda", "--config.synthetic.num_test=32"
+    assert _eda(out) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["written_by"] == "cifar_flax.eda" and stats["splits"]["test"]["num_images"] == 64
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert _eda(out, smaller) == 1  # An earlier EDA: replaced only with --force.
+    _one_error(capsys, "--force")
+    with monkeypatch.context() as m:  # Fails after stats.json and a PNG were written.
+        m.setattr(dataset_stats, "plot_samples", _disk_full)
+        assert _eda(out, "--force", smaller) == 1
+    _one_error(capsys, "No space left on device", progress=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eda"]
+    assert _eda(out, "--force", smaller) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["splits"]["test"]["num_images"] == 32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eda"]
+
+
+# ---- predict ----
+
+
+@pytest.fixture
+def images(tmp_path):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3),
+                                                                   dtype=np.uint8))
+    return tmp_path / "x.npy"
+
+
+def _predict(run, images, out, *extra) -> int:
+    return predict.main(["--workdir", str(run), str(images), "--output", str(out), *extra])
+
+
+# Files predict did not write, though they look alike (its CSV header, its JSON records).
+USER_FILES = {
+    "mydata.csv": "id,label\n1,cat\n",
+    "header only.csv": "file,class_1,prob_1\n",
+    "not probabilities.csv": "file,class_1,prob_1\nx.png,cat,high\n",
+    "other records.json": json.dumps([{"file": "x.png", "label": "cat"}]),
+    "extra key.json": json.dumps([{"file": "x.png", "top": [{"class": "cat", "probability": 1}],
+                                   "note": "mine"}]),
+}
+
+
+@pytest.mark.parametrize("name", list(USER_FILES))
+def test_predict_never_replaces_a_file_it_did_not_write(run, images, tmp_path, capsys, name):
+    out = tmp_path / name
+    out.write_text(USER_FILES[name])
+    for force in ([], ["--force"]):
+        assert _predict(run, images, out, *force) == 1
+        _one_error(capsys, "is not an output of predict", "choose a new file")
+    assert out.read_text() == USER_FILES[name]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_predict_replaces_its_own_output_only_with_force(run, images, tmp_path, capsys, suffix):
+    out = tmp_path / "out" / f"p{suffix}"
+    assert _predict(run, images, out, "--top_k", "1") == 0
+    first = out.read_text()
+    capsys.readouterr()
+    assert _predict(run, images, out, "--top_k", "2") == 1
+    _one_error(capsys, "earlier output of predict", "--force")
+    assert out.read_text() == first
+    assert _predict(run, images, out, "--top_k", "2", "--force") == 0
+    if suffix == ".csv":
+        assert next(csv.reader(out.open())) == ["file", "class_1", "prob_1", "class_2", "prob_2"]
+    else:
+        assert [len(d["top"]) for d in json.loads(out.read_text())] == [2, 2, 2]
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # No temporary file left.
+
+
+def test_predict_writes_into_a_run_only_under_its_predictions_folder(run, images, capsys):
+    before = _tree(run)
+    for out in ("config.json", "run_info.json", "preds.csv", "report/p.json",
+                "checkpoints/p.csv", "previous/p.csv"):
+        for force in ([], ["--force"]):
+            assert _predict(run, images, run / out, *force) == 1
+            _one_error(capsys, "inside the training run", f"{run / 'predictions'}/")
+    assert _tree(run) == before
+    assert _predict(run, images, run / "predictions" / "p.csv") == 0
+    assert sorted(_tree(run).keys() - before.keys()) == ["predictions/p.csv"]
+
+
+def test_predict_failing_half_way_keeps_the_earlier_file(run, images, tmp_path, capsys,
+                                                         monkeypatch):
+    """A full disk after the CSV's first row: one error line, the earlier predictions file
+    as it was, no partial or temporary file left."""
+    out = tmp_path / "out" / "p.csv"
+    assert _predict(run, images, out) == 0
+    first = out.read_text()
+    real_writer = csv.writer
+
+    def writer(f):
+        w, rows = real_writer(f), []
+
+        class Failing:
+            def writerow(self, row):
+                rows.append(w.writerow(row))
+                if len(rows) == 2:
+                    f.flush()
+                    _disk_full()
+
+        return Failing()
+
+    monkeypatch.setattr(csv, "writer", writer)
+    capsys.readouterr()
+    assert _predict(run, images, out, "--force", "--top_k", "1") == 1
+    _one_error(capsys, "No space left on device")
+    assert out.read_text() == first
+    assert [p.name for p in out.parent.iterdir()] == ["p.csv"]

@@ -253,6 +253,14 @@ def test_every_step_deleted_while_read_is_one_error_line(run_copy, tmp_path, cap
     assert "deleted while" in err[0] and all(d in err[0] for d in deleted), err
 
 
+def test_help_says_the_images_follow_the_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        predict.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0
+    assert "the images follow the flags: --workdir RUN [--flags] IMAGE..." in help_text
+
+
 def test_relative_workdir(smoke_run, tmp_path, monkeypatch):
     """``--workdir run`` from the run's parent folder (Orbax reads absolute paths only)."""
     np.save(tmp_path / "x.npy", np.zeros((1, 32, 32, 3), np.uint8))

@@ -2,18 +2,24 @@
 
 The reference is ``cifar_flax.bench.torch_resnet.ResNet50`` (torchvision's layout and state-dict
 keys) with random weights and BatchNorm statistics, saved with ``torch.save``; the Flax side goes
-through ``pretrained convert`` and ``pretrained features``. The same state dict as .safetensors /
-.npz (no torch needed to read) must convert to identical parameters.
+through ``pretrained convert`` (in a process where torch cannot be imported: the ``.pth`` is read
+without PyTorch, as after a plain ``pip install``) and ``pretrained features``. The same state
+dict as .safetensors / .npz must convert to identical parameters. The train command starts from
+the ``.pth`` without torch too (the README's main command, given the file).
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, cpu_devices_env, env_without
+from train_utils import state_at
 from weights_utils import assert_features_match, features_via_command, random_images
 
-from cifar_flax import pretrained
 from cifar_flax.weights import convert, files, store
 
 torch = pytest.importorskip("torch")
@@ -46,12 +52,15 @@ def torch_model():
 
 @pytest.fixture(scope="module")
 def converted(torch_model, tmp_path_factory):
+    """A folder with ``resnet50.pth`` and ``converted/``, what the convert command made of it in
+    a process where torch cannot be imported."""
     tmp = tmp_path_factory.mktemp("torch")
     torch.save(torch_model.state_dict(), tmp / "resnet50.pth")
-    assert pretrained.main(
-        ["convert", "--source=torchvision", f"--input={tmp / 'resnet50.pth'}",
-         f"--output={tmp / 'converted'}"]
-    ) == 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "cifar_flax.pretrained", "convert", "--source=torchvision",
+         f"--input={tmp / 'resnet50.pth'}", f"--output={tmp / 'converted'}"],
+        env=env_without(tmp, "torch"), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp
 
 
@@ -112,3 +121,31 @@ def test_full_model_with_head_from_merged_weights(torch_model, converted):
     with torch.no_grad():
         ref = torch_model.features(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
     assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.slow
+def test_train_command_starts_from_the_pth_without_torch(converted, tmp_path):
+    """The README's main command (configs/finetune.py) with ``pretrained.file=resnet50.pth``, tiny
+    (generated images, one step) and at learning rate 0, in a process where torch cannot be
+    imported: the .pth is converted into the cache and the trained backbone is that file's."""
+    workdir, cache = tmp_path / "run", tmp_path / "cache"
+    overrides = {"dataset": "synthetic", "synthetic.num_train": 10, "synthetic.num_test": 4,
+                 "batch_size": 8, "eval_batch_size": 8, "augment.resolution": 32,
+                 "phases[0].epochs": 1, "phases[0].lr": 0.0,
+                 "pretrained.file": converted / "resnet50.pth", "pretrained.cache_dir": cache}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cifar_flax.main", "--config", "configs/finetune.py",
+         "--workdir", str(workdir), *[f"--config.{k}={v}" for k, v in overrides.items()]],
+        env=env_without(tmp_path, "torch", env=cpu_devices_env(1)), cwd=ROOT,
+        capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name.split("-")[:2] for p in (cache / "converted").iterdir()] == [
+        ["torchvision", "file"]]
+    ref = store.load_weights(str(converted / "converted")).params
+    trained = state_at(str(workdir))["params"]
+    assert trained.keys() - {"head"} == ref.keys()
+    ref_leaves = jax.tree_util.tree_leaves_with_path(ref)
+    got_leaves = jax.tree_util.tree_leaves_with_path({k: trained[k] for k in ref})
+    assert [p for p, _ in ref_leaves] == [p for p, _ in got_leaves]
+    for (path, a), (_, b) in zip(ref_leaves, got_leaves):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))

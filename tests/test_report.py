@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from cifar_flax import evaluate
+from cifar_flax.analysis import calibration
 from cifar_flax.analysis import report as report_module
 from cifar_flax.analysis.report import write_report
 
@@ -54,6 +57,9 @@ def test_report_files_agree_with_predictions(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "curves.png" in md and "confusion_matrix.png" in md and "0.7143" in md
     assert "confusion_matrix.json" in md
+    raw = calibration.metrics(logits, labels)  # No temperature given: raw calibration only.
+    assert f"| raw | {raw['ece']:.4f} | {raw['nll']:.4f} | {raw['brier']:.4f} |" in md
+    assert json.loads((tmp_path / "results.json").read_text())["calibration"]["raw"] == raw
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(report_module.REPORT_FILES)
 
 
@@ -169,3 +175,43 @@ def test_curves_step_ticks_are_integers(last):
         for axis in (ax, *ax.child_axes):  # The panel and its phase-name axis on top.
             ticks = axis.xaxis.get_majorticklocs()
             assert len(ticks) >= 2 and all(t == round(t) for t in ticks), ticks
+
+
+def test_smoke_runs_report_has_calibration_fitted_on_its_validation_split(smoke_run):
+    report = smoke_run / "report"
+    results = json.loads((report / "results.json").read_text())
+    block, saved = results["calibration"], np.load(report / "predictions.npz")
+    labels, logits = saved["labels"], saved["logits"]
+    assert block["bins"] == 15 and block["fitted_on"] == "validation (64 examples)"
+    assert block["raw"] == pytest.approx(calibration.metrics(logits, labels))
+    assert block["raw"]["nll"] == pytest.approx(results["test_loss"], rel=1e-4)
+    assert block["scaled"] == pytest.approx(
+        calibration.metrics(logits, labels, block["temperature"]))
+    md = (report / "report.md").read_text()
+    assert "## Calibration (test)" in md and "![reliability diagram](reliability.png)" in md
+    assert f"| T = {block['temperature']:.3f} | {block['scaled']['ece']:.4f} |" in md
+    with Image.open(report / "reliability.png") as im:
+        assert im.size[0] > 800 and np.asarray(im.convert("L")).std() > 5  # Two panels, drawn.
+
+
+@pytest.mark.slow
+def test_evaluate_takes_the_runs_temperature_or_fits_it_on_the_runs_validation_split(
+        smoke_run, tmp_path):
+    """evaluate applies the temperature of the run's report; without one it fits it on the run's
+    validation split (the same number: train.py handed the report the tested weights' validation
+    logits), never on the split it evaluates."""
+    trained = json.loads((smoke_run / "report" / "results.json").read_text())["calibration"]
+    got = evaluate.evaluate(str(smoke_run), str(tmp_path / "eval"))["calibration"]
+    assert got["temperature"] == trained["temperature"]
+    assert got["fitted_on"] == "the run's validation (64 examples), from its report"
+    run = tmp_path / "run"  # An older run: a report without the calibration block.
+    shutil.copytree(smoke_run, run)
+    results = json.loads((run / "report" / "results.json").read_text())
+    del results["calibration"]
+    (run / "report" / "results.json").write_text(json.dumps(results))
+    refit = evaluate.evaluate(str(run), str(tmp_path / "eval2"))["calibration"]
+    assert refit["fitted_on"] == "the run's validation (64 examples), fitted here"
+    assert refit["temperature"] == pytest.approx(trained["temperature"], rel=1e-3)
+    saved = np.load(tmp_path / "eval2" / "predictions.npz")
+    on_test = calibration.fit_temperature(saved["logits"], saved["labels"])
+    assert abs(on_test - refit["temperature"]) > 0.05 * refit["temperature"], on_test

@@ -66,6 +66,40 @@ def test_rows_add_one_change_each_and_recipe_is_finetune():
         assert rows[r].model.to_dict() == rows["linear"].model.to_dict()
 
 
+def test_staged_trains_the_head_then_stage3_stage4_and_head_then_everything():
+    """The seed's staged recipe (configs/ablation.py, experiments/README.md): 3 epochs of the head
+    at lr 0.05, 6 of stage3+stage4 at 0.01 with the head at 0.02, 8 of every layer at 0.002;
+    checked on a real ResNet50's parameters through the optimizer each phase builds."""
+    import jax
+    import numpy as np
+
+    from cifar_flax.training import optim
+    from cifar_flax.training.initialize import build_model
+
+    config = load_config("ablation", "staged")
+    res = config.augment.resolution
+    params = jax.eval_shape(build_model(config, 10).init, jax.random.key(0),
+                            np.zeros((1, res, res, 3), np.float32))["params"]
+    groups = optim.assign_groups(params, dict(config.groups))
+    want = [("head", ("head",), {"head": 0.05}, 3),
+            ("upper", ("stage3", "stage4", "head"),
+             {"stage3": 0.01, "stage4": 0.01, "head": 0.02}, 6),
+            ("all", ("stem", "stage1", "stage2", "stage3", "stage4", "head"),
+             dict.fromkeys(("stem", "stage1", "stage2", "stage3", "stage4", "head"), 0.002), 8)]
+    assert len(config.phases) == len(want)
+    for i, (name, trained, lrs, epochs) in enumerate(want):
+        p = config.phases[i]
+        assert (p.name, p.epochs) == (name, epochs)
+        assert {g: p.group_lr.get(g, p.lr) for g in p.trainable} == lrs
+        plan = optim.build_phase(config, params, i, steps_per_epoch=10)
+        trainable = optim.flat_paths(plan.trainable)
+        assert {path for path, on in trainable.items() if on} == {
+            path for path, g in groups.items() if g in trained}, name
+        assert set(plan.schedules) == set(trained), name
+        assert plan.bn_train_modules == tuple(g for g in trained if g != "head"), name
+    assert len(set(groups.values())) == 6 and len(groups) == 163  # ResNet50's, the head's 4.
+
+
 def test_smoke_rows_use_the_smoke_data_and_network():
     smoke, row = load_config("smoke"), load_config("ablation", "top,smoke")
     assert row.dataset == "synthetic" and row.model.stage_sizes == smoke.model.stage_sizes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -12,13 +13,13 @@ import time
 import jax
 import numpy as np
 import pytest
-from train_utils import (command_status, default_sigint, enable_compilation_cache, state_at,
-                         steps_saved, tiny_config)
+from train_utils import (command_status, default_sigint, enable_compilation_cache,
+                         interrupted_at, state_at, steps_saved, tiny_config)
 
-from cifar_flax import UserError, train
+from cifar_flax import UserError, cli, main, train
 from cifar_flax.config import phase
 from cifar_flax.main import run as train_and_evaluate
-from cifar_flax.training import interrupts
+from cifar_flax.training import interrupts, optim
 from cifar_flax.training.checkpoints import Checkpointer
 from cifar_flax.training.metrics import read_metrics
 
@@ -196,3 +197,90 @@ def test_any_non_finite_loss_or_gradient_norm_stops_the_run(metrics, what):
     assert f"diverged at step 6 in phase 1 (all): {what}" in msg
     assert "last good checkpoint (step 4)" in msg and "--config.phases[1].lr" in msg
     train._check_finite([{"loss": 1e30, "grad_norm": 1e30}], 7, c, 1, _NoCheckpoints())
+
+
+def test_the_divergence_line_names_the_rates_the_batch_made():
+    c = _early_stop_config()
+    c.lr_batch_size = 32  # Batch 16: phase "all" (lr 0.05) trains at 0.025.
+    with pytest.raises(UserError) as e:
+        train._check_finite([{"loss": np.nan, "grad_norm": 1.0}], 7, c, 1, _NoCheckpoints())
+    assert ("--config.phases[1].lr, now 0.05: peak lr 0.025 (the config's rates are for "
+            "--config.lr_batch_size=32, x 16/32 at batch_size 16)") in str(e.value)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_scales_its_rates_once_and_remembers_it_was_unstable(tmp_path, caplog):
+    """Batch 16 with rates stated for 32: the head trains at half its lr 2000, before and after
+    a resume (never halved twice). That lr blows the loss up (finite, far above chance): one
+    warning in the first session, none after the resume; results.json and report.md name the
+    first record above 100 x ln(4), which the resumed run knows from the metrics history."""
+    c = tiny_config()
+    c.lr_batch_size = 32
+    c.phases = [phase("head", steps=8, trainable=("head",), lr=2e3, schedule="cosine")]
+    assert interrupted_at(c, str(tmp_path), stop_after_steps=4) == 4
+    first = caplog.text
+    caplog.clear()
+    results = train_and_evaluate(c, str(tmp_path))
+    assert first.count("unstable run:") == 1 and "unstable run:" not in caplog.text
+    assert "peak lr 1000 (the config's rates are for --config.lr_batch_size=32" in first
+    halved = optim.make_schedule(c.phases[0], 1e3, 8, 3)
+    records = read_metrics(str(tmp_path), "train")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for r in records:
+        assert r["lr/head"] == pytest.approx(float(halved(r["step"]))), r
+    assert results["learning_rates"] == {"head": {"head": 1000.0}}
+    limit = 100 * np.log(4)
+    over = [(r["step"], r["loss"]) for r in records if r["loss"] > limit]
+    assert over and over[0][0] <= 4 and all(np.isfinite(r["loss"]) for r in records)
+    bad = results["unstable"]
+    assert (bad["step"], bad["value"], bad["what"]) == (*over[0], "training loss")
+    assert bad["limit"] == pytest.approx(limit)
+    warned = re.search(r"unstable run: the training loss at step (\d+) is ([0-9.e+]+), above "
+                       r"138\.6 .*lower --config\.phases\[0\]\.lr \(now 2000: peak lr 1000", first)
+    assert warned and int(warned.group(1)) == over[0][0], first[-3000:]
+    saved = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert saved["unstable"] == bad and saved["learning_rates"] == results["learning_rates"]
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert f"**Unstable run**: the training loss reached {bad['value']:.4g} at step {bad['step']}" \
+        in report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("steps, timed", [(10, True), (1, False)])
+def test_a_run_shorter_than_a_log_window_reports_only_what_was_timed(tmp_path, capsys, steps,
+                                                                      timed, monkeypatch):
+    """Fewer steps than log_every_steps: the steps between evaluations are timed; a run whose
+    only step compiled timed nothing and says nothing about images/s (never "0.0 images/s"),
+    in report.md nor in the command's last line (main.main's, given this run's results)."""
+    c = tiny_config(log_every_steps=100)
+    c.phases = [phase("all", steps=steps, lr=0.05, schedule="constant")]
+    assert command_status(c, tmp_path / "run") == 0
+    results = json.loads((tmp_path / "run" / "report" / "results.json").read_text())
+    monkeypatch.setattr(main, "run", lambda config, workdir: results)
+    capsys.readouterr()
+    assert cli.run(main.main, main.FLAGS, ["--config", os.path.join(ROOT, "configs", "smoke.py"),
+                                           "--workdir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    report = (tmp_path / "run" / "report" / "report.md").read_text()
+    rate = results["images_per_sec"]
+    if timed:
+        assert rate > 0 and f"training throughput {rate:.1f} images/s" in report
+        assert f"(training {rate:.1f} images/s)" in out
+    else:
+        assert rate is None and "images/s" not in report + out
+    assert "test accuracy" in out and results["unstable"] is None
+    assert "Unstable" not in report
+
+
+def test_unstable_is_the_first_training_or_validation_loss_above_100_ln_classes():
+    history = [{"step": 0, "kind": "phase", "index": 0, "name": "a"},
+               {"step": 2, "kind": "train", "loss": 5.0},
+               {"step": 3, "kind": "eval", "val_loss": None},  # Non-finite: the divergence check's.
+               {"step": 3, "kind": "phase", "index": 1, "name": "b"},
+               {"step": 4, "kind": "train", "loss": 200.0},
+               {"step": 4, "kind": "eval", "val_loss": 240.0}]
+    assert train.unstable_loss(history, 10) == {
+        "step": 4, "phase": 1, "what": "validation loss", "value": 240.0,
+        "limit": pytest.approx(100 * np.log(10)), "chance_loss": pytest.approx(np.log(10))}
+    assert train.unstable_loss(history, 4)["what"] == "training loss"  # 200 > 138.6.
+    assert train.unstable_loss(history[:3], 4) is None

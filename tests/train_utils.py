@@ -35,6 +35,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
     c.synthetic.size = 16
     c.val_fraction = 0.25
     c.batch_size = 16
+    c.lr_batch_size = 16  # The rates the tests give are for this batch.
     c.eval_batch_size = 16
     c.augment.resolution = 16
     c.augment.crop_padding = 0

@@ -24,6 +24,9 @@ from cifar_flax.data import input_pipeline, sources  # noqa: E402
 from cifar_flax.data.sources import DatasetInfo  # noqa: E402
 
 CHANNELS = ("R", "G", "B")
+WRITTEN_BY = "cifar_flax.eda"  # stats.json's mark of an EDA output (eda --force replaces it).
+EDA_FILES = ("stats.json", "class_distribution.png", "samples.png", "pixel_histograms.png",
+             "eda.md")  # All that an EDA output folder holds.
 SCAN_BATCH = 512
 
 
@@ -157,7 +160,7 @@ def run_eda(config: Any, workdir: str, samples_per_class: int = 8) -> dict:
     info = input_pipeline.get_info(config)
     sizes = sorted(set().union(*[s.sizes or set() for s in sources.get_source(config).splits.values()]))
     stats = {
-        "dataset": info.name, "class_names": list(info.class_names),
+        "written_by": WRITTEN_BY, "dataset": info.name, "class_names": list(info.class_names),
         "image_shape": list(info.image_shape), "dtype": "uint8",
         "uniform_size": info.uniform_size, "source_sizes": [list(s) for s in sizes[:20]],
         "resized_to": list(info.image_shape[:2]) if not info.uniform_size else None,

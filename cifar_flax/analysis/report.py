@@ -6,7 +6,9 @@
   (per-class precision, recall, F1; scikit-learn);
 - ``predictions.npz``: test ``labels``, ``predictions`` and ``logits``, so every number can be
   recomputed; ``results.json``: test accuracy/loss, best validation metric, steps, times, images/s,
-  config; ``report.md`` embedding all of it.
+  config; ``report.md`` embedding all of it;
+- ``reliability.png`` and results.json's ``calibration`` block: ECE, NLL, Brier of the test
+  predictions, raw and after the temperature fitted on the validation split (calibration.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from sklearn.metrics import (  # noqa: E402
     classification_report,
     confusion_matrix,
 )
+
+from cifar_flax.analysis import calibration  # noqa: E402
 
 
 def _series(history: Sequence[dict], kind: str, key: str) -> tuple[list[int], list[float]]:
@@ -136,12 +140,18 @@ def _summary(results: dict[str, Any], training: bool) -> list[str]:
                 f"- Evaluation wall time {results['wall_seconds']:.0f} s on "
                 f"{results['devices']} device(s)"]
     best = {k: v for k, v in results.items() if k.startswith("best_")}
+    rate = results.get("images_per_sec")  # None: no step was timed (each one compiled).
+    bad = results.get("unstable")
     return [f"- Test accuracy: **{results['test_accuracy']:.4f}** on {tested}",
             f"- Test loss: {results['test_loss']:.4f}",
             *(f"- {k.replace('_', ' ')}: {v}" for k, v in best.items()),
-            f"- Steps: {results['steps']}; wall time {results['wall_seconds']:.0f} s; "
-            f"training throughput {results['images_per_sec']:.1f} images/s on "
-            f"{results['devices']} device(s)"]
+            f"- Steps: {results['steps']}; wall time {results['wall_seconds']:.0f} s"
+            + (f"; training throughput {rate:.1f} images/s" if rate else "")
+            + f" on {results['devices']} device(s)",
+            *([f"- **Unstable run**: the {bad['what']} reached {bad['value']:.4g} at step "
+               f"{bad['step']} (phase {bad['phase']}), above {bad['limit']:.4g} = "
+               f"{bad['limit'] / bad['chance_loss']:g} x the chance-level loss "
+               f"{bad['chance_loss']:.4g}: lower that phase's learning rate"] if bad else [])]
 
 
 def _markdown(results: dict[str, Any], text_report: str, training: bool) -> str:
@@ -159,11 +169,29 @@ def _markdown(results: dict[str, Any], text_report: str, training: bool) -> str:
         text_report.rstrip(),
         "```",
         "",
+        *_calibration_lines(results["calibration"]),
         "Details: `results.json` (with the full config), `classification_report.json`, "
         "`confusion_matrix.json` (counts, row = true class), `predictions.npz`.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _calibration_lines(block: dict[str, Any]) -> list[str]:
+    """The report's calibration section: raw and temperature-scaled metrics, the diagram."""
+    rows = [("raw", block["raw"])]
+    if block["scaled"] is not None:
+        rows.append((f"T = {block['temperature']:.3f}", block["scaled"]))
+        where = f"Temperature fitted on {block['fitted_on']}."
+    else:
+        where = f"No temperature: {block['note']}."
+    return ["## Calibration (test)", "",
+            f"| | ECE ({block['bins']} bins) | NLL | Brier |", "| --- | --- | --- | --- |",
+            *(f"| {name} | {m['ece']:.4f} | {m['nll']:.4f} | {m['brier']:.4f} |"
+              for name, m in rows),
+            "", f"{where} Brier is summed over classes (0 to 2); a temperature never changes "
+            "a prediction, so the accuracy stays.", "",
+            "![reliability diagram](reliability.png)", ""]
 
 
 def _json_safe(value: Any) -> Any:
@@ -185,7 +213,7 @@ def _save_figure(fig: Any, path: epath.Path) -> None:
 
 REPORT_FILES = ("predictions.npz", "classification_report.txt", "classification_report.json",
                 "results.json", "curves.png", "confusion_matrix.png", "confusion_matrix.json",
-                "report.md")
+                "reliability.png", "report.md")
 
 
 def write_report(
@@ -195,9 +223,14 @@ def write_report(
     logits: np.ndarray,
     class_names: Sequence[str],
     results: dict[str, Any],
+    temperature: calibration.Temperature | None = None,
 ) -> None:
     """Write the report files (REPORT_FILES) into ``out_dir`` (created; a local path or a
-    ``gs://`` URL). ``history`` None: an evaluation of a trained run (no training curves)."""
+    ``gs://`` URL). ``history`` None: an evaluation of a trained run (no training curves).
+    ``results`` gains its ``calibration`` block, with ``temperature`` (fitted on validation data
+    by the caller) applied beside the raw numbers."""
+    temperature = temperature or calibration.Temperature(None, "no temperature given")
+    results["calibration"] = calibration.summary(logits, labels, temperature)
     out = epath.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     predictions = np.asarray(logits).argmax(-1)
@@ -217,4 +250,6 @@ def write_report(
         {"class_names": list(class_names), "rows": "true class", "columns": "predicted class",
          "counts": counts.tolist()}))
     _save_figure(counts_figure(counts, class_names), out / "confusion_matrix.png")
+    _save_figure(calibration.reliability_figure(logits, labels, temperature.value),
+                 out / "reliability.png")
     (out / "report.md").write_text(_markdown(results, text, history is not None))

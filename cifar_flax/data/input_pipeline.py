@@ -37,6 +37,7 @@ __all__ = [
     "get_info", "local_batch_size", "train_batches", "eval_batches",
     "steps_per_epoch", "num_eval_batches", "host_indices", "host_dataset", "clear_caches",
     "epoch_order", "indices_digest", "resize_example", "eval_positions", "train_positions",
+    "check_train_classes",
 ]
 
 SPLITS = ("train", "validation", "test")
@@ -126,6 +127,36 @@ def get_info(config: Any) -> DatasetInfo:
         uniform_size=uniform,
         skipped_files={k: v.skipped for k, v in source.splits.items() if v.skipped},
     )
+
+
+def check_train_classes(config: Any, info: DatasetInfo) -> None:
+    """Before training: UserError (one line) when the dataset has fewer than two classes, or a
+    class has no example in the logical train split (where the labels are known without reading
+    the images: ImageFolder, synthetic), e.g. all of its few images held out for validation."""
+    key, val_fraction = _key(config)
+    d = json.loads(key)
+    if info.num_classes < 2:
+        raise UserError(
+            f"{info.name} has {info.num_classes} class ({', '.join(info.class_names)}): a "
+            "classifier needs at least two; use a dataset with a folder (or label) per class.")
+    s, indices = _logical(key, val_fraction, "train")
+    if s.labels is None:
+        return
+    counts = np.bincount(s.labels[indices], minlength=info.num_classes)
+    missing = [i for i, n in enumerate(counts) if n == 0]
+    if not missing:
+        return
+    name, total = info.class_names[missing[0]], int(np.sum(s.labels == missing[0]))
+    where = f"the train split {d['train_split']!r} of {info.name}"
+    more = f" (nor {len(missing) - 1} more classes)" if len(missing) > 1 else ""
+    if total:
+        raise UserError(
+            f"class {name!r} has no training images{more}: all {total} of its images in {where} "
+            f"are held out for validation (val_fraction={val_fraction:g}); add images of that "
+            "class, lower --config.val_fraction, or set --config.val_split to a validation split.")
+    raise UserError(
+        f"class {name!r} has no images in {where}{more} (skipped files: {s.skipped}); add images "
+        "of that class, or remove the class from every split.")
 
 
 def eval_positions(n: int, global_batch: int, shard: Shard) -> np.ndarray:

@@ -13,7 +13,9 @@ the offending path: a missing/empty split folder, a class folder missing from a 
 that is not an image, an empty file, a file that does not decode. With ``skip_bad_files`` the
 bad files are left out instead, counted and logged. Hidden entries (names starting with ".") are
 ignored. The decode check is one parallel ``tf.data`` pass that also records each image's size.
-A class folder of the train split with no images is caught earlier, by config.validate.
+A class folder of the train split with no images (or a train split with one class folder) is
+caught earlier, by config.validate; a class left with no training images (all held out for
+validation, or all skipped), when training starts (input_pipeline.check_train_classes).
 
 tfds by name (``cifar10`` by default; ``config.data_dir`` is where tfds keeps it): prepared
 (downloaded) on first use. On a machine without network this fails at once, with one line that
@@ -78,6 +80,8 @@ class SplitSource:
     read: Callable[[np.ndarray], tf.data.Dataset]
     sizes: frozenset[tuple[int, int]] | None  # Distinct (h, w); None = unknown (may vary).
     skipped: int = 0
+    # Every example's label where known without reading the images (ImageFolder, synthetic).
+    labels: np.ndarray | None = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,15 +111,15 @@ def imagefolder_source(root: str, splits: list[str], skip_bad_files: bool) -> So
     classes = {split: _class_folders(root, split) for split in dict.fromkeys(splits)}
     first = splits[0]
     for split, names in classes.items():
-        for missing in sorted(set(classes[first]) - set(names)):
+        mismatched = ([(first, split, n) for n in sorted(set(classes[first]) - set(names))]
+                      + [(split, first, n) for n in sorted(set(names) - set(classes[first]))])
+        if mismatched:
+            have, lack, name = mismatched[0]
             raise UserError(
-                f"Class folder {os.path.join(root, first, missing)} has no counterpart "
-                f"{os.path.join(root, split, missing)}; every split needs the same class folders."
-            )
-        for extra in sorted(set(names) - set(classes[first])):
-            raise UserError(
-                f"Class folder {os.path.join(root, split, extra)} has no counterpart "
-                f"{os.path.join(root, first, extra)}; every split needs the same class folders."
+                f"Class folder {os.path.join(root, have, name)} has no counterpart "
+                f"{os.path.join(root, lack, name)}; every split needs the same class folders: "
+                f"add {os.path.join(root, lack, name)} with images of that class, or remove "
+                "that class's folder from every split."
             )
     class_names = tuple(classes[first])
     out = {s: _split_source(root, s, class_names, skip_bad_files) for s in classes}
@@ -205,7 +209,7 @@ def _split_source(
     if not paths:
         raise UserError(f"Split folder {os.path.join(root, split)} has no readable images.")
     read = functools.partial(_read, np.asarray(paths, object), labels)
-    return SplitSource(len(paths), read, frozenset(map(tuple, sizes.tolist())), len(bad))
+    return SplitSource(len(paths), read, frozenset(map(tuple, sizes.tolist())), len(bad), labels)
 
 
 def _read(paths: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> tf.data.Dataset:
@@ -407,5 +411,6 @@ def _synthetic_source(cfg: dict, seed: int, train_split: str, test_split: str) -
                 {"image": images[indices], "label": labels[indices]}
             )
 
-        out[split] = SplitSource(len(labels), read, frozenset([(cfg["size"], cfg["size"])]))
+        out[split] = SplitSource(len(labels), read, frozenset([(cfg["size"], cfg["size"])]),
+                                 labels=labels)
     return Source("synthetic", tuple(f"class_{i}" for i in range(k)), out)

@@ -131,8 +131,10 @@ class Progress:
 class Throughput:
     """Training images/s over timed windows that leave out compilation, evaluation and
     checkpointing: ``step(metrics)`` after each step (the first after ``expect_compile()`` waits
-    for its result and opens a new window), ``restart()`` after an evaluation or a save,
-    ``window()`` at a log step closes the window and returns its rate."""
+    for its result and opens a new window), ``window()`` once the steps are done (at a log step,
+    and before an evaluation or a save) closes the window and returns its rate (None when it
+    timed no step), ``restart()`` after an evaluation or a save. ``overall`` is None when no
+    step was timed (every step a compilation)."""
 
     def __init__(self, batch_size: int) -> None:
         self.batch, self.images, self.seconds = batch_size, 0, 0.0
@@ -152,14 +154,14 @@ class Throughput:
     def restart(self) -> None:
         self.t0, self.steps = time.perf_counter(), 0
 
-    def window(self) -> float:
+    def window(self) -> float | None:
         dt = time.perf_counter() - self.t0
-        rate = self.steps * self.batch / dt if dt > 0 and self.steps else 0.0
+        rate = self.steps * self.batch / dt if dt > 0 and self.steps else None
         self.images += self.steps * self.batch
         self.seconds += dt if self.steps else 0.0
         self.restart()
         return rate
 
     @property
-    def overall(self) -> float:
-        return self.images / self.seconds if self.seconds else 0.0
+    def overall(self) -> float | None:
+        return self.images / self.seconds if self.seconds else None

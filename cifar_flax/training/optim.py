@@ -5,6 +5,12 @@ every parameter belongs to exactly one group. A *phase* (``config.phase()``) nam
 trains, their learning rates, schedule and optimizer. Frozen groups get ``optax.set_to_zero()`` in
 an ``optax.multi_transform`` (no optimizer state, no update) and train.py does not differentiate
 them at all, so no backward pass runs through a frozen prefix of the network.
+
+A phase's ``lr`` / ``group_lr`` are stated for ``config.lr_batch_size`` images per step; a run at
+``config.batch_size`` trains each group at ``lr * batch_size / lr_batch_size`` (linear scaling, as
+flax's imagenet example's ``lr * batch_size / 256``): :func:`peak_learning_rates`, the one place.
+The rates are computed from the config each time a phase is built (a resumed run too), never
+stored scaled, so they cannot be scaled twice.
 """
 
 from __future__ import annotations
@@ -119,6 +125,21 @@ def bn_train_modules(
     return tuple(m for m in BACKBONE_MODULES if m in mods)
 
 
+def lr_scale(config: ml_collections.ConfigDict) -> float:
+    """The factor every stated learning rate is multiplied by: batch_size / lr_batch_size."""
+    return config.batch_size / config.lr_batch_size
+
+
+def peak_learning_rates(config: ml_collections.ConfigDict, index: int) -> dict[str, float]:
+    """Each trainable group's peak learning rate in phase ``index`` at this run's batch size
+    (its ``group_lr`` entry or the phase's ``lr``, times :func:`lr_scale`), in config.groups'
+    order."""
+    phase, scale = config.phases[index], lr_scale(config)
+    group_lr = dict(phase.group_lr)
+    return {g: group_lr.get(g, phase.lr) * scale
+            for g in dict(config.groups) if g in tuple(phase.trainable)}
+
+
 def build_phase(
     config: ml_collections.ConfigDict, params: Any, index: int, steps_per_epoch: int
 ) -> PhasePlan:
@@ -127,12 +148,8 @@ def build_phase(
     assignment = assign_groups(params, dict(config.groups))
     trainable = tuple(phase.trainable)
     steps = phase_steps(phase, steps_per_epoch)
-    group_lr = dict(phase.group_lr)
-    schedules = {
-        g: make_schedule(phase, group_lr.get(g, phase.lr), steps, steps_per_epoch)
-        for g in dict(config.groups)
-        if g in trainable
-    }
+    schedules = {g: make_schedule(phase, lr, steps, steps_per_epoch)
+                 for g, lr in peak_learning_rates(config, index).items()}
     transforms = {g: _group_optimizer(phase, s) for g, s in schedules.items()}
     transforms[FROZEN] = optax.set_to_zero()
     label_of = {p: (g if g in trainable else FROZEN) for p, g in assignment.items()}

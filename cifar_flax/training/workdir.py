@@ -21,8 +21,10 @@
 - ``run_info.json`` (:func:`write_run_info`, :func:`read_run_info`): what a trained run's users
   need besides its config (class names in label order, the uint8 image shape the pipeline fed
   the model), so predict, evaluate and export work where the training data is not.
-- :func:`check_output_folder` / :func:`output_folder`: a command's ``--output`` (export,
-  evaluate) never deletes or overwrites what the command did not write.
+- :func:`check_output_folder` / :func:`output_folder` (export, evaluate, eda) and
+  :func:`check_output_file` / :func:`output_file` (predict): a command's output never deletes or
+  overwrites what the command did not write (``--force`` replaces only its own earlier output,
+  never a run's files), and appears only complete (written aside, then renamed into place).
 """
 
 from __future__ import annotations
@@ -214,15 +216,22 @@ def move_aside(workdir: str) -> epath.Path | None:
     return dest
 
 
-# ---- a command's output folder (export, evaluate): never lose what the command did not write ----
+# ---- a command's output (export, evaluate, eda, predict): never lose what it did not write ----
+
+
+def _is_run(folder: epath.Path) -> bool:
+    """Whether ``folder`` is a training run's workdir: ``checkpoints/``, ``metrics.jsonl`` or a
+    run's lock (a ``.lock`` of another program, pytest's say, is not one)."""
+    lock = read_json(folder / LOCK_NAME) if (folder / LOCK_NAME).is_file() else None
+    return (isinstance(lock, dict) and {"pid", "host"} <= lock.keys()
+            or any((folder / name).exists() for name in ("checkpoints", "metrics.jsonl")))
 
 
 def find_run(folder: epath.Path) -> epath.Path | None:
-    """The first training run at or below ``folder`` (a folder with ``checkpoints/``, a
-    ``metrics.jsonl`` or a ``.lock``), or None."""
+    """The first training run at or below ``folder``, or None."""
     if not folder.is_dir():
         return None
-    if any((folder / name).exists() for name in ("checkpoints", "metrics.jsonl", LOCK_NAME)):
+    if _is_run(folder):
         return folder
     for child in folder.iterdir():
         if child.is_dir() and not (_is_local(child) and os.path.islink(child)):
@@ -232,41 +241,70 @@ def find_run(folder: epath.Path) -> epath.Path | None:
     return None
 
 
+def _run_above(target: epath.Path) -> epath.Path | None:
+    """The nearest run whose workdir holds ``target`` (at any depth), or None."""
+    return next((p for p in target.parents if p.is_dir() and _is_run(p)), None)
+
+
 def _inside_checkpoints(target: epath.Path) -> epath.Path | None:
     """The run whose ``checkpoints/`` folder holds ``target`` (Orbax owns that tree), or None."""
     for parent in target.parents:
-        if parent.name == "checkpoints" and find_run(parent.parent) == parent.parent:
+        if parent.name == "checkpoints" and _is_run(parent.parent):
             return parent.parent
     return None
 
 
 def check_output_folder(output: str, force: bool, written_by: str,
-                        is_ours: Callable[[epath.Path], bool], files: tuple[str, ...]) -> None:
-    """Refuse (UserError, one line) an ``--output`` that this command must not write:
-    a file; a folder inside a run's checkpoints; a non-empty folder without ``force``; with
-    ``force``, a run's workdir, a folder holding a run, or a folder that ``written_by`` did not
-    write (``is_ours`` false, or entries outside ``files``). Called before any work."""
+                        is_ours: Callable[[epath.Path], bool], files: tuple[str, ...],
+                        flag: str = "--output") -> None:
+    """Refuse (UserError, one line) an output folder (``flag``) that this command must not
+    write: a file; a folder inside a run's checkpoints; a run's workdir or a folder holding a
+    run; a non-empty folder without ``force``; with ``force``, a folder that ``written_by`` did
+    not write (``is_ours`` false, or entries outside ``files``). A new folder inside a run's
+    workdir is fine (it holds nothing of the run's). Called before any work."""
     out = _absolute(output)
     if out.exists() and not out.is_dir():
-        raise UserError(f"--output {output} is a file; give a folder.")
+        raise UserError(f"{flag} {output} is a file; give a folder.")
     run = _inside_checkpoints(out)
     if run is not None:
-        raise UserError(f"--output {output} is inside the checkpoints of the run {run}; "
-                           "choose a folder outside it.")
+        raise UserError(f"{flag} {output} is inside the checkpoints of the run {run}; "
+                        "choose a folder outside it.")
     if not out.exists() or not any(out.iterdir()):
         return
-    if not force:
-        raise UserError(f"--output {output} is not empty; choose a new folder, or pass "
-                           f"--force to replace an earlier output of {written_by}.")
     run = find_run(out)
     if run is not None:
-        raise UserError(f"--output {output} holds the training run {run}; --force replaces "
-                           f"only an earlier output of {written_by}: choose another folder.")
+        raise UserError(f"{flag} {output} holds the training run {run}; {written_by} never "
+                        "writes over a run: choose another folder.")
+    if not force:
+        raise UserError(f"{flag} {output} is not empty; choose a new folder, or pass "
+                        f"--force to replace an earlier output of {written_by}.")
     foreign = sorted(p.name for p in out.iterdir() if p.name not in files)
     if foreign or not is_ours(out):
         what = f"files it did not write: {foreign[:5]}" if foreign else "no output of it"
-        raise UserError(f"--output {output} holds {what}; --force replaces only an earlier "
-                           f"output of {written_by}: choose a new folder.")
+        raise UserError(f"{flag} {output} holds {what}; --force replaces only an earlier "
+                        f"output of {written_by}: choose a new folder.")
+
+
+def check_output_file(output: str, force: bool, written_by: str,
+                      is_ours: Callable[[epath.Path], bool], own_folder: str,
+                      flag: str = "--output") -> None:
+    """The rule of check_output_folder for a single file (UserError, one line): inside a run's
+    workdir only under its ``<run>/<own_folder>/`` (the run's other files and folders are the
+    run's, even names it does not use yet); an existing file only when ``is_ours`` recognises
+    it as an earlier output of ``written_by`` and ``force`` is given. Called before any work."""
+    out = _absolute(output)
+    run = _run_above(out)
+    if run is not None and (run / own_folder) not in out.parents:
+        raise UserError(f"{flag} {output} is inside the training run {run}; write into "
+                        f"{run / own_folder}/ or outside the run.")
+    if not out.exists():
+        return
+    if not is_ours(out):
+        raise UserError(f"{flag} {output} exists and is not an output of {written_by}, which "
+                        "never replaces a file it did not write: choose a new file.")
+    if not force:
+        raise UserError(f"{flag} {output} holds an earlier output of {written_by}; pass --force "
+                        "to replace it, or choose a new file.")
 
 
 def _absolute(path: str) -> epath.Path:
@@ -277,24 +315,51 @@ def _absolute(path: str) -> epath.Path:
 def output_folder(output: str) -> Iterator[epath.Path]:
     """``with output_folder(out) as tmp:`` write into ``tmp``, a new folder next to ``out``; when
     the block ends without an exception ``tmp`` takes the place of ``out`` (an earlier ``out``,
-    already checked by check_output_folder, is removed only then). On an exception ``tmp`` is
-    removed and ``out`` is left as it was."""
+    already checked by check_output_folder, is removed only then). On an exception, or a signal
+    that ends the process (interrupts.on_abort), ``tmp`` is removed and ``out`` is left as it
+    was."""
     out = _absolute(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     stamp = f"{os.getpid()}.{time.time_ns()}"
-    tmp = out.parent / f".{out.name}.tmp.{stamp}"
+    tmp, old = (out.parent / f".{out.name}.{what}.{stamp}" for what in ("tmp", "old"))
+
+    def undo() -> None:  # Back to the state before: the earlier output in place, no tmp.
+        if old.exists() and not out.exists():
+            old.rename(out)
+        for leftover in (tmp, old):
+            leftover.rmtree(missing_ok=True)
+
     tmp.mkdir()
+    forget = interrupts.on_abort(undo)
     try:
         yield tmp
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
     except BaseException:
-        tmp.rmtree(missing_ok=True)
+        undo()
         raise
-    old = out.parent / f".{out.name}.old.{stamp}"
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    if old.exists():
-        old.rmtree()
+    finally:
+        forget()
+    old.rmtree(missing_ok=True)
+
+
+@contextlib.contextmanager
+def output_file(output: str) -> Iterator[epath.Path]:
+    """``with output_file(out) as tmp:`` write the file ``tmp`` (next to ``out``); when the block
+    ends without an exception it replaces ``out`` in one rename, so ``out`` is never half
+    written. On an exception or a signal that ends the process, ``tmp`` is removed."""
+    out = _absolute(output)
+    tmp = out.parent / f".{out.name}.tmp.{os.getpid()}.{time.time_ns()}"
+    forget = interrupts.on_abort(lambda: tmp.unlink(missing_ok=True))
+    try:
+        yield tmp
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        forget()
 
 
 # Fields whose change cannot alter the trained parameters or the data (prefix match on the key).
@@ -354,6 +419,9 @@ def serious(diffs: list[str]) -> list[str]:
 
 
 _UNSET = "(unset)"
+# Fields added later whose absence meant a behaviour other than their default: a checkpoint from
+# before lr_batch_size trained at the rates as given, i.e. stated for its own batch size.
+LEGACY = {"lr_batch_size": lambda saved: saved.get("batch_size", _UNSET)}
 
 
 @functools.lru_cache(maxsize=1)
@@ -370,15 +438,18 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``"key: old -> new"`` for every key whose value differs (sorted).
 
     A key the checkpoint lacks counts only when the current value is not the field's default
-    (a field a newer version added, left at its default, resumes). The data part is compared only
-    when both sides have it (one may be taken before reading the data)."""
+    (a field a newer version added, left at its default, resumes), except where the older
+    version behaved as another value (LEGACY). The data part is compared only when both sides
+    have it (one may be taken before reading the data)."""
     keys = set(saved) | set(current)
     has_data = lambda fp: any(k.startswith("data.") for k in fp)  # noqa: E731
     if not (has_data(saved) and has_data(current)):
         keys = {k for k in keys if not k.startswith("data.")}
     out = []
     for key in sorted(keys):
-        old, new = saved.get(key, _UNSET), current.get(key, _UNSET)
+        legacy = LEGACY.get(key)
+        old = saved.get(key, legacy(saved) if legacy else _UNSET)
+        new = current.get(key, _UNSET)
         if old == new or (old is _UNSET and new == _default(key)):
             continue
         out.append(f"{key}: {_short(old)} -> {_short(new)}")

@@ -8,9 +8,10 @@ Kept apart from the name mapping (convert.py) so that each file format is read i
   name and the last part of the weight name without ``:0``, so TF-Keras 2 names
   (``conv1_conv/kernel:0``), Keras 3 names (``conv1_conv/kernel``) and uniquified variable names
   (``conv1_conv_1/kernel:0``) all read the same. Read with h5py: no TensorFlow needed.
-- PyTorch ``.pth``/``.pt``: ``torch.load(weights_only=True)``, which never unpickles arbitrary
-  objects; torch (an optional extra) is imported only for these files.
-- ``.safetensors`` and ``.npz`` state dicts, read without torch.
+- PyTorch ``.pth``/``.pt`` (``torch.save``'s zip format) without PyTorch: torch_pickle.py's
+  allow-listed unpickler, which refuses any object but tensors in (ordered) dicts. PyTorch is not
+  a dependency, and is not used even when it is installed (one reader, the same results).
+- ``.safetensors`` and ``.npz`` state dicts.
 
 Every failure to read becomes a :class:`UserError` that names the file and says what to do.
 Paths may be local or remote (``gs://...``, through ``etils.epath``); a remote weight file is
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import os
 import socket
 import tempfile
@@ -40,6 +40,7 @@ from etils import epath
 from tqdm import tqdm
 
 from cifar_flax import UserError, brief
+from cifar_flax.weights import torch_pickle
 
 _H5_SUFFIXES = (".h5", ".hdf5")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -128,21 +129,14 @@ def _read_keras_h5(path: str) -> dict[str, np.ndarray]:
 
 
 def _read_torch(path: str) -> dict[str, np.ndarray]:
-    if importlib.util.find_spec("torch") is None:
-        raise UserError(
-            f"Reading {path!r} needs PyTorch: pip install -e '.[torch]' (or convert the file to "
-            ".safetensors/.npz elsewhere).")
-    import torch  # Optional (the [torch] extra), and slow to import: only for these files.
-
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = torch_pickle.load(path)
     if not isinstance(obj, dict):
         raise UserError(f"{path!r} holds a {type(obj).__name__}, not a state dict.")
     out: dict[str, np.ndarray] = {}
     for name, t in obj.items():
-        if not isinstance(t, torch.Tensor):
+        if not isinstance(t, np.ndarray):
             raise UserError(f"{path!r}: entry {name!r} is a {type(t).__name__}, not a tensor.")
-        t = t.detach()
-        _put(out, name, (t.float() if t.is_floating_point() else t).numpy(), path)
+        _put(out, name, t, path)
     return out
 
 
