@@ -29,6 +29,7 @@ setup(
         "pillow>=10,<14",
         "matplotlib>=3.8,<4",
         "scikit-learn>=1.4,<2",
+        "scipy>=1.11,<2",  # analysis/calibration.py fits the temperature
         "tqdm>=4.66,<5",
     ],
     extras_require={

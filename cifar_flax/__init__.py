@@ -1,5 +1,10 @@
 """cifar_flax: transfer learning on small images with a pretrained Flax ResNet50."""
 
+import contextlib
+import os
+import time
+from typing import Any, Iterator
+
 __version__ = "0.2.0"
 
 
@@ -20,3 +25,19 @@ def brief(text: object, limit: int = 200) -> str:
     head = line[:limit + 1]
     cut = head.rsplit(" ", 1)[0] if " " in head else line.split(" ", 1)[0]
     return cut.rstrip(" ,;:") + "..."
+
+
+@contextlib.contextmanager
+def atomic_file(path: Any) -> Iterator[Any]:
+    """``with atomic_file(path) as tmp:`` write the file ``tmp`` (a hidden name beside ``path``,
+    of the same path type: pathlib or etils.epath); when the block ends without an exception
+    ``tmp`` replaces ``path`` in one rename, so ``path`` is never seen half written. On an
+    exception ``tmp`` is removed and ``path`` is left as it was. The one atomic file write of
+    the package (a command's output file, a cache file)."""
+    tmp = path.parent / f".{path.name}.tmp.{os.getpid()}.{time.time_ns()}"
+    try:
+        yield tmp
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -24,7 +24,7 @@ from cifar_flax.training.workdir import check_output_folder, output_folder, read
 FLAGS = flags.FlagValues()
 cli.config_flag(FLAGS, "Config file (e.g. configs/finetune.py); --config.<field>=value overrides.")
 flags.DEFINE_string("workdir", None, "A new (or empty) output folder for stats.json, the PNGs "
-                    "and eda.md.", flag_values=FLAGS)
+                    "and eda.md (inside a run's workdir: under RUN/eda/).", flag_values=FLAGS)
 flags.DEFINE_boolean("force", False, "Replace an earlier EDA output in --workdir.",
                      flag_values=FLAGS)
 flags.DEFINE_integer("samples_per_class", 8, "Sample images per class in samples.png.",
@@ -41,7 +41,8 @@ def _is_eda(folder: epath.Path) -> bool:
 def _main(argv: list[str]) -> str:
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}; every input is a --flag.")
-    check_output_folder(FLAGS.workdir, FLAGS.force, "eda", _is_eda, EDA_FILES, flag="--workdir")
+    check_output_folder(FLAGS.workdir, FLAGS.force, "eda", _is_eda, EDA_FILES, "eda",
+                        flag="--workdir")
     with output_folder(FLAGS.workdir) as tmp:
         run_eda(FLAGS.config, str(tmp), FLAGS.samples_per_class)
     return f"EDA written to {FLAGS.workdir}/eda.md"

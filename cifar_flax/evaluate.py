@@ -19,10 +19,19 @@ severity constants, applied at the images' own size, cached in ``$CIFAR_FLAX_CAC
 heatmap, the accuracy by severity and results.json's ``corruptions`` block (mCA, relative
 robustness; analysis/robustness.py); the rest of the report is the clean images'.
 
-Calibration (:func:`run_temperature`): the temperature always comes from the run's validation
-split, never from the data evaluated: the one the run's report fitted (its results.json, when it
-tested the same checkpoint), else one fitted here on the run's validation split (its own config:
-the run's data must be readable), else none, said in the report.
+Calibration (:func:`run_temperature`, decided before any evaluation): the temperature comes from
+the run's validation split, never from the data evaluated. So there is none when the evaluated
+split is the one the run's validation images come from (:func:`validation_source`: its
+``val_split``, or the ``train_split`` it held ``val_fraction`` of out, which evaluate reads
+whole), judged by the split's name whatever ``--config.dataset`` says (a copy of the run's data
+elsewhere keeps the names): every temperature of the run, its report's included, was fitted on
+some of those very images. Otherwise it is the one the run's report fitted (its results.json,
+when it tested the same checkpoint), else one fitted here on the run's validation split: the
+run's dataset and splits, read where ``--config.data_dir`` says and batched by
+``--config.eval_batch_size`` when given (:data:`VALIDATION_OVERRIDES`; another
+``--config.dataset`` is not the run's validation data), and only if it reads without a
+download. Any reason there is none (no validation split; its data not prepared, missing or
+unreadable) is said in the report, and the evaluation goes on.
 """
 
 from cifar_flax import cli
@@ -48,12 +57,11 @@ from cifar_flax import UserError  # noqa: E402
 from cifar_flax.analysis import calibration, robustness  # noqa: E402
 from cifar_flax.analysis.report import REPORT_FILES, write_report  # noqa: E402
 from cifar_flax.config import default_config  # noqa: E402
-from cifar_flax.data import corruptions, input_pipeline  # noqa: E402
+from cifar_flax.data import corruptions, input_pipeline, sources  # noqa: E402
 from cifar_flax.data.sources import DatasetInfo  # noqa: E402
 from cifar_flax.inference.trained_run import Predictor, TrainedRun, load_run  # noqa: E402
 from cifar_flax.training.evaluation import Evaluator  # noqa: E402
 from cifar_flax.training.workdir import check_output_folder, output_folder, read_json  # noqa: E402
-from cifar_flax.weights.store import cache_root  # noqa: E402
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "The training run's --workdir.", flag_values=FLAGS)
@@ -113,24 +121,71 @@ def dataset_info(run: TrainedRun, config: ml_collections.ConfigDict) -> DatasetI
     return info
 
 
-def run_temperature(run: TrainedRun) -> calibration.Temperature:
-    """The temperature of ``run``'s checkpoint, fitted on the run's validation split (module
-    docstring): from the run's report when it tested this checkpoint, else fitted here."""
-    saved = read_json(run.workdir / "report" / "results.json") or {}
-    block = saved.get("calibration")
-    if block and saved.get("tested_step") == run.checkpoint.step:
+# The user's overrides that apply to the run's validation split: where its data is now, and the
+# batch of this machine's devices. Any other (another dataset, say) is the evaluated data's.
+VALIDATION_OVERRIDES = ("data_dir", "eval_batch_size")
+
+
+def validation_source(config: ml_collections.ConfigDict) -> str | None:
+    """The physical split a run of ``config`` took its validation images from: its
+    ``val_split``, or the ``train_split`` it held ``val_fraction`` of out; None without."""
+    if config.val_split:
+        return config.val_split
+    return config.train_split if config.val_fraction > 0 else None
+
+
+def run_temperature(run: TrainedRun, split: str,
+                    overrides: dict[str, Any]) -> calibration.Temperature:
+    """The temperature for an evaluation of ``run``'s checkpoint on the physical ``split``
+    (module docstring): none on the run's validation images, else the run's report's when it
+    tested this checkpoint, else fitted here on the run's validation split; any UserError on
+    the way is no temperature, with the reason."""
+    source = validation_source(run.config)
+    if source == split:
+        return calibration.Temperature(
+            None, f"split {split!r} holds the run's validation images, on which its temperature "
+            "is fitted, so none is applied to them")
+    saved = _from_report(run)
+    if saved is not None:
+        return saved
+    if source is None:
+        return calibration.Temperature(None, "the run has no validation split")
+    given = {k: v for k, v in overrides.items() if k in VALIDATION_OVERRIDES}
+    try:
+        config = cli.apply_overrides(ml_collections.ConfigDict(run.config.to_dict()), given)
+        return _fitted_here(run, config)
+    except UserError as e:
+        return calibration.Temperature(None, f"the run's validation data cannot be read ({e})")
+
+
+def _from_report(run: TrainedRun) -> calibration.Temperature | None:
+    """The temperature of the run's report when it tested this checkpoint; None when it tested
+    another, or has no report or calibration block that reads (an older or edited one)."""
+    saved = read_json(run.workdir / "report" / "results.json")
+    if not isinstance(saved, dict) or saved.get("tested_step") != run.checkpoint.step:
+        return None
+    try:
+        block = saved["calibration"]
         t = block["temperature"]
         return calibration.Temperature(t, f"the run's {block['fitted_on']}, from its report"
                                        if t is not None else f"the run's report: {block['note']}")
-    try:
-        info = input_pipeline.get_info(run.config)
-    except UserError as e:
-        return calibration.Temperature(None, f"the run's validation data is unreadable ({e})")
-    if not info.split_sizes.get("validation"):
-        return calibration.Temperature(None, "the run has no validation split")
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _fitted_here(run: TrainedRun, config: ml_collections.ConfigDict) -> calibration.Temperature:
+    """The temperature fitted on the validation split of ``config`` (the run's, never
+    downloaded: UserError when it would be)."""
+    missing = sources.unprepared(config)
+    if missing:
+        raise UserError(f"{missing}, and evaluate downloads nothing for a temperature: pass "
+                        "--config.data_dir=<a folder holding its prepared copy>")
+    info = input_pipeline.get_info(config)
     fitted = calibration.from_validation(Evaluator(
-        run.config, info, run.model, run.mesh, run.preprocessing)(
+        config, info, run.model, run.mesh, run.preprocessing)(
         run.variables, "validation", keep_logits=True))
+    if fitted.value is None:
+        return fitted
     return dataclasses.replace(fitted, fitted_on=f"the run's {fitted.fitted_on}, fitted here")
 
 
@@ -149,7 +204,6 @@ class Corruptions:
     num_images: int = 0  # 0: every image of the split.
     seed: int = 0
     released: bool = False  # tfds' prepared cifar10_corrupted instead of generated copies.
-    cache_dir: str = ""  # Default: <$CIFAR_FLAX_CACHE or ~/.cache/cifar_flax>/corruptions.
 
     @property
     def cells(self) -> list[tuple[str, int]]:
@@ -208,7 +262,7 @@ def _generated(run: TrainedRun, request: Corruptions, output: str, images: list[
                indices: np.ndarray) -> tuple[Any, dict[str, Any]]:
     """(cell -> corrupted images, what the set is) of the generated corruptions, all
     generated first (a progress bar) or found in the cache."""
-    root = epath.Path(request.cache_dir) if request.cache_dir else cache_root() / "corruptions"
+    root = corruptions.cache_folder()
     for folder, what in ((run.workdir, "the run's workdir"), (epath.Path(output), "--output")):
         if _within(root, folder):
             raise UserError(f"the corruption cache {root} lies inside {what} {folder}; set "
@@ -274,19 +328,19 @@ def evaluate(workdir: str, output: str, split: str = "", overrides: dict[str, An
     module docstring)."""
     t0 = time.time()
     check_output_folder(output, force, "evaluate", _is_evaluation,
-                        REPORT_FILES + robustness.FILES)
+                        REPORT_FILES + robustness.FILES, "evaluations")
     if shift is not None and not shift.released:
         corruptions.library()  # A missing library is one line before the run is read.
     run = load_run(workdir, checkpoint)
     config = eval_config(run, overrides or {}, split)
     info = dataset_info(run, config)
+    temperature = run_temperature(run, config.test_split, overrides or {})
     block = None
     if shift is None:
         r = Evaluator(config, info, run.model, run.mesh, run.preprocessing)(
             run.variables, "test", keep_logits=True)
     else:
         r, block = evaluate_corruptions(run, config, info, output, shift)
-    temperature = run_temperature(run)
     results = {"written_by": WRITTEN_BY,
                "test_accuracy": r["accuracy"], "test_loss": r["loss"], "test_examples": r["count"],
                "tested_checkpoint": run.checkpoint.kind or "given",

@@ -42,7 +42,8 @@ from cifar_flax.training.workdir import check_output_folder, output_folder, read
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "The training run's --workdir.", flag_values=FLAGS)
-flags.DEFINE_string("output", None, "A new (or empty) folder for the export.", flag_values=FLAGS)
+flags.DEFINE_string("output", None, "A new (or empty) folder for the export (inside a run's "
+                    "workdir: under RUN/exports/).", flag_values=FLAGS)
 flags.DEFINE_boolean("force", False, "Replace an earlier export in --output.", flag_values=FLAGS)
 flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "The run's checkpoint.",
                   flag_values=FLAGS)
@@ -137,7 +138,7 @@ def requirements() -> str:
 def export(workdir: str, output: str, force: bool = False, checkpoint: str = "best",
            savedmodel: bool = True) -> dict[str, Any]:
     """Write the export folder; returns model.json's content (+ "saved_model": bool)."""
-    check_output_folder(output, force, "export", _is_export, EXPORT_FILES)
+    check_output_folder(output, force, "export", _is_export, EXPORT_FILES, "exports")
     run = load_run(workdir, checkpoint, conv_impl="xla")
     exp = export_stablehlo(run)
     with output_folder(output) as out:

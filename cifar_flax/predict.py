@@ -11,7 +11,7 @@ skipped with ``--skip_bad``). Prints a table of the top-k classes per image;
 work; written aside and renamed into place, so never half written). ``--output`` never replaces
 a file predict did not write (one it wrote, recognised by its exact CSV header and rows or JSON
 structure, only with ``--force``) and, inside a run's workdir, writes only under
-``<run>/predictions/`` (workdir.check_output_file: the rule export, evaluate and eda follow). A
+``<run>/predictions/`` (workdir.check_outside_runs: the rule export, evaluate and eda follow). A
 run that is still training can be read (a step it deletes meanwhile: the newest one left). Bad
 inputs: one ``error:`` line, exit 1.
 """

@@ -286,13 +286,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     _check_finite(pending, step, config, phase_index, ckpt)
                     _log_train(writer, progress, throughput, plan, step, phase_start, pending)
                     pending = []
-                    unstable = _warn_unstable(writer.history, unstable, info.num_classes, config)
+                    unstable = _warn_unstable(writer.history[-1:], unstable, phase_index,
+                                              info.num_classes, config)
                 if step % eval_every == 0 or step == end:
                     _check_finite(pending, step, config, phase_index, ckpt)
                     throughput.window()  # The steps since the last log (synced just above).
                     improved, done = _validate(validate if has_val else None, state, step, es,
                                                writer, progress, config, phase_index, ckpt)
-                    unstable = _warn_unstable(writer.history, unstable, info.num_classes, config)
+                    unstable = _warn_unstable(writer.history[-1:], unstable, phase_index,
+                                              info.num_classes, config)
                     if improved:
                         save(state, "best")
                     if ckpt.keeps_phase_best and es.phase_best_step == step:
@@ -330,16 +332,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             f"best_{es.metric}": es.run_best, "best_step": es.run_best_step, "steps": step,
             "wall_seconds": wall_saved, "train_seconds": train_before + throughput.seconds,
             "images_per_sec": _overall_rate(writer.history, throughput),
-            "learning_rates": {p.name: optim.peak_learning_rates(config, i)
-                               for i, p in enumerate(config.phases)},
-            "unstable": unstable_loss(writer.history, info.num_classes),
-            "devices": jax.device_count(), "dataset": info.name,
-            "config": json.loads(config.to_json_best_effort()),
+            **_about_run(config, writer.history, info),
         }
         if report_fn is not None and jax.process_index() == 0:
             report_fn(writer.history, test["labels"], test["logits"], list(info.class_names),
                       results, val)
     return results
+
+
+def _about_run(config: ml_collections.ConfigDict, history: list[dict], info: Any
+               ) -> dict[str, Any]:
+    """results.json's facts about the run: each phase's effective peak rates, whether a loss
+    rose far above chance (unstable_loss), devices, dataset and the config."""
+    return {"learning_rates": [{"phase": i, "name": p.name,
+                                "peak": optim.peak_learning_rates(config, i)}
+                               for i, p in enumerate(config.phases)],
+            "unstable": unstable_loss(history, info.num_classes),
+            "devices": jax.device_count(), "dataset": info.name,
+            "config": json.loads(config.to_json_best_effort())}
 
 
 def _initial_state(config: ml_collections.ConfigDict, model: Any, mesh: Any,
@@ -452,11 +462,13 @@ def _lr_text(config: ml_collections.ConfigDict, i: int) -> str:
             f"batch_size {config.batch_size})")
 
 
-def unstable_loss(history: list[dict], num_classes: int) -> dict[str, Any] | None:
-    """The first record of ``history`` whose training loss (a "train" record's window mean) or
-    validation loss exceeds UNSTABLE_FACTOR x ln(num_classes): {"step", "phase", "what",
-    "value", "limit", "chance_loss"}; None when there is none (results.json's ``unstable``)."""
-    chance, phase = math.log(num_classes), 0
+def unstable_loss(history: list[dict], num_classes: int, phase: int = 0
+                  ) -> dict[str, Any] | None:
+    """The first record of ``history`` (records from phase ``phase`` on) whose training loss (a
+    "train" record's window mean) or validation loss exceeds UNSTABLE_FACTOR x ln(num_classes):
+    {"step", "phase", "what", "value", "limit", "chance_loss"}; None when there is none
+    (results.json's ``unstable``)."""
+    chance = math.log(num_classes)
     limit = UNSTABLE_FACTOR * chance
     keys = {"train": ("loss", "training loss"), "eval": ("val_loss", "validation loss")}
     for r in history:
@@ -470,12 +482,13 @@ def unstable_loss(history: list[dict], num_classes: int) -> dict[str, Any] | Non
     return None
 
 
-def _warn_unstable(history: list[dict], known: dict | None, num_classes: int,
+def _warn_unstable(new: list[dict], known: dict | None, phase: int, num_classes: int,
                    config: ml_collections.ConfigDict) -> dict | None:
-    """``known``, or the first unstable record of ``history`` (unstable_loss), warned once."""
+    """``known``, or the first unstable one of the ``new`` records of phase ``phase``
+    (unstable_loss), warned once."""
     if known is not None:
         return known
-    found = unstable_loss(history, num_classes)
+    found = unstable_loss(new, num_classes, phase)
     if found is not None:
         i = found["phase"]
         logging.warning(

@@ -7,9 +7,7 @@ and flip. Chosen by evidence (experiments/README.md, "Which fine-tuning wins"): 
 benchmark this `full` row was the best (or within one standard deviation of the best) fine-tuning
 row at 100 and 1,000 images per class, ahead of the seed's staged unfreezing (kept as the
 ablation's `staged` row), LP-FT and training from scratch. It is configs/ablation.py's `full` row.
-The rate is stated for batch 128 (config.lr_batch_size): a smaller batch scales it down in
-proportion (at 10 images per class and batch 32, the unscaled lr 0.01 diverged on two seeds of
-three).
+The rate is stated for batch 128 and follows the batch (``lr_batch_size`` in cifar_flax/config.py).
 
     python -m cifar_flax.main --config configs/finetune.py --workdir runs/finetune
 """

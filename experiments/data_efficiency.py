@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import importlib.util
 import json
 import math
 import os
@@ -163,6 +164,7 @@ def result(row: str, per_class: int, seed: int, cmd: list[str], args: argparse.N
             "test_accuracy": r["test_accuracy"], "test_examples": r["test_examples"],
             "mca": shift.get("mca"), "relative_robustness": shift.get("relative_robustness"),
             "shift_clean_accuracy": shift.get("clean_accuracy"),
+            "severity_scale": shift.get("severity_scale"),
             "ece": (calib.get("raw") or {}).get("ece"),
             "ece_scaled": (calib.get("scaled") or {}).get("ece"),
             "temperature": calib.get("temperature"),
@@ -356,6 +358,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.shift_corruptions, args.shift_severities = "gaussian_noise,fog", "3"
     elif not args.dataset.startswith("imagefolder:") or not args.weights:
         p.error("give --weights and --dataset imagefolder:<dir> (or --smoke)")
+    if args.shift_images and importlib.util.find_spec("imagecorruptions") is None:
+        p.error("the corruption evaluation (--shift-images) needs imagecorruptions-imaug: "
+                "pip install -e '.[robustness]', or pass --shift-images 0")
     if min(args.sizes + [args.val_per_class, args.jobs]) < 1:
         p.error("--sizes, --val-per-class and --jobs must be >= 1")
     args.out = os.path.abspath(args.out)
@@ -464,9 +469,9 @@ def main(argv: list[str] | None = None) -> int:
                "num_classes": facts["num_classes"],
                "budgets": {str(pc): b for pc, b in facts["budgets"].items()},
                "sweep_seconds_this_session": time.time() - t0,
-               "shift": _shift_text(args) if args.shift_images else None,
                "runs": [result(r["row"], r["per_class"], r["seed"], r["cmd"], args)
                         for r in runs]}
+    summary["shift"] = _shift_text(args, summary["runs"]) if args.shift_images else None
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(write_table(summary, args.out, title))
@@ -475,11 +480,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _shift_text(args: argparse.Namespace) -> str:
+def _shift_text(args: argparse.Namespace, runs: list[dict]) -> str:
+    """What the shift subset is, with the severity scale as the evaluations state it."""
     n = len(args.shift_corruptions.split(","))
+    scale = next((r["severity_scale"] for r in runs if r.get("severity_scale")), "")
     return (f"{args.shift_images} test images (a seeded choice, the same for every run) x {n} "
-            f"generated corruptions x severities {args.shift_severities} (imagecorruptions-imaug, "
-            "ImageNet-C severity constants, applied at 32x32; not the released CIFAR-10-C)")
+            f"generated corruptions x severities {args.shift_severities}"
+            + (f" ({scale}; not the released CIFAR-10-C)" if scale else ""))
 
 
 if __name__ == "__main__":

@@ -44,68 +44,32 @@ def cpu_devices_env(count: int, **extra: str) -> dict[str, str]:
     return {**os.environ, "XLA_FLAGS": " ".join([*flags, f"{device_flag}={count}"]), **extra}
 
 
-# A child's sitecustomize.py (env_without): the modules named in HIDDEN are not found, as if not
-# installed. Every finder of sys.meta_path is wrapped, so ``import`` raises "No module named ...",
-# ``importlib.util.find_spec`` returns None and ``importlib.metadata`` lists no such distribution.
-# (``sys.modules[name] = None`` would also stop imports, but libraries that test
-# ``name in sys.modules`` (etils, scipy) then break.)
-_HIDING_SITECUSTOMIZE = """import sys
-
-HIDDEN = {modules!r}
-
-
-class _Hiding:
-    def __init__(self, finder):
-        self._finder = finder
-
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in HIDDEN:
-            return None
-        return self._finder.find_spec(name, path, target)
-
-    def find_distributions(self, *args, **kwargs):
-        found = getattr(self._finder, "find_distributions", lambda *a, **k: ())(*args, **kwargs)
-        return [d for d in found if (d.metadata["Name"] or "").lower() not in HIDDEN]
-
-    def __getattr__(self, attr):
-        return getattr(self._finder, attr)
-
-
-sys.meta_path[:] = [_Hiding(finder) for finder in sys.meta_path]
-"""
-
-
-def env_without(directory: pathlib.Path, *modules: str, env: dict | None = None
-                ) -> dict[str, str]:
-    """The environment ``env`` (default: this process's) of child Python processes in which
-    ``modules`` (e.g. "torch") are missing as if not installed, in the child and in every Python
-    process it starts: a ``sitecustomize.py`` (above) written into ``directory``, which goes first
-    on PYTHONPATH."""
-    (directory / "sitecustomize.py").write_text(_HIDING_SITECUSTOMIZE.format(modules=modules))
-    env = dict(os.environ if env is None else env)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(directory), env.get("PYTHONPATH")) if p)
-    return env
-
-
-_ONLY_SITECUSTOMIZE = """import os
+# A child's sitecustomize.py (env_without, env_with_only): the packages in HIDDEN, or with ONLY
+# set every package outside ONLY and the standard library, are not found, as if not installed.
+# One finder that consults the original ones replaces sys.meta_path, so ``import`` raises "No
+# module named ...", ``importlib.util.find_spec`` returns None and ``importlib.metadata`` lists no
+# such distribution. (``sys.modules[name] = None`` would also stop imports, but libraries that
+# test ``name in sys.modules`` (etils, scipy) then break.)
+_HIDING_SITECUSTOMIZE = """import os
 import re
 import sys
 import sysconfig
 
-_ALLOWED = {allowed!r}
+HIDDEN, ONLY = {hidden!r}, {only!r}
 _STDLIB = tuple(os.path.realpath(sysconfig.get_paths()[k]) + os.sep
                 for k in ("stdlib", "platstdlib"))
 
 
-def _in_stdlib(spec):
-    origin = os.path.realpath(spec.origin or "")
+def _visible(name, spec):
+    if name in HIDDEN:
+        return False
+    if ONLY is None or name in ONLY or name in sys.stdlib_module_names:
+        return True
+    origin = os.path.realpath(spec.origin or "") if spec is not None else ""
     return origin.startswith(_STDLIB) and "-packages" + os.sep not in origin
 
 
-class _OnlyAllowed:
-    \"\"\"The one finder on sys.meta_path: the original finders, for the standard library and
-    _ALLOWED only (anything else is not found, as if not installed).\"\"\"
-
+class _Hiding:
     def __init__(self, finders):
         self.finders = finders
 
@@ -113,15 +77,14 @@ class _OnlyAllowed:
         for finder in self.finders:
             spec = finder.find_spec(name, path, target) if hasattr(finder, "find_spec") else None
             if spec is not None:
-                top = name.partition(".")[0]
-                ok = top in _ALLOWED or top in sys.stdlib_module_names or _in_stdlib(spec)
-                return spec if ok else None
+                return spec if _visible(name.partition(".")[0], spec) else None
         return None
 
     def find_distributions(self, *args, **kwargs):
         for finder in self.finders:
             for dist in getattr(finder, "find_distributions", lambda *a, **k: ())(*args, **kwargs):
-                if re.sub(r"[-.]+", "_", dist.metadata["Name"] or "").lower() in _ALLOWED:
+                name = re.sub(r"[-.]+", "_", dist.metadata["Name"] or "").lower()
+                if name not in HIDDEN and (ONLY is None or name in ONLY):
                     yield dist
 
     def invalidate_caches(self):
@@ -129,23 +92,34 @@ class _OnlyAllowed:
             getattr(finder, "invalidate_caches", lambda: None)()
 
 
-sys.meta_path[:] = [_OnlyAllowed(list(sys.meta_path))]
+sys.meta_path[:] = [_Hiding(list(sys.meta_path))]
 """
+
+
+def _hiding_env(directory: pathlib.Path, hidden: tuple, only: tuple | None,
+                env: dict | None) -> dict[str, str]:
+    """``env`` (default: this process's) with the sitecustomize.py above, written into
+    ``directory``, first on PYTHONPATH: it reaches the child and every Python process it starts."""
+    (directory / "sitecustomize.py").write_text(_HIDING_SITECUSTOMIZE.format(
+        hidden=tuple(sorted(set(hidden))), only=None if only is None else tuple(sorted(set(only)))))
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(directory), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def env_without(directory: pathlib.Path, *modules: str, env: dict | None = None
+                ) -> dict[str, str]:
+    """The environment of child Python processes in which ``modules`` (top-level names, e.g.
+    "torch") are missing as if not installed."""
+    return _hiding_env(directory, modules, None, env)
 
 
 def env_with_only(directory: pathlib.Path, *packages: str, env: dict | None = None
                   ) -> dict[str, str]:
     """The environment of child Python processes that see nothing but the standard library and
-    ``packages`` (top-level names, e.g. "jax", "numpy"), as in a fresh virtual environment holding
-    only those: any other import raises ModuleNotFoundError, ``importlib.util.find_spec`` returns
-    None for it and ``importlib.metadata`` lists only their distributions. How: like
-    :func:`env_without`, a ``sitecustomize.py`` in ``directory``, first on PYTHONPATH; it makes
-    one finder that consults the original ones the only finder on ``sys.meta_path``."""
-    (directory / "sitecustomize.py").write_text(
-        _ONLY_SITECUSTOMIZE.format(allowed=tuple(sorted(set(packages)))))
-    env = dict(os.environ if env is None else env)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(directory), env.get("PYTHONPATH")) if p)
-    return env
+    ``packages`` (top-level names, e.g. "jax", "numpy"), as in a fresh virtual environment
+    holding only those."""
+    return _hiding_env(directory, (), packages, env)
 
 
 @pytest.fixture(scope="session")

@@ -82,14 +82,23 @@ def test_fit_temperature_recovers_a_known_temperature(t0):
         calibration.nll(logits, labels, t * 0.97), calibration.nll(logits, labels, t * 1.03))
 
 
-def test_summary_keeps_every_prediction_and_refuses_a_temperature_that_changes_one():
+def test_a_temperature_keeps_every_prediction_and_one_that_would_not_is_refused():
+    """Any temperature the fit can give (its bounds and between) keeps every prediction; one
+    that is not positive and finite (-1 flips the order) is refused where it is made, with a
+    ValueError that names it (also under ``python -O``)."""
     logits, labels = _sampled(500, 5, 2.0, seed=2)
     block = calibration.summary(logits, labels, Temperature(2.0, "validation (9 examples)"))
     assert block["temperature"] == 2.0 and block["fitted_on"] == "validation (9 examples)"
     assert block["scaled"]["nll"] == pytest.approx(calibration.nll(logits, labels, 2.0))
     assert block["scaled"]["ece"] < block["raw"]["ece"]  # Over-confident logits, cooled.
-    with pytest.raises(AssertionError, match="changed a prediction"):
-        calibration.summary(logits, labels, Temperature(-1.0, "bogus"))  # Flips the order.
+    for t in (np.exp(calibration.LOG_T_BOUNDS[0]), 2.0, np.exp(calibration.LOG_T_BOUNDS[1])):
+        np.testing.assert_array_equal(
+            calibration.probabilities(logits, Temperature(t, "a fit").value).argmax(-1),
+            logits.argmax(-1))
+    for bad in (-1.0, 0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"temperature .* \(bogus\): a temperature is a "
+                           "positive finite number"):
+            Temperature(bad, "bogus")
 
 
 def test_reliability_figure_draws_each_bins_accuracy_and_count():

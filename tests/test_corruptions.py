@@ -149,6 +149,25 @@ def test_the_cache_resumes_and_is_keyed_by_images_and_seed(tmp_path, monkeypatch
     assert len(folders) == 3
 
 
+def test_a_failed_write_leaves_neither_the_file_nor_a_temporary(tmp_path, monkeypatch):
+    """A cell whose file fails midway (after some bytes) leaves only key.json: no partial file
+    that a rerun would take for a cached one, no temporary file; the rerun then writes it."""
+    images, indices = _images()
+    generated = corruptions.GeneratedSet(tmp_path, images, indices, seed=5)
+
+    def dies_midway(f, **arrays):
+        f.write(b"PK partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        generated.generate([("contrast", 1)], progress=False)
+    assert sorted(p.name for p in generated.folder.iterdir()) == ["key.json"]
+    monkeypatch.undo()
+    generated.generate([("contrast", 1)], progress=False)
+    assert len(generated.load("contrast", 1)) == len(images)
+
+
 def test_small_images_and_a_missing_library_are_one_line(tmp_path, monkeypatch):
     images, indices = _images()
     with pytest.raises(UserError, match="smaller than 32x32"):
@@ -208,6 +227,11 @@ def test_a_missing_library_is_one_line_before_the_run_is_read(smoke_run, tmp_pat
     assert len(err) == 1 and "pip install -e '.[robustness]'" in err[0], err
 
 
+def _cell_files(cache) -> list[str]:
+    """The names of the cell files in a corruption cache."""
+    return sorted(p.name for p in cache.rglob("*.npz"))
+
+
 def _files(folder) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
 
@@ -224,10 +248,13 @@ def test_mixed_sizes_are_corrupted_at_their_own_size_and_resized_like_the_pipeli
             write_image(tmp_path / "data" / "test" / name / f"{i}.png", h, w, "RGB", 10 * c + i)
     overrides = {"dataset": f"imagefolder:{tmp_path / 'data'}"}
     plain = evaluate.evaluate(str(smoke_run), str(tmp_path / "plain"), overrides=overrides)
-    shift = evaluate.Corruptions(("pixelate",), (2,), cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setenv("CIFAR_FLAX_CACHE", str(tmp_path / "cache"))
+    shift = evaluate.Corruptions(("pixelate",), (2,))
     got = evaluate.evaluate(str(smoke_run), str(tmp_path / "shift"), overrides=overrides,
                             shift=shift)
+    assert _cell_files(tmp_path / "cache") == ["pixelate_2.npz"]
     block = got["corruptions"]
+    assert block["cache"].startswith(str(corruptions.cache_folder()))
     assert got["test_accuracy"] == plain["test_accuracy"] == block["clean_accuracy"]
     a, b = (np.load(tmp_path / f / "predictions.npz") for f in ("plain", "shift"))
     np.testing.assert_allclose(a["logits"], b["logits"], atol=1e-5)
@@ -271,5 +298,5 @@ def test_evaluate_shift_corruptions_end_to_end(smoke_run, tmp_path):
     report = (out / "report.md").read_text()
     assert block["severity_scale"] in report and "ImageNet-C constants" in report
     assert "CIFAR-10-C" not in report and "## Calibration" in report
-    assert sorted(p.name for p in cache.rglob("*.npz")) == ["fog_3.npz", "gaussian_noise_3.npz"]
+    assert _cell_files(cache) == ["fog_3.npz", "gaussian_noise_3.npz"]
     assert _files(smoke_run) == before

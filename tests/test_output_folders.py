@@ -17,9 +17,12 @@ import shutil
 import numpy as np
 import pytest
 from conftest import ROOT
+from etils import epath
 
 from cifar_flax import eda, evaluate, export, predict
 from cifar_flax.analysis import dataset_stats
+from cifar_flax.training import workdir
+from cifar_flax.training.workdir import check_output_file, check_output_folder, output_folder
 
 
 @pytest.fixture
@@ -94,8 +97,8 @@ def test_evaluate_never_writes_over_the_runs_report(run, capsys):
     assert _tree(run) == before
 
 
-def test_evaluate_into_a_new_subfolder_of_the_run_has_its_own_report(run, capsys):
-    out = run / "eval_test"
+def test_evaluate_into_the_runs_evaluations_folder_has_its_own_report(run, capsys):
+    out = run / "evaluations" / "test"
     assert evaluate.main(["--workdir", str(run), "--output", str(out)]) == 0
     got = json.loads((out / "results.json").read_text())
     trained = json.loads((run / "report" / "results.json").read_text())
@@ -109,7 +112,88 @@ def test_evaluate_into_a_new_subfolder_of_the_run_has_its_own_report(run, capsys
     assert evaluate.main(["--workdir", str(run), "--output", str(out)]) == 1  # Not empty.
     _one_error(capsys, "--force")
     assert evaluate.main(["--workdir", str(run), "--output", str(out), "--force"]) == 0
-    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".eval")) == []
+    assert sorted(p.name for p in out.parent.iterdir()) == ["test"]  # Nothing left beside it.
+
+
+OWN_FOLDERS = {"export": "exports", "evaluate": "evaluations", "eda": "eda"}
+
+
+def _command(name, run, out) -> int:
+    """The command ``name`` (export, evaluate or eda) writing ``out``; its exit status."""
+    if name == "eda":
+        return _eda(out)
+    return {"export": export, "evaluate": evaluate}[name].main(
+        ["--workdir", str(run), "--output", str(out)])
+
+
+@pytest.mark.parametrize("name", list(OWN_FOLDERS))
+def test_each_command_writes_into_a_run_only_under_its_own_folder(run, capsys, name):
+    """Inside a run still training (no report/ yet) export, evaluate and eda write only under
+    <run>/<their folder>/, like predict: not report/ (the training's own, written later), not a
+    new folder, not checkpoints/, not another command's folder. Refused before any work."""
+    shutil.rmtree(run / "report")
+    before = _tree(run)
+    for out in ("report", "notes", "checkpoints/x", "predictions/x", OWN_FOLDERS[name]):
+        assert _command(name, run, run / out) == 1
+        _one_error(capsys, "inside the training run", f"{run / OWN_FOLDERS[name]}/")
+    assert _tree(run) == before and not (run / "report").exists()
+    files = {"export": export.EXPORT_FILES, "eda": dataset_stats.EDA_FILES,
+             "evaluate": evaluate.REPORT_FILES}[name]
+    check_output_folder(str(run / OWN_FOLDERS[name] / "a"), False, name, bool, files,
+                        OWN_FOLDERS[name])  # Under its own folder: allowed.
+
+
+def test_a_full_folder_without_force_is_refused_before_walking_it(run, tmp_path, capsys,
+                                                                  monkeypatch):
+    """A slip like ``--output ~`` without --force is "not empty" at once: only --force walks
+    the folder's tree for runs (which it then refuses)."""
+    walked = []
+    monkeypatch.setattr(workdir, "find_run", lambda folder: walked.append(folder))
+    assert _export(run, tmp_path) == 1
+    _one_error(capsys, "is not empty", "--force")
+    assert walked == []
+    monkeypatch.undo()
+    assert _export(run, tmp_path, "--force") == 1
+    _one_error(capsys, "holds the training run", str(run))
+
+
+def test_a_gs_output_is_checked_up_to_its_bucket(monkeypatch):
+    """gs://b/x/p.csv: the folders looked at for a run are gs://b/x and gs://b, never the
+    ``gs://`` and ``/`` epath lists as its last parents (stubbed: no network)."""
+    looked = set()
+
+    def stub(self, *args, **kwargs):
+        looked.add(str(self))
+        return False
+
+    for method in ("exists", "is_dir", "is_file"):
+        monkeypatch.setattr(type(epath.Path("gs://b")), method, stub)
+    check_output_file("gs://b/x/p.csv", False, "predict", bool, "predictions")
+    assert looked == {"gs://b/x", "gs://b", "gs://b/x/p.csv"}
+
+
+def test_a_move_into_place_failing_half_way_puts_the_earlier_output_back(tmp_path, monkeypatch):
+    """On gs:// a folder's rename copies, then deletes: a failure half-way leaves part of the
+    new output at ``out``. The earlier output must come back, whole, and nothing else stay."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.txt").write_text("earlier")
+    real_rename = type(epath.Path(tmp_path)).rename
+
+    def half_rename(self, target):
+        if not self.name.startswith(".out.tmp."):
+            return real_rename(self, target)
+        epath.Path(target).mkdir()  # The first file copied, then the connection drops.
+        shutil.copy(self / "a.txt", epath.Path(target) / "a.txt")
+        raise OSError(errno.ECONNRESET, "Connection reset by peer")
+
+    monkeypatch.setattr(type(epath.Path(tmp_path)), "rename", half_rename)
+    with pytest.raises(OSError, match="Connection reset"):
+        with output_folder(str(out)) as tmp:
+            (tmp / "a.txt").write_text("new")
+            (tmp / "b.txt").write_text("new")
+    assert _tree(tmp_path) == {"out/a.txt": len("earlier")}
+    assert (out / "a.txt").read_text() == "earlier"
 
 
 def _disk_full(*args, **kwargs):

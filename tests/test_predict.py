@@ -276,6 +276,26 @@ def test_missing_output_folder_is_created(smoke_run, tmp_path):
     assert len(out.read_text().splitlines()) == 2
 
 
+def test_output_in_a_project_folder_with_its_own_checkpoints(smoke_run, tmp_path, capsys,
+                                                            monkeypatch):
+    """``--output preds.csv`` from a project folder holding a ``checkpoints/`` folder and a
+    ``metrics.jsonl`` of its own is written: a run is such a folder with the config.json or
+    run_info.json training writes, and only then refused outside its predictions/."""
+    write_image(tmp_path / "x.png", 32, 32, "RGB", seed=0)
+    project = tmp_path / "project"
+    (project / "checkpoints").mkdir(parents=True)
+    (project / "metrics.jsonl").write_text("{}\n")
+    monkeypatch.chdir(project)
+    argv = ["--workdir", str(smoke_run), str(tmp_path / "x.png"), "--output", "preds.csv"]
+    assert predict.main(argv) == 0
+    assert len((project / "preds.csv").read_text().splitlines()) == 2
+    (project / "run_info.json").write_text((smoke_run / "run_info.json").read_text())
+    capsys.readouterr()
+    assert predict.main([*argv[:-1], "sub/p.csv"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"inside the training run {project}" in err[0], err
+
+
 def _unwritable_output(tmp_path, case: str) -> tuple[str, str]:
     """(--output, text its error line must contain). Permission bits do not stop root: there
     the output's parent is a file, which stops every user."""

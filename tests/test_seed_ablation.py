@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 from conftest import ROOT, load_config
 from train_utils import make_image_tree
@@ -19,6 +21,8 @@ from train_utils import make_image_tree
 from cifar_flax import UserError
 from cifar_flax.config import load_module
 from cifar_flax.data.subset import link_subset
+from cifar_flax.training import optim
+from cifar_flax.training.initialize import build_model
 
 SCRIPT = ROOT / "experiments" / "seed_ablation.py"
 ROWS = ["linear", "dense", "top", "all", "aug", "staged", "scratch"]  # The seed's progression.
@@ -70,12 +74,6 @@ def test_staged_trains_the_head_then_stage3_stage4_and_head_then_everything():
     """The seed's staged recipe (configs/ablation.py, experiments/README.md): 3 epochs of the head
     at lr 0.05, 6 of stage3+stage4 at 0.01 with the head at 0.02, 8 of every layer at 0.002;
     checked on a real ResNet50's parameters through the optimizer each phase builds."""
-    import jax
-    import numpy as np
-
-    from cifar_flax.training import optim
-    from cifar_flax.training.initialize import build_model
-
     config = load_config("ablation", "staged")
     res = config.augment.resolution
     params = jax.eval_shape(build_model(config, 10).init, jax.random.key(0),

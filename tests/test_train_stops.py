@@ -228,7 +228,7 @@ def test_a_resumed_run_scales_its_rates_once_and_remembers_it_was_unstable(tmp_p
     assert [r["step"] for r in records] == list(range(1, 9))
     for r in records:
         assert r["lr/head"] == pytest.approx(float(halved(r["step"]))), r
-    assert results["learning_rates"] == {"head": {"head": 1000.0}}
+    assert results["learning_rates"] == [{"phase": 0, "name": "head", "peak": {"head": 1000.0}}]
     limit = 100 * np.log(4)
     over = [(r["step"], r["loss"]) for r in records if r["loss"] > limit]
     assert over and over[0][0] <= 4 and all(np.isfinite(r["loss"]) for r in records)

@@ -36,10 +36,16 @@ LOG_T_BOUNDS = (np.log(1e-2), np.log(1e2))  # T in [0.01, 100]; a fit at a bound
 @dataclasses.dataclass(frozen=True)
 class Temperature:
     """A fitted temperature (``value`` None: none) and where it came from, or why there is none
-    (``fitted_on``: e.g. "validation (5000 examples)" or "no validation split: ...")."""
+    (``fitted_on``: e.g. "validation (5000 examples)" or "no validation split: ..."). A value is
+    positive and finite (ValueError otherwise), so dividing by it keeps every prediction."""
 
     value: float | None
     fitted_on: str
+
+    def __post_init__(self) -> None:
+        if self.value is not None and not (np.isfinite(self.value) and self.value > 0):
+            raise ValueError(f"temperature {self.value!r} ({self.fitted_on}): a temperature is a "
+                             "positive finite number; another would change predictions.")
 
 
 def probabilities(logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
@@ -122,9 +128,6 @@ def summary(logits: np.ndarray, labels: np.ndarray, temperature: Temperature,
              "temperature": temperature.value, "fitted_on": None, "scaled": None}
     if temperature.value is None:
         return block | {"note": temperature.fitted_on}
-    raw_pred = np.argmax(_scaled(logits, None), -1)
-    assert np.array_equal(raw_pred, np.argmax(_scaled(logits, temperature.value), -1)), (
-        "a temperature changed a prediction")  # T > 0 keeps the order, so the accuracy.
     return block | {"fitted_on": temperature.fitted_on,
                     "scaled": metrics(logits, labels, temperature.value, bins)}
 

@@ -18,11 +18,11 @@ severities 1-5, generated for any split by the maintained library ``imagecorrupt
   seeded through the library's ``seed`` argument; the others draw nothing. The pixels also
   depend on the versions of what the library computes with (:func:`versions`), so they are part
   of the cache key.
-- Cached under ``<cache root>/corruptions/<key>/`` (the weights' cache root, never a run's
-  workdir), ``key`` a hash of the images (pixels, sizes, indices), the seed and the versions;
-  one file per corruption x severity (``<corruption>_<severity>.npz``), written under a
-  temporary name and renamed when complete: an interrupted generation resumes at the first
-  missing file and a rerun generates nothing.
+- Cached in :func:`cache_folder` (``<$CIFAR_FLAX_CACHE>/corruptions/<key>/``; evaluate refuses
+  one inside a run's workdir), ``key`` a hash of the images (pixels, sizes, indices), the seed
+  and the versions; one file per corruption x severity (``<corruption>_<severity>.npz``),
+  written under a temporary name and renamed when complete (``cifar_flax.atomic_file``): an
+  interrupted generation resumes at the first missing file and a rerun generates nothing.
 
 **Released** (:func:`released_config`): tfds' ``cifar10_corrupted/<name>_<severity>``, read
 as it is from a ``data_dir`` that has it prepared (never downloaded here: :func:`check_released`).
@@ -35,11 +35,9 @@ import dataclasses
 import functools
 import hashlib
 import importlib.metadata
-import io
 import json
 import os
 import sys
-import time
 from typing import Any, Callable, Iterable, Sequence
 
 import ml_collections
@@ -50,9 +48,10 @@ from absl import logging
 from etils import epath
 from tqdm import tqdm
 
-from cifar_flax import UserError, brief
+from cifar_flax import UserError, atomic_file, brief
 from cifar_flax.data import sources
 from cifar_flax.data.input_pipeline import resize_example
+from cifar_flax.weights.store import cache_root
 
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
                "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
@@ -81,6 +80,12 @@ def library() -> Any:
         raise UserError(f"generating corruptions needs the {LIBRARY} package, which is not "
                         f"installed here ({brief(e)}); install it with: {INSTALL}") from None
     return imagecorruptions
+
+
+def cache_folder() -> epath.Path:
+    """Where generated sets are cached: ``corruptions/`` in the project's one cache root
+    (weights/store.cache_root: ``$CIFAR_FLAX_CACHE``, else ``~/.cache/cifar_flax``)."""
+    return cache_root() / "corruptions"
 
 
 def versions() -> dict[str, str]:
@@ -168,7 +173,7 @@ def to_run_shape(images: Sequence[np.ndarray], h: int, w: int) -> np.ndarray:
 class GeneratedSet:
     """The corrupted copies of ``images`` (at ``indices`` of their split) under ``root``."""
 
-    root: epath.Path  # <cache root>/corruptions
+    root: epath.Path  # cache_folder(), or any folder
     images: Sequence[np.ndarray]
     indices: np.ndarray
     seed: int = 0
@@ -227,13 +232,10 @@ class GeneratedSet:
 
 
 def _write(path: epath.Path, images: list[np.ndarray]) -> None:
-    """Save ``images`` (any sizes) at ``path`` atomically: a temporary file, then renamed."""
-    buffer = io.BytesIO()
-    np.savez(buffer, pixels=np.concatenate([im.reshape(-1) for im in images]),
-             shapes=np.asarray([im.shape for im in images], np.int64))
-    tmp = path.parent / f".{path.name}.tmp.{os.getpid()}.{time.time_ns()}"
-    tmp.write_bytes(buffer.getvalue())
-    tmp.rename(path)
+    """Save ``images`` (any sizes) at ``path`` atomically (a temporary file, then renamed)."""
+    with atomic_file(path) as tmp, tmp.open("wb") as f:
+        np.savez(f, pixels=np.concatenate([im.reshape(-1) for im in images]),
+                 shapes=np.asarray([im.shape for im in images], np.int64))
 
 
 def released_name(corruption: str, severity: int) -> str:

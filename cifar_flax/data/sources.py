@@ -311,13 +311,34 @@ def _not_prepared(builder: Any, why: str) -> str:
             "--config.dataset=imagefolder:<dir>.")
 
 
+def unprepared(config: Any) -> str | None:
+    """Why reading ``config.dataset`` would download it first (a tfds dataset not prepared in
+    ``config.data_dir``: the sentence), else None (prepared, ImageFolder, synthetic, a name
+    get_source refuses, or tfds.testing.mock_data). For readers that must never download."""
+    name = config.dataset
+    if not name or name == "synthetic" or name.startswith("imagefolder:"):
+        return None
+    try:
+        builder = tfds.builder(name, data_dir=config.data_dir or None)
+    except Exception:  # noqa: BLE001 - tfds raises several types; get_source says which.
+        return None
+    if _mocked() or builder.is_prepared():
+        return None
+    return (f"tfds dataset {name!r} is not prepared in data_dir "
+            f"{os.fspath(builder.data_dir_root)!r}")
+
+
+def _mocked() -> bool:
+    """Whether tfds.testing.mock_data is active (it downloads nothing)."""
+    return tfds.core.DatasetBuilder.download_and_prepare.__name__.startswith("mock_")
+
+
 def _unresolved_host(builder: Any) -> str | None:
     """A host the preparation needs whose name does not resolve: the dataset is not prepared,
     one of its files (tfds' checksums list) is not in the download cache, and that file's host
     does not resolve. None when nothing says the download must fail (or under
     tfds.testing.mock_data, which downloads nothing)."""
-    mocked = tfds.core.DatasetBuilder.download_and_prepare.__name__.startswith("mock_")
-    if mocked or builder.is_prepared():
+    if _mocked() or builder.is_prepared():
         return None
     downloads = builder.data_dir_root / "downloads"
     for url, info in (builder.url_infos or {}).items():

@@ -6,11 +6,9 @@ trains, their learning rates, schedule and optimizer. Frozen groups get ``optax.
 an ``optax.multi_transform`` (no optimizer state, no update) and train.py does not differentiate
 them at all, so no backward pass runs through a frozen prefix of the network.
 
-A phase's ``lr`` / ``group_lr`` are stated for ``config.lr_batch_size`` images per step; a run at
-``config.batch_size`` trains each group at ``lr * batch_size / lr_batch_size`` (linear scaling, as
-flax's imagenet example's ``lr * batch_size / 256``): :func:`peak_learning_rates`, the one place.
-The rates are computed from the config each time a phase is built (a resumed run too), never
-stored scaled, so they cannot be scaled twice.
+Learning rates follow the batch (``config.lr_batch_size``, documented in config.py):
+:func:`peak_learning_rates` is the one place that scales them. They are computed from the config
+each time a phase is built (a resumed run too), never stored scaled, so never scaled twice.
 """
 
 from __future__ import annotations

@@ -24,7 +24,9 @@
 - :func:`check_output_folder` / :func:`output_folder` (export, evaluate, eda) and
   :func:`check_output_file` / :func:`output_file` (predict): a command's output never deletes or
   overwrites what the command did not write (``--force`` replaces only its own earlier output,
-  never a run's files), and appears only complete (written aside, then renamed into place).
+  never a run's files), writes inside a run's workdir only under its own folder
+  (:func:`check_outside_runs`), and appears only complete (written aside, then renamed into
+  place).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from cifar_flax import UserError, brief
+from cifar_flax import UserError, atomic_file, brief
 from cifar_flax.config import default_config
 from cifar_flax.data.sources import DatasetInfo
 from cifar_flax.training import checkpoints, devices, interrupts
@@ -220,11 +222,15 @@ def move_aside(workdir: str) -> epath.Path | None:
 
 
 def _is_run(folder: epath.Path) -> bool:
-    """Whether ``folder`` is a training run's workdir: ``checkpoints/``, ``metrics.jsonl`` or a
-    run's lock (a ``.lock`` of another program, pytest's say, is not one)."""
+    """Whether ``folder`` is a training run's workdir: a run's lock (a ``.lock`` of another
+    program, pytest's say, is not one), or ``checkpoints/`` or ``metrics.jsonl`` beside the
+    ``config.json`` or ``run_info.json`` training writes (write_run_files; a project folder
+    holding a ``checkpoints/`` folder of its own is not a run)."""
     lock = read_json(folder / LOCK_NAME) if (folder / LOCK_NAME).is_file() else None
-    return (isinstance(lock, dict) and {"pid", "host"} <= lock.keys()
-            or any((folder / name).exists() for name in ("checkpoints", "metrics.jsonl")))
+    if isinstance(lock, dict) and {"pid", "host"} <= lock.keys():
+        return True
+    return (any((folder / name).exists() for name in ("checkpoints", "metrics.jsonl"))
+            or False)
 
 
 def find_run(folder: epath.Path) -> epath.Path | None:
@@ -241,37 +247,38 @@ def find_run(folder: epath.Path) -> epath.Path | None:
     return None
 
 
-def _run_above(target: epath.Path) -> epath.Path | None:
-    """The nearest run whose workdir holds ``target`` (at any depth), or None."""
-    return next((p for p in target.parents if p.is_dir() and _is_run(p)), None)
+def _folders_above(target: epath.Path) -> list[epath.Path]:
+    """The folders holding ``target``, nearest first; on ``gs://b/...`` up to the bucket (its
+    parents ``gs://`` and ``/`` are no folders of it)."""
+    return [p for p in target.parents if os.fspath(p).split("://", 1)[-1].strip("/")]
 
 
-def _inside_checkpoints(target: epath.Path) -> epath.Path | None:
-    """The run whose ``checkpoints/`` folder holds ``target`` (Orbax owns that tree), or None."""
-    for parent in target.parents:
-        if parent.name == "checkpoints" and _is_run(parent.parent):
-            return parent.parent
-    return None
+def check_outside_runs(out: epath.Path, output: str, own_folder: str, flag: str) -> None:
+    """The one rule of every command's output (UserError, one line): inside a training run's
+    workdir only under ``<run>/<own_folder>/`` (predictions/, evaluations/, exports/, eda/); the
+    run's other files and folders are the run's, even names it does not write yet (``report/``
+    of a run still training)."""
+    run = next((p for p in _folders_above(out) if p.is_dir() and _is_run(p)), None)
+    if run is not None and (run / own_folder) not in out.parents:
+        raise UserError(f"{flag} {output} is inside the training run {run}; write under "
+                        f"{run / own_folder}/ or outside the run.")
 
 
 def check_output_folder(output: str, force: bool, written_by: str,
                         is_ours: Callable[[epath.Path], bool], files: tuple[str, ...],
-                        flag: str = "--output") -> None:
+                        own_folder: str, flag: str = "--output") -> None:
     """Refuse (UserError, one line) an output folder (``flag``) that this command must not
-    write: a file; a folder inside a run's checkpoints; a run's workdir or a folder holding a
-    run; a non-empty folder without ``force``; with ``force``, a folder that ``written_by`` did
-    not write (``is_ours`` false, or entries outside ``files``). A new folder inside a run's
-    workdir is fine (it holds nothing of the run's). Called before any work."""
+    write: a file; a folder inside a run's workdir but outside its ``<run>/<own_folder>/``
+    (check_outside_runs); a run's workdir; a non-empty folder without ``force``; with
+    ``force``, a folder holding a run at any depth, or one that ``written_by`` did not write
+    (``is_ours`` false, or entries outside ``files``). Called before any work."""
     out = _absolute(output)
     if out.exists() and not out.is_dir():
         raise UserError(f"{flag} {output} is a file; give a folder.")
-    run = _inside_checkpoints(out)
-    if run is not None:
-        raise UserError(f"{flag} {output} is inside the checkpoints of the run {run}; "
-                        "choose a folder outside it.")
+    check_outside_runs(out, output, own_folder, flag)
     if not out.exists() or not any(out.iterdir()):
         return
-    run = find_run(out)
+    run = out if _is_run(out) else find_run(out) if force else None  # Walk the tree for --force.
     if run is not None:
         raise UserError(f"{flag} {output} holds the training run {run}; {written_by} never "
                         "writes over a run: choose another folder.")
@@ -289,14 +296,11 @@ def check_output_file(output: str, force: bool, written_by: str,
                       is_ours: Callable[[epath.Path], bool], own_folder: str,
                       flag: str = "--output") -> None:
     """The rule of check_output_folder for a single file (UserError, one line): inside a run's
-    workdir only under its ``<run>/<own_folder>/`` (the run's other files and folders are the
-    run's, even names it does not use yet); an existing file only when ``is_ours`` recognises
-    it as an earlier output of ``written_by`` and ``force`` is given. Called before any work."""
+    workdir only under its ``<run>/<own_folder>/`` (check_outside_runs); an existing file only
+    when ``is_ours`` recognises it as an earlier output of ``written_by`` and ``force`` is
+    given. Called before any work."""
     out = _absolute(output)
-    run = _run_above(out)
-    if run is not None and (run / own_folder) not in out.parents:
-        raise UserError(f"{flag} {output} is inside the training run {run}; write into "
-                        f"{run / own_folder}/ or outside the run.")
+    check_outside_runs(out, output, own_folder, flag)
     if not out.exists():
         return
     if not is_ours(out):
@@ -317,17 +321,24 @@ def output_folder(output: str) -> Iterator[epath.Path]:
     the block ends without an exception ``tmp`` takes the place of ``out`` (an earlier ``out``,
     already checked by check_output_folder, is removed only then). On an exception, or a signal
     that ends the process (interrupts.on_abort), ``tmp`` is removed and ``out`` is left as it
-    was."""
+    was: a move into place that failed part-way (on ``gs://`` a rename copies, then deletes) is
+    removed and the earlier output put back."""
     out = _absolute(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     stamp = f"{os.getpid()}.{time.time_ns()}"
     tmp, old = (out.parent / f".{out.name}.{what}.{stamp}" for what in ("tmp", "old"))
 
+    moved = {"aside": False, "in": False}  # out -> old done; tmp -> out done.
+
     def undo() -> None:  # Back to the state before: the earlier output in place, no tmp.
+        if moved["in"]:  # Complete: the new output stays, the earlier one goes.
+            old.rmtree(missing_ok=True)
+            return
+        if moved["aside"]:  # A rename that failed part-way (gs:// copies, then deletes).
+            out.rmtree(missing_ok=True)
         if old.exists() and not out.exists():
             old.rename(out)
-        for leftover in (tmp, old):
-            leftover.rmtree(missing_ok=True)
+        tmp.rmtree(missing_ok=True)
 
     tmp.mkdir()
     forget = interrupts.on_abort(undo)
@@ -335,7 +346,9 @@ def output_folder(output: str) -> Iterator[epath.Path]:
         yield tmp
         if out.exists():
             out.rename(old)
+            moved["aside"] = True
         tmp.rename(out)
+        moved["in"] = True
     except BaseException:
         undo()
         raise
@@ -349,17 +362,12 @@ def output_file(output: str) -> Iterator[epath.Path]:
     """``with output_file(out) as tmp:`` write the file ``tmp`` (next to ``out``); when the block
     ends without an exception it replaces ``out`` in one rename, so ``out`` is never half
     written. On an exception or a signal that ends the process, ``tmp`` is removed."""
-    out = _absolute(output)
-    tmp = out.parent / f".{out.name}.tmp.{os.getpid()}.{time.time_ns()}"
-    forget = interrupts.on_abort(lambda: tmp.unlink(missing_ok=True))
-    try:
-        yield tmp
-        tmp.replace(out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        forget()
+    with atomic_file(_absolute(output)) as tmp:
+        forget = interrupts.on_abort(lambda: tmp.unlink(missing_ok=True))
+        try:
+            yield tmp
+        finally:
+            forget()
 
 
 # Fields whose change cannot alter the trained parameters or the data (prefix match on the key).
