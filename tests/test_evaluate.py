@@ -109,7 +109,7 @@ def test_evaluating_the_split_the_validation_was_held_out_of_reports_no_temperat
     split reports raw calibration only, and says why."""
     results = evaluate.evaluate(str(smoke_run), str(tmp_path / "eval"), split="train")
     block = results["calibration"]
-    assert results["test_examples"] == 256 and block["temperature"] is None
+    assert results["split"] == "train" and block["temperature"] is None
     assert "split 'train' holds the run's validation images" in block["note"]
     assert "No temperature: split 'train' holds" in (tmp_path / "eval" / "report.md").read_text()
 

@@ -230,7 +230,7 @@ def _is_run(folder: epath.Path) -> bool:
     if isinstance(lock, dict) and {"pid", "host"} <= lock.keys():
         return True
     return (any((folder / name).exists() for name in ("checkpoints", "metrics.jsonl"))
-            or False)
+            and any((folder / name).exists() for name in ("config.json", FILENAME)))
 
 
 def find_run(folder: epath.Path) -> epath.Path | None:
