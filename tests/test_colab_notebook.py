@@ -47,5 +47,5 @@ def test_notebook_runs_in_smoke_mode(tmp_path):
     assert "devices:" in text
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if "image/png" in o.get("data", {})]
-    assert len(images) == 5  # 3 EDA figures + curves + confusion matrix, shown inline.
+    assert len(images) == 6  # 3 EDA figures + curves, confusion matrix, reliability, inline.
     assert (tmp_path / "runs" / "eda" / "stats.json").exists()

@@ -110,6 +110,8 @@ def test_evaluating_the_split_the_validation_was_held_out_of_reports_no_temperat
     results = evaluate.evaluate(str(smoke_run), str(tmp_path / "eval"), split="train")
     block = results["calibration"]
     assert results["split"] == "train" and block["temperature"] is None
+    # The training images (hold-out included), not the test images under the train split's name.
+    assert results["test_examples"] == load_config("smoke").synthetic.num_train
     assert "split 'train' holds the run's validation images" in block["note"]
     assert "No temperature: split 'train' holds" in (tmp_path / "eval" / "report.md").read_text()
 

@@ -424,7 +424,10 @@ def _synthetic_source(cfg: dict, seed: int, train_split: str, test_split: str) -
     if k < 2 or cfg["num_train"] < 1 or cfg["num_test"] < 1 or cfg["size"] < 1:
         raise UserError(f"config.synthetic={cfg} needs num_classes >= 2 and positive sizes.")
     out = {}
-    for split_id, split in enumerate((train_split, test_split)):
+    for position, split in enumerate((train_split, test_split)):
+        # "train" and "test" are always the same images, whatever the other split is called
+        # (evaluate reads one split as both: --split train must give the training images).
+        split_id = {"train": 0, "test": 1}.get(split, position)
         images, labels = synthetic_images(cfg, seed, split_id)
 
         def read(indices: np.ndarray, images=images, labels=labels) -> tf.data.Dataset:
