@@ -57,8 +57,11 @@ def main(argv: list[str]) -> str | None:
         return None
     rate = results["images_per_sec"]  # None: no training step was timed.
     speed = f" (training {rate:.1f} images/s)" if rate else ""
+    bad = results["unstable"]  # The last line says it too: a warning can scroll away.
+    unstable = (f"; UNSTABLE: the {bad['what']} reached {bad['value']:.4g} at step {bad['step']}"
+                " (lower the learning rate)" if bad else "")
     return (f"test accuracy {results['test_accuracy']:.4f} on {results['test_examples']} "
-            f"images{speed}; report in {workdir}/report")
+            f"images{speed}{unstable}; report in {workdir}/report")
 
 
 if __name__ == "__main__":

@@ -269,7 +269,20 @@ def test_a_run_shorter_than_a_log_window_reports_only_what_was_timed(tmp_path, c
     else:
         assert rate is None and "images/s" not in report + out
     assert "test accuracy" in out and results["unstable"] is None
-    assert "Unstable" not in report
+    assert "Unstable" not in report and "UNSTABLE" not in out
+
+
+def test_the_last_line_says_when_a_run_was_unstable(monkeypatch, capsys):
+    """The warning can scroll away in a long log: the command's last line repeats it."""
+    bad = {"step": 2, "phase": 0, "what": "training loss", "value": 381.85, "limit": 138.6,
+           "chance_loss": 1.386}
+    results = {"test_accuracy": 0.25, "test_examples": 64, "images_per_sec": 1900.0,
+               "unstable": bad}
+    monkeypatch.setattr(main, "run", lambda config, workdir: results)
+    argv = ["--config", os.path.join(ROOT, "configs", "smoke.py"), "--workdir", "unused"]
+    assert cli.run(main.main, main.FLAGS, argv) == 0
+    out = capsys.readouterr().out
+    assert "UNSTABLE: the training loss reached 381.9 at step 2 (lower the learning rate)" in out
 
 
 def test_unstable_is_the_first_training_or_validation_loss_above_100_ln_classes():
