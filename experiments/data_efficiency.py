@@ -40,6 +40,7 @@ import os
 import shlex
 import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -286,7 +287,7 @@ def plot_shift(summary: dict, out: str, title: str) -> None:
     ax.plot([0, top], [0, top], color="gray", linewidth=0.8, linestyle=":", label="mCA = clean")
     ax.set_xlabel("clean accuracy on the shift subset (%)")
     ax.set_ylabel("mean corruption accuracy, mCA (%)")
-    ax.set_title(f"{title}\n{summary.get('shift', '')}", fontsize=9)
+    ax.set_title(textwrap.fill(f"{title}. {summary.get('shift', '')}", 110), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2, loc="upper left")
     fig.tight_layout()
