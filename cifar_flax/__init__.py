@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import sys
 import time
 from typing import Any, Iterator
 
@@ -41,3 +42,16 @@ def atomic_file(path: Any) -> Iterator[Any]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# The commands' start-up (run/startup.py), after the package's own names are defined. Python sets
+# sys.argv[0] to "-m" while it imports the packages of the module that ``python -m
+# cifar_flax.<command>`` launches (runpy; the module's path once it runs), so this runs before the
+# command module's imports bring TensorFlow in: a Ctrl-C during those slow imports is one line,
+# TensorFlow starts quietly and off every accelerator. A plain ``import cifar_flax`` (a library
+# user, the tests, another tool's ``-m``, which imports cifar_flax only once its module runs) does
+# none of it.
+if getattr(sys, "argv", [])[:1] == ["-m"]:  # (Embedded interpreters may lack argv.)
+    from cifar_flax.run import startup
+
+    startup.start()

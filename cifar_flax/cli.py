@@ -14,48 +14,47 @@ signals, a quiet start-up.
   interrupted training run prints how to resume (interrupts.Interrupted); an OSError outside the
   checkpoints (a full disk, a permission) is one line too. Nothing else is caught.
 - Signals: Ctrl-C or SIGTERM outside the training steps ends the command with one line
-  (training/interrupts.py); after the command finished, they are ignored (a finished command
+  (run/interrupts.py); after the command finished, they are ignored (a finished command
   exits 0).
-- Quiet start-up: TensorFlow's import-time C++ notices (oneDNN, CPU features), JAX's backend
-  probe and Orbax's per-save lines do not reach the user (``CIFAR_FLAX_VERBOSE=1`` keeps them);
-  TensorFlow runs only the host input pipeline, so it is kept off every accelerator (on a GPU it
-  would take memory JAX needs; two runtimes opening one TPU fail).
+- Quiet start-up (run/startup.py, begun by the package's ``__init__`` as Python launches the
+  command): TensorFlow's import-time C++ notices, JAX's backend probe and Orbax's per-save lines
+  do not reach the user; TensorFlow is kept off every accelerator.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import importlib.util
 import os
 import re
 import signal
 import sys
-import threading
 from typing import Any, Callable, Sequence
 
 from absl import flags, logging
 from ml_collections import config_flags
 
 from cifar_flax import UserError
-from cifar_flax.training import interrupts
+from cifar_flax.run import interrupts, startup
 
 _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # configs/ lives here.
 
 
 def run(main: Callable[[list[str]], str | None], flag_values: flags.FlagValues,
-        argv: Sequence[str] | None = None, progress: bool = False) -> int:
+        argv: Sequence[str] | None = None, progress: bool = False,
+        interrupted: str = interrupts.NOTHING_WRITTEN) -> int:
     """Parse ``argv`` (default: sys.argv) into ``flag_values``, then ``main(positional args)``;
     the command's exit status. ``main`` returns the command's last line (what it made, where),
     printed once the work is done and a late Ctrl-C can change nothing. With ``argv`` given (a
     call in-process, as the tests make) the signal handlers are put back afterwards.
     ``progress``: show the INFO log lines (training's phases, steps and input shards; the
-    commands parse their own flags, so absl's --verbosity does not apply)."""
-    previous, verbosity = interrupts.exit_on_signal(), logging.get_verbosity()
+    commands parse their own flags, so absl's --verbosity does not apply). ``interrupted``: what
+    a signal from here on says happened to the work (``Interrupted (Ctrl-C): <interrupted>.``;
+    during the command's imports, before it, the start-up's: run/startup.py)."""
+    previous, verbosity = interrupts.exit_on_signal(interrupted), logging.get_verbosity()
     try:
         args = parse_flags(flag_values, [sys.argv[0], *(sys.argv[1:] if argv is None else argv)],
                            description(sys.modules.get(main.__module__)))
-        prepare_runtime()
+        startup.prepare_runtime()
         if progress:
             logging.set_verbosity(logging.INFO)
         done = main(args)
@@ -321,96 +320,3 @@ def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
             node = node[part]
         node[last] = value
     return config
-
-
-# ---- the runtime: quiet, TensorFlow off the accelerators ----
-
-
-def verbose() -> bool:
-    return os.environ.get("CIFAR_FLAX_VERBOSE", "") not in ("", "0")
-
-
-def start(interrupted: str = "stopped before it wrote anything") -> None:
-    """What a command does first, before the imports that bring TensorFlow in: a signal ends it
-    with one line, ``Interrupted (Ctrl-C): <interrupted>.``; quiet logs; TensorFlow imported
-    quietly and kept off every accelerator."""
-    interrupts.exit_on_signal(interrupted)
-    prepare_runtime()
-
-
-def prepare_runtime() -> None:
-    """Quiet logs; TensorFlow imported quietly and kept off every accelerator (before any of its
-    ops). Idempotent."""
-    if not flags.FLAGS.is_parsed():  # (Else absl warns "Logging before flag parsing".)
-        flags.FLAGS.mark_as_parsed()
-    logging.use_absl_handler()
-    if not verbose() and _quiet_record not in logging.get_absl_handler().filters:
-        logging.get_absl_handler().addFilter(_quiet_record)
-        _drop_background_noise()
-    _import_tensorflow_quietly()
-    hide_accelerators()
-
-
-def _quiet_record(record: Any) -> bool:
-    """Drop Orbax's records (dozens of INFO lines per save; when a background write fails, its
-    own error logs and tracebacks: the run reports that failure as one error line) and the INFO
-    of JAX's backend probe."""
-    if "orbax" in record.pathname:
-        return record.levelno >= logging.logging.CRITICAL  # Python's levels, not absl's.
-    if record.pathname.endswith("_flagvalues.py"):  # "unparse_flags() called": our config_flag.
-        return record.levelno >= logging.logging.WARNING
-    probe = record.pathname.endswith("xla_bridge.py")
-    return not probe or record.levelno >= logging.logging.WARNING
-
-
-def _drop_background_noise() -> None:
-    """When a background write fails (a full disk, a damaged checkpoint being read), tensorstore
-    callbacks still in flight hit a closed event loop and print tracebacks ("Event loop is
-    closed"), and asyncio logs "Future exception was never retrieved": the failure itself reaches
-    the user as one error line, so these are dropped; any other exception is printed as usual."""
-    def noise(value: Any) -> bool:
-        return isinstance(value, RuntimeError) and "Event loop is closed" in str(value)
-
-    excepthook, thread_hook, unraisable = sys.excepthook, threading.excepthook, sys.unraisablehook
-    sys.excepthook = lambda t, v, tb: None if noise(v) else excepthook(t, v, tb)
-    threading.excepthook = lambda a: None if noise(a.exc_value) else thread_hook(a)
-    sys.unraisablehook = lambda u: None if noise(u.exc_value) else unraisable(u)
-    logging.logging.getLogger("asyncio").setLevel(logging.logging.CRITICAL)
-
-
-def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow (when installed) with the process's stderr silenced: its C++ start-up
-    notices are printed before any log level applies. Errors still surface (as exceptions)."""
-    if verbose() or "tensorflow" in sys.modules or not _tensorflow_available():
-        return  # (The Colab TPU runtime has no TensorFlow.)
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    sys.stderr.flush()
-    os.dup2(null, 2)
-    try:
-        import tensorflow  # noqa: F401 - the import is the point (quiet, before anyone else's).
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
-
-
-def _tensorflow_available() -> bool:
-    """Whether TensorFlow can be imported: installed, and not blocked by a process that keeps it
-    out (``sys.modules["tensorflow"] = None``, as the benchmark's TensorFlow-free rows do)."""
-    if "tensorflow" in sys.modules:
-        return sys.modules["tensorflow"] is not None
-    return importlib.util.find_spec("tensorflow") is not None
-
-
-def hide_accelerators() -> list[str]:
-    """Make TensorFlow see only the CPU; returns the device types TF still sees (["CPU"]). A
-    no-op without TensorFlow; once TF is initialised its visible devices cannot change, and the
-    returned list says what it sees."""
-    if not _tensorflow_available():
-        return []
-    import tensorflow as tf  # Optional: the Colab TPU runtime and exported models lack it.
-
-    for kind in ("GPU", "TPU"):
-        with contextlib.suppress(RuntimeError, ValueError):  # Already initialised; or no such type.
-            tf.config.set_visible_devices([], kind)
-    return sorted({d.device_type for d in tf.config.get_visible_devices()})

@@ -10,6 +10,7 @@ import importlib.util
 import os
 import re
 import types
+from typing import Iterable, Mapping
 
 import jax
 import ml_collections
@@ -45,7 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.synthetic.num_test = 64  # Examples of the "test" split.
     c.synthetic.size = 32  # Image height = width.
 
-    # ---- augmentation (augment.py, on device) ----
+    # ---- augmentation (data/preprocessing.py, on device) ----
     c.augment = ml_collections.ConfigDict()
     c.augment.resolution = 160  # Model input resolution; images are resized on device (32 -> 160).
     c.augment.crop_padding = 4  # Random crop with this much padding (in source pixels); 0 = off.
@@ -85,10 +86,10 @@ def default_config() -> ml_collections.ConfigDict:
     # base_width, else an error listing the differences); the head only when its shapes (class
     # count, head_hidden) and class names match, else it is freshly initialised. The earlier run's
     # pretrained.source must be this config's (same input normalisation). See
-    # training/initialize.py.
+    # run/model_setup.py.
     c.init_from = ""
 
-    # ---- training: parameter groups, phases, early stopping (optim.py, train.py) ----
+    # ---- training: parameter groups, phases, early stopping (train.py) ----
     # Groups: name -> regex searched in '/'-joined param paths ("stage4/block1/conv1/kernel");
     # every parameter must match exactly one group (else one error lists up to 10 offenders).
     c.groups = ml_collections.ConfigDict(DEFAULT_GROUPS)
@@ -129,12 +130,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 50  # Train metrics to metrics.jsonl / TensorBoard (and a log line off-TTY).
     c.tensorboard = True  # Also write TensorBoard event files (<workdir>/tensorboard).
     c.progress_bar = True  # tqdm bar with ETA when stderr is a terminal; plain log lines otherwise.
-    # A rerun of a workdir resumes only a run with the same fingerprint (training/workdir.py):
+    # A rerun of a workdir resumes only a run with the same fingerprint (run/workdir.py):
     # "auto" stops with the differing fields otherwise; "replace" moves such a different (or
     # unreadable) run to <workdir>/previous/<time>/ and starts this config (a run with the same
     # fingerprint still resumes, so "replace" is safe in a job script).
     c.resume = "auto"
-    c.distributed = ml_collections.ConfigDict()  # Several processes/hosts (training/devices.py).
+    c.distributed = ml_collections.ConfigDict()  # Several processes/hosts (run/devices.py).
     c.distributed.enabled = False  # Call jax.distributed.initialize() before anything else.
     c.distributed.coordinator_address = ""  # Process 0's "host:port"; "" = detect (TPU pods, SLURM, GKE).
     c.distributed.num_processes = -1  # Number of processes; -1 = detect (else set all three).
@@ -195,13 +196,66 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     return load_module(file).get_config(*arg)
 
 
+def assign_groups(paths: Iterable[str], groups: Mapping[str, str]) -> dict[str, str]:
+    """Map each '/'-joined parameter path (``stage4/block1/conv1/kernel``) to the one group of
+    ``groups`` (name -> regex searched in the path); UserError if a path matches none or several."""
+    compiled = {name: re.compile(pattern) for name, pattern in groups.items()}
+    assignment, orphans, doubles = {}, [], []
+    for path in paths:
+        hits = [name for name, rx in compiled.items() if rx.search(path)]
+        if not hits:
+            orphans.append(path)
+        elif len(hits) > 1:
+            doubles.append(f"{path} ({', '.join(hits)})")
+        else:
+            assignment[path] = hits[0]
+    errors = []
+    if orphans:
+        errors.append(
+            f"{len(orphans)} parameters match no entry of config.groups, e.g. {orphans[:10]}: "
+            "add a group whose regex matches them."
+        )
+    if doubles:
+        errors.append(
+            f"{len(doubles)} parameters match several entries of config.groups, e.g. "
+            f"{doubles[:10]}: make the regexes disjoint."
+        )
+    if errors:
+        raise UserError("\n".join(errors))
+    return assignment
+
+
+def peak_learning_rates(config: ml_collections.ConfigDict, index: int) -> dict[str, float]:
+    """Each trainable group's peak learning rate in phase ``index`` as the run trains with it:
+    its ``group_lr`` entry or the phase's ``lr``, times batch_size / lr_batch_size, in
+    config.groups' order. The one place that scales them: computed from the config whenever a
+    phase is built (a resumed run too), never stored scaled, so never scaled twice."""
+    phase_, scale = config.phases[index], config.batch_size / config.lr_batch_size
+    group_lr = dict(phase_.group_lr)
+    return {g: group_lr.get(g, phase_.lr) * scale
+            for g in dict(config.groups) if g in tuple(phase_.trainable)}
+
+
+def lr_text(config: ml_collections.ConfigDict, index: int) -> str:
+    """Phase ``index``'s peak learning rates (:func:`peak_learning_rates`) and, when the batch
+    scaled them, where they come from: for the log and the error lines."""
+    rates = peak_learning_rates(config, index)
+    shown = (f"{next(iter(rates.values())):g}" if len(set(rates.values())) == 1
+             else ", ".join(f"{g} {v:g}" for g, v in rates.items()))
+    if config.batch_size == config.lr_batch_size:
+        return f"peak lr {shown}"
+    return (f"peak lr {shown} (the config's rates are for --config.lr_batch_size="
+            f"{config.lr_batch_size}, x {config.batch_size}/{config.lr_batch_size} at "
+            f"batch_size {config.batch_size})")
+
+
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Check a config before any work starts; raise UserError with one line per invalid field.
 
     ``num_devices`` (default: ``jax.device_count()``) is what the global batch must divide by.
-    Checks needing the parameters (orphan or doubly matched parameters) live in optim.py.
+    Checks needing the parameters (orphan or doubly matched parameters): :func:`assign_groups`.
     """
     errors = (
         _data_errors(config, num_devices)

@@ -9,17 +9,12 @@ export and evaluate: workdir.check_output_folder). The files are written into a 
 OUT and moved into place when complete.
 """
 
-from cifar_flax import cli
+from absl import flags
+from etils import epath
 
-if __name__ == "__main__":  # Before the imports below: Ctrl-C as one line, TensorFlow quiet.
-    cli.start(interrupted="EDA stopped; nothing was written for the unfinished scan")
-
-from absl import flags  # noqa: E402
-from etils import epath  # noqa: E402
-
-from cifar_flax import UserError  # noqa: E402
-from cifar_flax.analysis.dataset_stats import EDA_FILES, WRITTEN_BY, run_eda  # noqa: E402
-from cifar_flax.training.workdir import check_output_folder, output_folder, read_json  # noqa: E402
+from cifar_flax import UserError, cli
+from cifar_flax.analysis.dataset_stats import EDA_FILES, WRITTEN_BY, run_eda
+from cifar_flax.run.workdir import check_output_folder, output_folder, read_json
 
 FLAGS = flags.FlagValues()
 cli.config_flag(FLAGS, "Config file (e.g. configs/finetune.py); --config.<field>=value overrides.")
@@ -50,7 +45,8 @@ def _main(argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """The command; ``argv`` (without the program name) for a call in-process. Its status."""
-    return cli.run(_main, FLAGS, argv)
+    return cli.run(_main, FLAGS, argv,
+                   interrupted="EDA stopped; nothing was written for the unfinished scan")
 
 
 if __name__ == "__main__":

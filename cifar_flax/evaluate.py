@@ -34,34 +34,29 @@ download. Any reason there is none (no validation split; its data not prepared, 
 unreadable) is said in the report, and the evaluation goes on.
 """
 
-from cifar_flax import cli
+import dataclasses
+import json
+import os
+import time
+from typing import Any
 
-if __name__ == "__main__":  # Before the imports below: Ctrl-C as one line, TensorFlow quiet.
-    cli.start()
+import jax
+import ml_collections
+import numpy as np
+from absl import flags
+from etils import epath
+from ml_collections import config_flags
+from tqdm import tqdm
 
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
-
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import flags  # noqa: E402
-from etils import epath  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from cifar_flax import UserError  # noqa: E402
-from cifar_flax.analysis import calibration, robustness  # noqa: E402
-from cifar_flax.analysis.report import REPORT_FILES, write_report  # noqa: E402
-from cifar_flax.config import default_config  # noqa: E402
-from cifar_flax.data import corruptions, input_pipeline, sources  # noqa: E402
-from cifar_flax.data.sources import DatasetInfo  # noqa: E402
-from cifar_flax.inference.trained_run import Predictor, TrainedRun, load_run  # noqa: E402
-from cifar_flax.training.evaluation import Evaluator  # noqa: E402
-from cifar_flax.training.workdir import check_output_folder, output_folder, read_json  # noqa: E402
+from cifar_flax import UserError, cli
+from cifar_flax.analysis import calibration, robustness
+from cifar_flax.analysis.report import REPORT_FILES, write_report
+from cifar_flax.config import default_config
+from cifar_flax.data import corruptions, input_pipeline, sources
+from cifar_flax.data.sources import DatasetInfo
+from cifar_flax.inference.trained_run import Predictor, TrainedRun, load_run
+from cifar_flax.run.evaluation import Evaluator
+from cifar_flax.run.workdir import check_output_folder, output_folder, read_json
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "The training run's --workdir.", flag_values=FLAGS)

@@ -16,29 +16,24 @@ DIR receives (cifar_flax/exported.py loads it with what ``requirements.txt`` lis
   with a ``serving_default`` signature ``images`` uint8 -> ``logits``, ``probabilities``.
 """
 
-from cifar_flax import cli
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+from typing import Any, Callable
 
-if __name__ == "__main__":  # Before the imports below: Ctrl-C as one line, TensorFlow quiet.
-    cli.start()
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags, logging
+from etils import epath
 
-import datetime  # noqa: E402
-import importlib.metadata  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-from typing import Any, Callable  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import flags, logging  # noqa: E402
-from etils import epath  # noqa: E402
-
-import cifar_flax  # noqa: E402
-from cifar_flax import UserError, exported  # noqa: E402
-from cifar_flax.data.augment import eval_preprocess  # noqa: E402
-from cifar_flax.inference.trained_run import TrainedRun, load_run  # noqa: E402
-from cifar_flax.training.checkpoints import flat_shapes  # noqa: E402
-from cifar_flax.training.workdir import check_output_folder, output_folder, read_json  # noqa: E402
+import cifar_flax
+from cifar_flax import UserError, cli, exported
+from cifar_flax.data.preprocessing import eval_preprocess
+from cifar_flax.inference.trained_run import TrainedRun, load_run
+from cifar_flax.run.checkpoints import flat_shapes
+from cifar_flax.run.workdir import check_output_folder, output_folder, read_json
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "The training run's --workdir.", flag_values=FLAGS)

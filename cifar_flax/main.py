@@ -3,26 +3,20 @@
 
 ``--config configs/x.py`` or ``configs/x.py:arg``, with ``--config.a.b=value`` overrides (e.g.
 ``--config.dataset=imagefolder:/data/pets --config.phases[0].lr=0.1``). Rerunning with the same
-``--workdir`` resumes (only the same run: training/workdir.py); one run per workdir at a time.
+``--workdir`` resumes (only the same run: run/workdir.py); one run per workdir at a time.
 The report (curves, confusion matrix, classification report, calibration with the temperature
 fitted on the validation split, results.json) goes to ``<workdir>/report``.
 """
 
-from cifar_flax import cli
+import jax
+from absl import flags
+from etils import epath
 
-if __name__ == "__main__":  # Before the imports below: Ctrl-C as one line, TensorFlow quiet.
-    cli.start(interrupted="nothing new was saved; rerun the same command to resume from the "
-              "last checkpoint")
-
-import jax  # noqa: E402
-from absl import flags  # noqa: E402
-from etils import epath  # noqa: E402
-
-from cifar_flax import UserError, config as config_lib  # noqa: E402
-from cifar_flax.analysis import calibration  # noqa: E402
-from cifar_flax.analysis.report import write_report  # noqa: E402
-from cifar_flax.train import train_and_evaluate  # noqa: E402
-from cifar_flax.training import devices, workdir as workdir_lib  # noqa: E402
+from cifar_flax import UserError, cli, config as config_lib
+from cifar_flax.analysis import calibration
+from cifar_flax.analysis.report import write_report
+from cifar_flax.train import train_and_evaluate
+from cifar_flax.run import devices, workdir as workdir_lib
 
 FLAGS = flags.FlagValues()
 cli.config_flag(FLAGS, "Config file (configs/*.py[:arg]); --config.<field>=value overrides.")
@@ -51,7 +45,7 @@ def main(argv: list[str]) -> str | None:
         raise UserError(f"unexpected arguments {argv[1:]}; every input is a --flag.")
     config, workdir = FLAGS.config, FLAGS.workdir
     config_lib.validate_distributed(config)
-    devices.initialize(config.distributed)  # Before anything touches a device.
+    devices.join_processes(config.distributed)  # Before anything touches a device.
     results = run(config, workdir)
     if jax.process_index() != 0:
         return None
@@ -65,4 +59,5 @@ def main(argv: list[str]) -> str | None:
 
 
 if __name__ == "__main__":
-    cli.exit(cli.run(main, FLAGS, progress=True))
+    cli.exit(cli.run(main, FLAGS, progress=True, interrupted="nothing new was saved; rerun the "
+                     "same command to resume from the last checkpoint"))

@@ -5,7 +5,7 @@
 - ``v1.5``: the torchvision ``resnet50`` layout: the stride sits in the 3x3 conv, convs have no
   bias, BatchNorm epsilon is 1e-5.
 
-Parameter paths are part of the public interface (optim.py selects groups by regex over them,
+Parameter paths are part of the public interface (train.py selects groups by regex over them,
 pretrained.py fills them from the published files) and must stay stable::
 
     stem/conv, stem/bn
@@ -240,11 +240,11 @@ class Stage(nn.Module):
 class Head(nn.Module):
     """Pooled features -> optional hidden Dense+ReLU+Dropout layers -> Dense(num_classes).
 
-    The seed notebook's "custom dense layers with dropout" are ``hidden=(256,)``, ``dropout=0.5``:
-    Dense(256, relu) -> Dropout(0.5) -> Dense(classes), as in Keras. Dropout follows every hidden
-    layer, and with no hidden layer acts on the pooled features; never on the features *and*
-    after a hidden layer (dropping half of frozen features before Dense(256) made that head
-    underfit: 65.8% vs the linear probe's 72.9% in the class-split ablation,
+    The original notebook's "custom dense layers with dropout" are ``hidden=(256,)``,
+    ``dropout=0.5``: Dense(256, relu) -> Dropout(0.5) -> Dense(classes), as in Keras. Dropout
+    follows every hidden layer, and with no hidden layer acts on the pooled features; never on the
+    features *and* after a hidden layer (dropping half of frozen features before Dense(256) made
+    that head underfit: 65.8% vs the linear probe's 72.9% in the class-split ablation,
     experiments/README.md). Active only when ``train`` is true.
     """
 

@@ -16,24 +16,19 @@ run that is still training can be read (a step it deletes meanwhile: the newest 
 inputs: one ``error:`` line, exit 1.
 """
 
-from cifar_flax import cli
+import csv
+import json
+import sys
+from typing import Any, Sequence
 
-if __name__ == "__main__":  # Before the imports below: Ctrl-C as one line, TensorFlow quiet.
-    cli.start()
+import numpy as np
+from absl import flags
+from etils import epath
 
-import csv  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
-
-import numpy as np  # noqa: E402
-from absl import flags  # noqa: E402
-from etils import epath  # noqa: E402
-
-from cifar_flax import UserError  # noqa: E402
-from cifar_flax.inference.images import ImageInputs  # noqa: E402
-from cifar_flax.inference.trained_run import TTA_MODES, Predictor, load_run  # noqa: E402
-from cifar_flax.training.workdir import check_output_file, output_file  # noqa: E402
+from cifar_flax import UserError, cli
+from cifar_flax.inference.images import ImageInputs
+from cifar_flax.inference.trained_run import TTA_MODES, Predictor, load_run
+from cifar_flax.run.workdir import check_output_file, output_file
 
 OWN_FOLDER = "predictions"  # The one folder of a run's workdir that predict writes into.
 FLAGS = flags.FlagValues()

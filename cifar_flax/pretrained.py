@@ -8,19 +8,14 @@ torchvision .pth/.safetensors/.npz ResNet50 file, converted exactly); ``features
 pooled (N, 2048) float32 backbone features of uint8 NHWC images.
 """
 
-from cifar_flax import cli
+import jax
+import numpy as np
+from absl import flags
 
-if __name__ == "__main__":  # Before the imports below: Ctrl-C as one line, TensorFlow quiet.
-    cli.start()
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import flags  # noqa: E402
-
-from cifar_flax import UserError  # noqa: E402
-from cifar_flax.weights.convert import convert_file  # noqa: E402
-from cifar_flax.weights.registry import SOURCES  # noqa: E402
-from cifar_flax.weights.store import extract_features, load_weights, save_weights  # noqa: E402
+from cifar_flax import UserError, cli
+from cifar_flax.weights.convert import convert_file
+from cifar_flax.weights.registry import SOURCES
+from cifar_flax.weights.store import extract_features, load_weights, save_weights
 
 COMMANDS = ("convert", "features")
 FLAGS = flags.FlagValues()

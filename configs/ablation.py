@@ -1,15 +1,16 @@
-"""The rows of the ablations: the seed notebook's progression and the published fine-tuning recipes.
+"""The ablation rows: the original notebook's progression and the published fine-tuning recipes.
 
     python -m cifar_flax.main --config configs/ablation.py:dense --workdir runs/ablation/dense
     python -m cifar_flax.main --config configs/ablation.py:full,smoke ...  # synthetic data, tiny net
 
-The seed's progression (experiments/seed_ablation.py runs it), each row adding one change:
-`linear`, `dense` (the seed's frozen baseline), `top`, `all`, `aug`, `staged` (the seed's staged
-unfreezing with early stopping). The published alternatives: `full` (every layer from the first
-step; Kornblith et al. 2019, BiT's HyperRule) and `lpft` (a linear probe, then every layer; Kumar
-et al. 2022). `scratch` trains the same network from random init (what the weights buy), and
-`recipe` is configs/finetune.py itself. experiments/data_efficiency.py compares linear, staged,
-full, lpft and scratch at several data sizes.
+The progression of the original notebook (the Keras notebook this project started from;
+experiments/seed_ablation.py runs it), each row adding one change: `linear`, `dense` (the
+notebook's frozen baseline), `top`, `all`, `aug`, `staged` (the notebook's staged unfreezing with
+early stopping). The published alternatives: `full` (every layer from the first step; Kornblith et
+al. 2019, BiT's HyperRule) and `lpft` (a linear probe, then every layer; Kumar et al. 2022).
+`scratch` trains the same network from random init (what the weights buy), and `recipe` is
+configs/finetune.py itself. experiments/data_efficiency.py compares linear, staged, full, lpft and
+scratch at several data sizes.
 
 The budget: every row trains for the same number of steps, the staged phases' 3 + 6 + 8 = 17
 epochs (BUDGET_EPOCHS), split over its phases (`lpft`: a quarter for the probe). The frozen rows
@@ -33,11 +34,11 @@ SMOKE_EPOCHS = 3.0  # The budget of a `,smoke` row (phases scaled in proportion)
 # Row -> what it changes relative to the row before it (the tables' second column).
 ROWS = {
     "linear": "frozen backbone, linear head, no augmentation (feature extraction, whole budget)",
-    "dense": "+ the seed's Dense(256)+Dropout(0.5) head (the seed's frozen baseline)",
+    "dense": "+ the original notebook's Dense(256)+Dropout(0.5) head (its frozen baseline)",
     "top": "the head phase, then unfreeze stage3+stage4 at a lower learning rate",
     "all": "+ phase 3: unfreeze every layer at a still lower learning rate",
     "aug": "+ augmentation (padded random crop, flip)",
-    "staged": "+ early stopping on validation accuracy (the seed's staged recipe)",
+    "staged": "+ early stopping on validation accuracy (the original notebook's staged recipe)",
     "full": "every layer from the first step, linear head, one learning rate, short warmup",
     "lpft": "linear probe (1/4 of the budget, BatchNorm statistics adapting), then every layer",
     "recipe": "configs/finetune.py (the default recipe)",
@@ -45,11 +46,12 @@ ROWS = {
 }
 
 
-PROGRESSION = ("linear", "dense", "top", "all", "aug", "staged", "scratch")  # The seed's rows.
+PROGRESSION = ("linear", "dense", "top", "all", "aug", "staged", "scratch")  # The notebook's.
 
 
 def staged_phases() -> list:
-    """The seed's staged unfreezing: head -> stage3+stage4 -> every layer, 3 + 6 + 8 epochs."""
+    """The original notebook's staged unfreezing: head -> stage3+stage4 -> every layer, 3 + 6 + 8
+    epochs."""
     return [
         phase("head", epochs=3, trainable=("head",), lr=0.05, warmup_epochs=0.25,
               schedule="cosine"),
@@ -93,7 +95,7 @@ def get_config(arg: str = "recipe") -> ml_collections.ConfigDict:
 def _row(c: ml_collections.ConfigDict, row: str) -> None:
     """Turn configs/finetune.py's config ``c`` into ``row``."""
     c.early_stopping.enabled = c.early_stopping.restore_best = row == "staged"
-    if row == "staged":  # The seed's recipe: each phase stops when validation stops improving.
+    if row == "staged":  # The notebook's recipe: each phase stops when validation stops improving.
         c.early_stopping.patience, c.early_stopping.min_delta = 2, 0.001
     c.phases = staged_phases()
     c.model.head_hidden, c.model.head_dropout = (256,), 0.5

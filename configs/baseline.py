@@ -1,4 +1,4 @@
-"""The seed notebook's baseline: Keras ImageNet ResNet50, frozen, with a dense head + dropout.
+"""The original notebook's baseline: Keras ImageNet ResNet50, frozen, with a dense head + dropout.
 
 Only the head trains (the backbone's BatchNorm stays in inference mode, as Keras' frozen layers
 do); no augmentation. The backbone features are therefore computed once and the head trains on
@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.pretrained.source = "keras"  # keras.applications.ResNet50 weights (v1 layout, caffe preprocessing).
     c.pretrained.variant = ""  # The default "notop" file.
     c.model.layout = "v1"  # Must match the Keras weights.
-    c.model.head_hidden = (256,)  # The seed's Dense(256, relu) + Dropout(0.5) head.
+    c.model.head_hidden = (256,)  # The notebook's Dense(256, relu) + Dropout(0.5) head.
     c.model.head_dropout = 0.5
     c.augment.resolution = 160  # 32x32 upscaled; the same resolution as finetune.py.
     c.augment.crop_padding = 0  # No augmentation in the baseline.

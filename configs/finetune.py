@@ -5,9 +5,10 @@ One phase: SGD with Nesterov momentum 0.9, a 5% linear warmup, then cosine decay
 zero-initialised linear head trains with the backbone at one learning rate; padded random crop
 and flip. Chosen by evidence (experiments/README.md, "Which fine-tuning wins"): on the class-split
 benchmark this `full` row was the best (or within one standard deviation of the best) fine-tuning
-row at 100 and 1,000 images per class, ahead of the seed's staged unfreezing (kept as the
-ablation's `staged` row), LP-FT and training from scratch. It is configs/ablation.py's `full` row.
-The rate is stated for batch 128 and follows the batch (``lr_batch_size`` in cifar_flax/config.py).
+row at 100 and 1,000 images per class, ahead of the original notebook's staged unfreezing (kept
+as the ablation's `staged` row), LP-FT and training from scratch. It is configs/ablation.py's
+`full` row. The rate is stated for batch 128 and follows the batch (``lr_batch_size`` in
+cifar_flax/config.py).
 
     python -m cifar_flax.main --config configs/finetune.py --workdir runs/finetune
 """
@@ -16,7 +17,7 @@ import ml_collections
 
 from cifar_flax.config import default_config, phase
 
-BUDGET_EPOCHS = 17.0  # The length of the seed's staged recipe (3 + 6 + 8 epochs).
+BUDGET_EPOCHS = 17.0  # The length of the original notebook's staged recipe (3 + 6 + 8 epochs).
 
 
 def get_config() -> ml_collections.ConfigDict:

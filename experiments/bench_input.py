@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from cifar_flax.data import augment, input_pipeline, preprocessing
+from cifar_flax.data import input_pipeline, preprocessing
 from cifar_flax.config import default_config
 
 
@@ -52,10 +52,10 @@ def bench_device(batch: int, iters: int) -> None:
                                                  {"mixup_alpha": 0.2, "cutmix_alpha": 1.0})):
             a = default_config().augment
             a.update(dict(resolution=resolution, **extra))
-            fn = jax.jit(lambda x, y, k, a=a: augment.train_augment(x, y, k, a, 10, preprocessing.TORCH))
+            fn = jax.jit(lambda x, y, k, a=a: preprocessing.train_augment(x, y, k, a, 10, preprocessing.TORCH))
             _time(f"train_augment {name:24s} 32->{resolution}", batch, iters,
                   lambda i, fn=fn: fn(images, labels, jax.random.key(i)))
-        ev = jax.jit(lambda x, a=a: augment.eval_preprocess(x, a, preprocessing.TORCH))
+        ev = jax.jit(lambda x, a=a: preprocessing.eval_preprocess(x, a, preprocessing.TORCH))
         _time(f"eval_preprocess {'':22s} 32->{resolution}", batch, iters, lambda i: ev(images))
 
 

@@ -2,7 +2,7 @@
 
     python experiments/bench_multiprocess.py --devices 4 --processes 2 --size 32 --batch 128
 
-Each topology runs the real train step (bench/train_step.py: the one cifar_flax/train.py runs) on a
+Each topology runs the real train step (bench/project_step.py: the one cifar_flax/train.py runs) on a
 synthetic batch, every process feeding its own share of the global batch, then saves the full
 TrainState with the project's Checkpointer (synchronously, into one directory from all
 processes) a few times. Prints a table and writes JSON with ``--json``. On one machine the
@@ -24,11 +24,11 @@ import time
 import jax
 import numpy as np
 
-from cifar_flax.bench.train_step import bench_config, build
+from cifar_flax.bench.project_step import bench_config, build
 from cifar_flax.bench.workload import NUM_CLASSES, compile_then_time
 from cifar_flax.models import STAGE_SIZES
-from cifar_flax.training import devices
-from cifar_flax.training.checkpoints import Checkpointer
+from cifar_flax.run import devices
+from cifar_flax.run.checkpoints import Checkpointer
 
 RESULT = "MP_RESULT "
 

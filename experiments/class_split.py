@@ -22,11 +22,12 @@ import os
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import seed_ablation as ablation  # noqa: E402  (running a command resumably, shared)
+from cifar_flax.config import load_module
+from cifar_flax.data.subset import link_subset
 
-from cifar_flax.data.subset import link_subset  # noqa: E402
-
+# Running a command resumably, shared: seed_ablation.py beside this file, loaded by its path
+# (experiments/ is no package).
+ablation = load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "seed_ablation.py"))
 A_CLASSES = ("airplane", "automobile", "bird", "cat", "deer")
 B_CLASSES = ("dog", "frog", "horse", "ship", "truck")
 TITLE = "pretrained on A (5 classes, from scratch), transfer to B (5 other classes)"

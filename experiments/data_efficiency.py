@@ -45,12 +45,13 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import seed_ablation as ablation  # noqa: E402  (the rows' commands and weights, shared)
+from cifar_flax.config import load_module
+from cifar_flax.data.corruptions import CORRUPTIONS
+from cifar_flax.data.subset import link_few_shot
 
-from cifar_flax.data.corruptions import CORRUPTIONS  # noqa: E402
-from cifar_flax.data.subset import link_few_shot  # noqa: E402
-
+# The rows' commands and weights, shared: seed_ablation.py beside this file, loaded by its path
+# (experiments/ is no package; this file also runs loaded by path, as the tests load it).
+ablation = load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "seed_ablation.py"))
 ROWS = ("linear", "staged", "full", "lpft", "scratch")
 SMOKE = {"sizes": (2, 6), "seeds": (0, 1), "val_per_class": 2, "classes": 4,
          "train_pool": 10, "test_per_class": 4, "shift_images": 8}

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from cifar_flax.bench import bare_step
-from cifar_flax.bench.train_step import bench_config, build
+from cifar_flax.bench.project_step import bench_config, build
 from cifar_flax.bench.workload import Workload
 from cifar_flax.models import STAGE_SIZES
 

@@ -1,4 +1,4 @@
-"""The seed notebook's experiment as one command: every row of configs/ablation.py, one table.
+"""The original notebook's experiment as one command: every row of configs/ablation.py, one table.
 
     python experiments/seed_ablation.py --weights torchvision --out runs/ablation
     python experiments/seed_ablation.py --weights keras --out runs/ablation_keras \
@@ -11,8 +11,8 @@ Each row is a real ``python -m cifar_flax.main`` run in ``OUT/<row>`` (its own c
 report; rerunning the script resumes an interrupted row, and a finished row only re-reads its
 results; the rows share one JAX compilation cache, OUT/jax_cache). Then it writes ``OUT/ablation.md`` (row, what changed, test accuracy on every test
 image, best validation accuracy, steps, wall time, images/s, the exact command),
-``OUT/ablation.json`` and ``OUT/ablation.png`` (bars, with the seed notebook's two published
-accuracies as reference lines).
+``OUT/ablation.json`` and ``OUT/ablation.png`` (bars, with the two accuracies the original
+notebook, the Keras notebook this project started from, published as reference lines).
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from cifar_flax.config import load_config_file, load_module
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABLATION_CONFIG = os.path.join(ROOT, "configs", "ablation.py")
 SMOKE_CONFIG = os.path.join(ROOT, "configs", "smoke.py")
-# The seed notebook (Keras ResNet50, ImageNet weights, CIFAR-10): frozen baseline, fine-tuned.
-SEED_FIGURES = {"seed notebook, frozen baseline": 0.3176, "seed notebook, fine-tuned": 0.8882}
+# The original notebook (Keras ResNet50, ImageNet weights, CIFAR-10): frozen baseline, fine-tuned.
+SEED_FIGURES = {"original notebook, frozen baseline": 0.3176,
+                "original notebook, fine-tuned": 0.8882}
 WEIGHT_SOURCES = {
     "torchvision": ["--config.pretrained.source=torchvision",
                     "--config.pretrained.variant=IMAGENET1K_V2", "--config.model.layout=v1.5"],
@@ -222,7 +223,8 @@ def write_table(results: list[dict], out: str, title: str) -> None:
 
 
 def plot(results: list[dict], out: str, title: str) -> None:
-    """ablation.png: test accuracy per row, the seed's published figures as reference lines."""
+    """ablation.png: test accuracy per row, the original notebook's published figures as
+    reference lines."""
     import matplotlib
 
     matplotlib.use("Agg")

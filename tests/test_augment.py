@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cifar_flax.config import default_config
-from cifar_flax.data import augment, preprocessing
+from cifar_flax.data import preprocessing
 
 K = 5
 
@@ -23,7 +23,7 @@ def _images(b=16, h=12, w=12, seed=0):
 
 def _run(images, aug, key=0, spec=preprocessing.SIMPLE, labels=None):
     labels = np.arange(len(images)) % K if labels is None else labels
-    fn = jax.jit(lambda x, y, k: augment.train_augment(x, y, k, aug, K, spec))
+    fn = jax.jit(lambda x, y, k: preprocessing.train_augment(x, y, k, aug, K, spec))
     x, y = fn(images, labels, jax.random.key(key))
     return np.asarray(x), np.asarray(y)
 
@@ -38,7 +38,7 @@ def test_shapes_dtypes_and_one_hot_labels():
     assert x.shape == (6, 20, 20, 3) and x.dtype == np.float32
     assert y.shape == (6, K) and y.dtype == np.float32
     np.testing.assert_array_equal(y, np.eye(K)[[0, 1, 2, 3, 4, 0]])
-    e = np.asarray(augment.eval_preprocess(_images(b=2, h=8, w=10), aug, preprocessing.TORCH))
+    e = np.asarray(preprocessing.eval_preprocess(_images(b=2, h=8, w=10), aug, preprocessing.TORCH))
     assert e.shape == (2, 20, 20, 3) and e.dtype == np.float32
 
 
@@ -85,7 +85,7 @@ def test_padded_crop_is_a_window_of_the_zero_padded_image():
 def test_random_resized_crop_boxes_stay_in_bounds():
     aug = _aug(random_resized_crop=True, rrc_scale=(0.2, 0.9))
     keys = jax.random.split(jax.random.key(0), 2000)
-    boxes = np.asarray(jax.vmap(lambda k: augment.crop_box(k, 24, 30, aug))(keys))
+    boxes = np.asarray(jax.vmap(lambda k: preprocessing.crop_box(k, 24, 30, aug))(keys))
     y0, x0, h, w = boxes.T
     assert (y0 >= 0).all() and (x0 >= 0).all()
     assert (y0 + h <= 24 + 1e-4).all() and (x0 + w <= 30 + 1e-4).all()
@@ -100,7 +100,7 @@ def test_no_augmentation_equals_eval_preprocess():
     images = _images(b=4, h=8, w=8)
     aug = _aug(resolution=20)
     x, _ = _run(images, aug, spec=preprocessing.TORCH)
-    e = np.asarray(augment.eval_preprocess(images, aug, preprocessing.TORCH))
+    e = np.asarray(preprocessing.eval_preprocess(images, aug, preprocessing.TORCH))
     ref = jax.image.resize(images.astype(np.float32), (4, 20, 20, 3), "linear")
     np.testing.assert_allclose(x, e, atol=1e-4)
     np.testing.assert_allclose(e, _norm(ref, preprocessing.TORCH), atol=1e-4)
@@ -128,7 +128,7 @@ def test_mixing_weights_match_the_soft_labels(mode):
 def test_normalisation_matches_the_reference_constants(source):
     rgb = np.array([[[[10, 128, 250]]]], np.uint8)
     spec = preprocessing.get(source)
-    out = np.asarray(augment.eval_preprocess(rgb, _aug(resolution=1), spec))[0, 0, 0]
+    out = np.asarray(preprocessing.eval_preprocess(rgb, _aug(resolution=1), spec))[0, 0, 0]
     if source == "caffe":  # keras.applications.resnet50.preprocess_input: RGB->BGR minus mean
         expected = np.array([250 - 103.939, 128 - 116.779, 10 - 123.68])
     else:  # torchvision: /255, minus mean, over std

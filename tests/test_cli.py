@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from absl import flags
@@ -64,7 +66,7 @@ def test_ctrl_c_landing_in_a_gc_callback_still_exits_130_without_a_traceback(tmp
     script = tmp_path / "gc_ctrl_c.py"
     script.write_text(
         "import gc, os, signal, time\n"
-        "from cifar_flax.training import interrupts\n"
+        "from cifar_flax.run import interrupts\n"
         "interrupts.exit_on_signal('stopped in a GC callback')\n"
         "def callback(phase, info):\n"
         "    if phase == 'start':\n"
@@ -80,6 +82,40 @@ def test_ctrl_c_landing_in_a_gc_callback_still_exits_130_without_a_traceback(tmp
     assert p.returncode == 130, (p.stdout, p.stderr[-2000:])
     assert "Traceback" not in p.stderr and "ran on" not in p.stdout, p.stderr[-2000:]
     assert p.stderr.count("Interrupted (Ctrl-C): stopped in a GC callback.") == 1, p.stderr
+
+
+def _wait_for_tensorflow(pid: int, timeout: float = 120) -> None:
+    """Until the process has TensorFlow's library mapped (its import has begun: the package's
+    start-up imports it before the command's own imports, which take seconds more)."""
+    maps = f"/proc/{pid}/maps"
+    if not os.path.exists(maps):
+        pytest.skip("needs /proc to see the child's imports")
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with open(maps) as f:
+            if "tensorflow" in f.read():
+                return
+        time.sleep(0.05)
+    raise AssertionError("TensorFlow was never imported")
+
+
+def test_ctrl_c_while_a_command_imports_is_one_line(tmp_path):
+    """``python -m cifar_flax.main``: a Ctrl-C while the command is still importing (the package
+    started it up, run/startup.py) ends it with the start-up's one line and status 130, no
+    traceback, nothing written."""
+    proc = subprocess.Popen([sys.executable, "-m", "cifar_flax.main", "--config",
+                             "configs/smoke.py", "--workdir", str(tmp_path / "w")], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
+    try:
+        _wait_for_tensorflow(proc.pid)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, (out, err[-2000:])
+    assert err.strip() == "Interrupted (Ctrl-C): stopped before it wrote anything.", err[-2000:]
+    assert out == "" and not (tmp_path / "w").exists()
 
 
 # ---- --help and unknown flags ----

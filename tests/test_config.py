@@ -7,9 +7,9 @@ import pytest
 from conftest import ROOT, load_config
 from train_utils import command_status, make_image_tree, tiny_config
 
-from cifar_flax import UserError
-from cifar_flax.config import default_config, load_module, phase, validate
-from cifar_flax.training import optim
+from cifar_flax import UserError, train
+from cifar_flax.config import (assign_groups, default_config, load_module, peak_learning_rates,
+                               phase, validate)
 
 ABLATION_ROWS = list(load_module(str(ROOT / "configs" / "ablation.py")).ROWS)
 
@@ -30,7 +30,7 @@ def test_every_config_trains_at_its_stated_rates_at_its_own_batch(name, arg):
     c = load_config(name, arg)
     assert c.lr_batch_size == c.batch_size, (name, arg)
     for i, p in enumerate(c.phases):
-        assert optim.peak_learning_rates(c, i) == {
+        assert peak_learning_rates(c, i) == {
             g: dict(p.group_lr).get(g, p.lr) for g in c.groups if g in p.trainable}
 
 
@@ -117,7 +117,7 @@ def _params():
 def test_overlapping_groups_list_the_doubles():
     groups = {"stem": "^stem/", "stage1": "^stage1/", "head": "^head/", "kernels": "kernel$"}
     with pytest.raises(UserError) as e:
-        optim.assign_groups(_params(), groups)
+        assign_groups(train.flat_paths(_params()), groups)
     msg = str(e.value)
     assert "\n" not in msg and "several" in msg and "stem/conv/kernel (stem, kernels)" in msg
 
@@ -125,7 +125,8 @@ def test_overlapping_groups_list_the_doubles():
 def test_orphans_are_listed_at_most_ten():
     params = {f"extra{i}": {"w": np.zeros(1)} for i in range(15)} | _params()
     with pytest.raises(UserError) as e:
-        optim.assign_groups(params, {"stem": "^stem/", "stage1": "^stage1/", "head": "^head/"})
+        assign_groups(train.flat_paths(params), {"stem": "^stem/", "stage1": "^stage1/",
+                                                 "head": "^head/"})
     msg = str(e.value)
     assert msg.startswith("15 parameters match no entry") and msg.count("extra") == 10
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cifar_flax.training.evaluation import EarlyStopping
+from cifar_flax.run.evaluation import EarlyStopping
 
 
 def _feed(es: EarlyStopping, values: list[float]) -> list[tuple[bool, bool]]:

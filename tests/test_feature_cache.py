@@ -15,7 +15,7 @@ import pytest
 
 from cifar_flax import models, train
 from cifar_flax.data import preprocessing
-from cifar_flax.training import devices, feature_cache, optim
+from cifar_flax.run import devices, feature_cache
 
 NUM_CLASSES, N, SIZE, BATCH, EPOCHS = 4, 96, 16, 16, 12
 
@@ -44,12 +44,12 @@ def _batches(images, labels, bs):
 
 
 def _head_plan(params):
-    """An optim.PhasePlan training only the head (SGD momentum; frozen groups set_to_zero)."""
-    labels = {k: jax.tree.map(lambda _: "head" if k == "head" else optim.FROZEN, v)
+    """An train.PhasePlan training only the head (SGD momentum; frozen groups set_to_zero)."""
+    labels = {k: jax.tree.map(lambda _: "head" if k == "head" else train.FROZEN, v)
               for k, v in params.items()}
     tx = optax.multi_transform({"head": optax.sgd(0.05, momentum=0.9),
-                                optim.FROZEN: optax.set_to_zero()}, labels)
-    return optim.PhasePlan(index=0, name="head", steps=0, tx=tx, labels=labels,
+                                train.FROZEN: optax.set_to_zero()}, labels)
+    return train.PhasePlan(index=0, name="head", steps=0, tx=tx, labels=labels,
                            trainable=jax.tree.map(lambda g: g == "head", labels), schedules={},
                            bn_train_modules=())
 
@@ -90,15 +90,16 @@ def test_cached_head_training_matches_uncached(setup):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    head_step = train.make_head_step(model, plan, devices.make_mesh(), params, NUM_CLASSES)
-    h_c, s_c, step = jax.tree.map(jnp.copy, params["head"]), tx.init(params), jnp.int32(0)
+    head_step = train.make_head_step(model, plan, devices.make_mesh(), params)
+    h_c, s_c, step = jax.tree.map(jnp.copy, params["head"]), tx.init(params), 0
     p_u, s_u = params, tx.init(params)
     rng = jax.random.key_data(jax.random.key(1))
     for epoch in range(EPOCHS):
         order = np.random.default_rng([0, epoch]).permutation(N)
         for start in range(0, N - BATCH + 1, BATCH):
             rows = order[start:start + BATCH]
-            h_c, s_c, step, metrics = head_step(h_c, s_c, step, rng, *cache.take(epoch, rows))
+            h_c, s_c, metrics = head_step(h_c, s_c, step, rng, *cache.take(epoch, rows))
+            step += 1
             p_u, s_u = uncached_step(p_u, s_u, images[rows], labels[rows])
     assert int(step) == EPOCHS * (N // BATCH)
     # batch_size 40: two full batches and a padded, masked one of 16 examples.

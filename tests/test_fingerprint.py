@@ -10,7 +10,7 @@ from train_utils import tiny_config
 
 from cifar_flax import UserError
 from cifar_flax.config import phase
-from cifar_flax.training.workdir import check_resume, differences, fingerprint
+from cifar_flax.run.workdir import check_resume, differences, fingerprint
 
 INFO = types.SimpleNamespace(class_names=("a", "b"), split_sizes={"train": 48, "validation": 16,
                                                                   "test": 24})

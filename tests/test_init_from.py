@@ -13,7 +13,7 @@ from train_utils import tiny_config
 from cifar_flax import UserError
 from cifar_flax.config import phase, validate
 from cifar_flax.inference.trained_run import load_run, read_config
-from cifar_flax.training.initialize import build_model, variables_from_run
+from cifar_flax.run.model_setup import build_model, variables_from_run
 
 
 def _equal(a, b) -> bool:

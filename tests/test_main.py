@@ -17,8 +17,8 @@ import pytest
 from train_utils import default_sigint
 
 from cifar_flax import cli, main
-from cifar_flax.training.metrics import read_metrics
-from cifar_flax.training.workdir import LOCK_NAME
+from cifar_flax.run.metrics import read_metrics
+from cifar_flax.run.workdir import LOCK_NAME
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPORT_FILES = ("curves.png", "confusion_matrix.png", "classification_report.txt",
@@ -134,8 +134,9 @@ def test_workdir_that_is_a_file_and_quiet_start_up(tmp_path):
                                         (signal.SIGTERM, 3.0)])
 def test_a_signal_during_start_up_is_one_line_and_frees_the_workdir(tmp_path, sig, delay):
     """Importing, reading the data, building the model, compiling: one line, status 130 (Ctrl-C)
-    or 143 (SIGTERM), no traceback or crash, the workdir lock released. If the signal lands
-    once training has begun, the run saves at a step boundary and says so (one line too)."""
+    or 143 (SIGTERM), no traceback or crash, the workdir lock released (while the command still
+    imports, the start-up's line: nothing written yet). If the signal lands once training has
+    begun, the run saves at a step boundary and says so (one line too)."""
     proc = subprocess.Popen(_cmd(tmp_path / "w"), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     time.sleep(delay)
@@ -147,7 +148,9 @@ def test_a_signal_during_start_up_is_one_line_and_frees_the_workdir(tmp_path, si
     if lines[0].startswith("Interrupted at step"):  # Training had begun: saved, then stopped.
         assert proc.returncode == (130 if sig == signal.SIGINT else 0), err[-2000:]
     else:
-        assert lines[0].startswith(f"Interrupted ({name}): nothing new was saved")
+        assert lines[0] in (f"Interrupted ({name}): stopped before it wrote anything.",
+                            f"Interrupted ({name}): nothing new was saved; rerun the same command "
+                            "to resume from the last checkpoint."), lines
         assert proc.returncode == (130 if sig == signal.SIGINT else 143), err[-2000:]
     for crash in ("Traceback", "KeyboardInterrupt", "Fatal Python error", "Segmentation"):
         assert crash not in err, err[-2000:]

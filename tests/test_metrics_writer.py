@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cifar_flax.training.metrics import MetricsWriter
+from cifar_flax.run.metrics import MetricsWriter
 
 
 def test_non_finite_values_are_null_and_every_line_is_strict_json(tmp_path):

@@ -187,8 +187,9 @@ def test_patches_as_slices_match_xla_patches(stride, hw, monkeypatch):
 
 
 def test_dropout_follows_the_hidden_layer_not_the_features():
-    """The seed's Keras head: Dense(256, relu) -> Dropout(0.5) -> Dense. The hidden layer sees
-    every pooled feature; dropout zeroes hidden units (scaled survivors), once, before `out`."""
+    """The original notebook's Keras head: Dense(256, relu) -> Dropout(0.5) -> Dense. The hidden
+    layer sees every pooled feature; dropout zeroes hidden units (scaled survivors), once, before
+    `out`."""
     head = models.Head(num_classes=3, hidden=(16,), dropout=0.5, zero_init=False)
     feats = jax.random.normal(jax.random.key(4), (6, FEATURES))
     variables = head.init(jax.random.key(0), feats)

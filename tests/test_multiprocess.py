@@ -26,10 +26,10 @@ import pytest
 from conftest import cpu_devices_env
 
 from cifar_flax.data import input_pipeline
-from cifar_flax.training import devices
-from cifar_flax.training.checkpoints import Checkpointer
-from cifar_flax.training.initialize import build_model, init_variables
-from cifar_flax.training.metrics import read_metrics
+from cifar_flax.run import devices
+from cifar_flax.run.checkpoints import Checkpointer
+from cifar_flax.run.model_setup import build_model, init_variables
+from cifar_flax.run.metrics import read_metrics
 
 pytestmark = pytest.mark.slow  # End-to-end runs: the full suite only.
 

@@ -23,10 +23,10 @@ from train_utils import (command_status, default_sigint, enable_compilation_cach
 
 from cifar_flax import UserError, main
 from cifar_flax.config import phase
-from cifar_flax.training import evaluation
-from cifar_flax.training.checkpoints import Checkpointer
-from cifar_flax.training.metrics import read_metrics
-from cifar_flax.training.workdir import LOCK_NAME, WorkdirLock
+from cifar_flax.run import evaluation
+from cifar_flax.run.checkpoints import Checkpointer
+from cifar_flax.run.metrics import read_metrics
+from cifar_flax.run.workdir import LOCK_NAME, WorkdirLock
 
 enable_compilation_cache()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,7 +152,7 @@ def test_a_failed_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, m
     assert "saving checkpoint step 4" in err[-1] and "No space left on device" in err[-1]
     monkeypatch.undo()
     ckpt = Checkpointer(str(tmp_path))
-    assert ckpt.latest_meta()["step"] == 3  # The previous checkpoint reads back whole.
+    assert ckpt.latest_meta()["position"]["step"] == 3  # The previous checkpoint reads back whole.
     ckpt.close()
 
 
@@ -182,7 +182,7 @@ def test_an_infinite_validation_loss_stops_the_run_keeping_the_last_good_checkpo
     assert calls == ["validation", "validation"] and good == 4  # Saved every 2 steps.
     monkeypatch.undo()
     ckpt = Checkpointer(str(tmp_path))
-    assert ckpt.latest_meta()["step"] == good  # It reads back whole.
+    assert ckpt.latest_meta()["position"]["step"] == good  # It reads back whole.
     ckpt.close()
     assert not (tmp_path / "report").exists()
     assert [r["step"] for r in read_metrics(str(tmp_path), "eval")] == [3]  # inf not recorded.
@@ -233,7 +233,7 @@ def test_a_full_disk_is_one_line_in_the_disks_words_and_a_rerun_resumes(tmp_path
     assert f"saving checkpoint step {failed[0]} in" in errors[0] or async_save
     monkeypatch.undo()  # Space again.
     ckpt = Checkpointer(str(tmp_path))
-    assert ckpt.latest_meta()["step"] == steps_saved(str(tmp_path))[-1] == 3  # Read back whole.
+    assert ckpt.latest_meta()["position"]["step"] == steps_saved(str(tmp_path))[-1] == 3  # Whole.
     ckpt.close()
     assert command_status(c, tmp_path) == 0
     assert [r["step"] for r in read_metrics(str(tmp_path), "train")] == list(range(1, 10))
@@ -402,10 +402,10 @@ def test_the_entry_point_holds_the_workdir_lock_while_it_trains(tmp_path, monkey
 
 _STARTING_UP = """
 import sys, time
-from cifar_flax import cli
-cli.start(interrupted="nothing new was saved; rerun the same command to resume")  # As main.py.
+from cifar_flax.run import startup
+startup.start()  # What the package does first for ``python -m cifar_flax.main`` (TF quiet).
 from absl import flags
-from cifar_flax import main
+from cifar_flax import cli, main
 from cifar_flax.config import load_config_file
 
 
@@ -416,7 +416,8 @@ def starting_up(config, workdir, stop_after_steps, report_fn):  # Data, model, c
 
 main.train_and_evaluate = starting_up
 config = load_config_file({config!r})
-cli.exit(cli.run(lambda argv: main.run(config, {workdir!r}), flags.FlagValues()))
+cli.exit(cli.run(lambda argv: main.run(config, {workdir!r}), flags.FlagValues(),
+                 interrupted="nothing new was saved; rerun the same command to resume"))
 """
 
 

@@ -21,8 +21,8 @@ from etils import epath
 
 from cifar_flax import eda, evaluate, export, predict
 from cifar_flax.analysis import dataset_stats
-from cifar_flax.training import workdir
-from cifar_flax.training.workdir import check_output_file, check_output_folder, output_folder
+from cifar_flax.run import workdir
+from cifar_flax.run.workdir import check_output_file, check_output_folder, output_folder
 
 
 @pytest.fixture

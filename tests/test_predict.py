@@ -20,9 +20,9 @@ from cifar_flax import predict
 from cifar_flax.data import input_pipeline
 from cifar_flax.inference import images as images_lib
 from cifar_flax.inference.trained_run import load_run, read_config
-from cifar_flax.training import checkpoints
-from cifar_flax.training.evaluation import Evaluator
-from cifar_flax.training.workdir import read_run_info
+from cifar_flax.run import checkpoints
+from cifar_flax.run.evaluation import Evaluator
+from cifar_flax.run.workdir import read_run_info
 
 
 def _classes(run_dir) -> list[str]:

@@ -1,4 +1,5 @@
-"""experiments/seed_ablation.py and configs/ablation.py: the seed's progression, row by row.
+"""experiments/seed_ablation.py and configs/ablation.py: the original notebook's progression,
+row by row.
 
 The row configs are checked against configs/finetune.py (each row adds one change); the script's
 command building without running anything; and the whole ``--smoke`` ablation end to end, from
@@ -18,14 +19,13 @@ import pytest
 from conftest import ROOT, load_config
 from train_utils import make_image_tree
 
-from cifar_flax import UserError
-from cifar_flax.config import load_module
+from cifar_flax import UserError, train
+from cifar_flax.config import assign_groups, load_module
 from cifar_flax.data.subset import link_subset
-from cifar_flax.training import optim
-from cifar_flax.training.initialize import build_model
+from cifar_flax.run.model_setup import build_model
 
 SCRIPT = ROOT / "experiments" / "seed_ablation.py"
-ROWS = ["linear", "dense", "top", "all", "aug", "staged", "scratch"]  # The seed's progression.
+ROWS = ["linear", "dense", "top", "all", "aug", "staged", "scratch"]  # The notebook's progression.
 # The smoke ablation's rows: one of each kind (cached head; two phases; three phases with early
 # stopping; random init). Every row's config is checked above without running it.
 SMOKE_ROWS = ["linear", "top", "staged", "scratch"]
@@ -71,14 +71,15 @@ def test_rows_add_one_change_each_and_recipe_is_finetune():
 
 
 def test_staged_trains_the_head_then_stage3_stage4_and_head_then_everything():
-    """The seed's staged recipe (configs/ablation.py, experiments/README.md): 3 epochs of the head
-    at lr 0.05, 6 of stage3+stage4 at 0.01 with the head at 0.02, 8 of every layer at 0.002;
-    checked on a real ResNet50's parameters through the optimizer each phase builds."""
+    """The original notebook's staged recipe (configs/ablation.py, experiments/README.md): 3
+    epochs of the head at lr 0.05, 6 of stage3+stage4 at 0.01 with the head at 0.02, 8 of every
+    layer at 0.002; checked on a real ResNet50's parameters through the optimizer each phase
+    builds."""
     config = load_config("ablation", "staged")
     res = config.augment.resolution
     params = jax.eval_shape(build_model(config, 10).init, jax.random.key(0),
                             np.zeros((1, res, res, 3), np.float32))["params"]
-    groups = optim.assign_groups(params, dict(config.groups))
+    groups = assign_groups(train.flat_paths(params), dict(config.groups))
     want = [("head", ("head",), {"head": 0.05}, 3),
             ("upper", ("stage3", "stage4", "head"),
              {"stage3": 0.01, "stage4": 0.01, "head": 0.02}, 6),
@@ -89,8 +90,8 @@ def test_staged_trains_the_head_then_stage3_stage4_and_head_then_everything():
         p = config.phases[i]
         assert (p.name, p.epochs) == (name, epochs)
         assert {g: p.group_lr.get(g, p.lr) for g in p.trainable} == lrs
-        plan = optim.build_phase(config, params, i, steps_per_epoch=10)
-        trainable = optim.flat_paths(plan.trainable)
+        plan = train.build_phase(config, params, i, steps_per_epoch=10)
+        trainable = train.flat_paths(plan.trainable)
         assert {path for path, on in trainable.items() if on} == {
             path for path, g in groups.items() if g in trained}, name
         assert set(plan.schedules) == set(trained), name

@@ -25,7 +25,7 @@ _SCRIPT = r"""
 import json, sys
 import jax, numpy as np
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
-from cifar_flax.training import devices
+from cifar_flax.run import devices
 from cifar_flax import train as step_lib
 from cifar_flax.config import phase
 from train_utils import fake_batch, setup_step, tiny_config
@@ -39,26 +39,26 @@ out = {}
 for n in (8, 1):
     mesh = devices.make_mesh(jax.devices()[:n])
     _, _, state, fn = setup_step(config, mesh)
-    for _ in range(2):
-        state, metrics = fn(state, devices.shard_batch(mesh, batch))
+    for step in range(2):
+        state, metrics = fn(state, devices.shard_batch(mesh, batch), step)
     leaves = jax.tree.leaves({"p": state.params, "s": state.batch_stats})
     out[n] = {"leaves": [np.asarray(x).ravel().tolist() for x in leaves],
               "loss": float(metrics["loss"]), "shards": len(state.params["head"]["out"]["kernel"].sharding.device_set)}
 
 # sync_batchnorm=False: each device normalises with its own shard's statistics, and the running
 # statistics are then averaged over the devices (pmean), i.e. the mean of per-shard updates.
-from cifar_flax.data import augment
+from cifar_flax.data import preprocessing
 from cifar_flax.data.preprocessing import SIMPLE
 config.sync_batchnorm = False
 config.phases = [phase("all", steps=1, lr=0.1)]
 mesh = devices.make_mesh(jax.devices()[:8])
 model, plan, state, fn = setup_step(config, mesh)
 params0, stats0 = jax.device_get(state.params), jax.device_get(state.batch_stats)
-state, _ = fn(state, devices.shard_batch(mesh, batch))
+state, _ = fn(state, devices.shard_batch(mesh, batch), 0)
 
 @jax.jit  # One program for the 8 shards (eagerly, every layer's ops compile on their own).
 def shard_stats(images, labels):
-    x, _ = augment.train_augment(images, labels, jax.random.key(0), config.augment, 4,
+    x, _ = preprocessing.train_augment(images, labels, jax.random.key(0), config.augment, 4,
                                  SIMPLE)  # Augmentation off: deterministic.
     _, new = model.apply({"params": params0, "batch_stats": stats0}, x, train=True,
                          bn_train_modules=plan.bn_train_modules, mutable=["batch_stats"])

@@ -1,4 +1,4 @@
-"""training/evaluation.py: device-side sums over real examples only; logits kept on request."""
+"""run/evaluation.py: device-side sums over real examples only; logits kept on request."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import optax
 import pytest
 from train_utils import init_variables, tiny_config
 
-from cifar_flax.data import augment, input_pipeline
+from cifar_flax.data import input_pipeline, preprocessing
 from cifar_flax.data.preprocessing import SIMPLE
-from cifar_flax.training import devices
-from cifar_flax.training.evaluation import Evaluator
-from cifar_flax.training.initialize import build_model
+from cifar_flax.run import devices
+from cifar_flax.run.evaluation import Evaluator
+from cifar_flax.run.model_setup import build_model
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def _direct(config, info, model, variables):
         images.append(b["image"][b["mask"]])
         labels.append(b["label"][b["mask"]])
     images, labels = np.concatenate(images), np.concatenate(labels)
-    x = augment.eval_preprocess(images, config.augment, SIMPLE)
+    x = preprocessing.eval_preprocess(images, config.augment, SIMPLE)
     logits = np.asarray(jax.jit(model.apply)(variables, x))  # Inference mode; one program.
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return float(np.mean(loss)), float(np.mean(logits.argmax(-1) == labels)), logits, labels

@@ -7,12 +7,12 @@ import os
 import jax
 import numpy as np
 import pytest
-from train_utils import enable_compilation_cache, interrupted_at, state_at, tiny_config
+from train_utils import enable_compilation_cache, interrupted_at, saved_step, state_at, tiny_config
 
 from cifar_flax.config import phase
 from cifar_flax.main import run as train_and_evaluate
-from cifar_flax.training import optim
-from cifar_flax.training.metrics import read_metrics
+from cifar_flax import train
+from cifar_flax.run.metrics import read_metrics
 
 pytestmark = pytest.mark.slow  # End-to-end runs: the full suite only.
 
@@ -48,7 +48,7 @@ def test_resumed_run_ends_with_identical_parameters(runs):
     straight, resumed, full, first, second = runs
     assert first == 5
     a, b = state_at(straight), state_at(resumed)
-    assert int(a["step"]) == int(b["step"]) == full["steps"] == 9
+    assert saved_step(straight) == saved_step(resumed) == full["steps"] == 9
     leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(leaves_a) == len(leaves_b) > 30
     for x, y in zip(leaves_a, leaves_b):
@@ -101,8 +101,8 @@ def test_logged_learning_rates_follow_the_phase_step(runs):
     straight, *_ = runs
     c = _config()
     spe = 3
-    head = optim.make_schedule(c.phases[0], 0.1, 3, spe)
-    warm = optim.make_schedule(c.phases[1], 0.05, 6, spe)
+    head = train.make_schedule(c.phases[0], 0.1, 3, spe)
+    warm = train.make_schedule(c.phases[1], 0.05, 6, spe)
     records = read_metrics(straight, "train")
     assert [r["step"] for r in records] == list(range(1, 10))
     for r in records:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
 from flax import traverse_util
+from test_layout import road_in
 from train_utils import fake_batch, setup_step, tiny_config
 
 from cifar_flax import train as step_lib
 from cifar_flax.config import phase
-from cifar_flax.data import augment
+from cifar_flax.data import preprocessing
 from cifar_flax.data.preprocessing import SIMPLE
-from cifar_flax.training import devices
-from cifar_flax.training.evaluation import make_logits_step
+from cifar_flax.run import devices
+from cifar_flax.run.evaluation import make_logits_step
 
 
 @pytest.fixture(scope="module")
@@ -28,15 +32,14 @@ def test_overfits_a_small_batch_to_full_accuracy(mesh):
     model, _, state, fn = setup_step(config, mesh)
     batch = devices.shard_batch(mesh, fake_batch())
     losses = []
-    for _ in range(60):
-        state, metrics = fn(state, batch)
+    for step in range(60):
+        state, metrics = fn(state, batch, step)
         losses.append(float(metrics["loss"]))
     logits_fn = make_logits_step(model, mesh, config.augment, SIMPLE)
     logits = logits_fn({"params": state.params, "batch_stats": state.batch_stats}, batch["image"])
     accuracy = np.mean(np.asarray(logits).argmax(-1) == fake_batch()["label"])
     assert accuracy == 1.0, (accuracy, losses[::10])
     assert losses[-1] < 0.25 * losses[0]
-    assert int(state.step) == 60
 
 
 def _flat(tree):
@@ -49,8 +52,8 @@ def test_frozen_groups_stay_bit_identical(mesh):
     _, plan, state, fn = setup_step(config, mesh)
     before_p, before_s = _flat(state.params), _flat(state.batch_stats)
     batch = devices.shard_batch(mesh, fake_batch())
-    for _ in range(3):
-        state, _ = fn(state, batch)
+    for step in range(3):
+        state, _ = fn(state, batch, step)
     after_p, after_s = _flat(state.params), _flat(state.batch_stats)
     trainable = ("stage4/", "head/")
     for k, v in before_p.items():
@@ -67,7 +70,7 @@ def test_frozen_groups_stay_bit_identical(mesh):
 def _flops(config, mesh) -> float:
     _, _, state, fn = setup_step(config, mesh)
     batch = devices.shard_batch(mesh, fake_batch(size=32))
-    cost = fn.lower(state, batch).compile().cost_analysis()
+    cost = fn.lower(state, batch, 0).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
 
@@ -90,10 +93,10 @@ def test_bfloat16_computes_in_bf16_with_float32_params(mesh):
     config = tiny_config(dtype="bfloat16")
     _, _, state, fn = setup_step(config, mesh)
     batch = devices.shard_batch(mesh, fake_batch())
-    new_state, metrics = jax.eval_shape(fn, state, batch)
+    new_state, metrics = jax.eval_shape(fn, state, batch, 0)
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(new_state.params))
     assert metrics["loss"].dtype == np.float32
-    hlo = fn.lower(state, batch).as_text()
+    hlo = fn.lower(state, batch, 0).as_text()
     assert hlo.count("bf16") > 50  # The convolutions run in bf16.
 
 
@@ -120,15 +123,14 @@ def test_train_step_draws_dropout_from_its_step_key(mesh):
     config.model.head_dropout = 0.5
     config.model.zero_init_head = False
     model, plan, state, fn = setup_step(config, mesh)
-    state = state.replace(step=state.step + 4)
-    batch = fake_batch()
+    batch, step = fake_batch(), 4
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    rng, step = np.asarray(state.rng), int(state.step)
+    rng = np.asarray(state.rng)
 
     @jax.jit  # One program (eagerly, every layer's ops would compile on their own).
     def loss_with(key_step):
         aug_key, dropout_key = step_lib.step_keys(rng, key_step, 0)
-        x, soft = augment.train_augment(batch["image"], batch["label"], aug_key, config.augment,
+        x, soft = preprocessing.train_augment(batch["image"], batch["label"], aug_key, config.augment,
                                         4, SIMPLE)  # Augmentation off: resize + normalise.
         logits, _ = model.clone(bn_axis_name=None).apply(  # One device: same statistics.
             variables, x, train=True, bn_train_modules=plan.bn_train_modules,
@@ -136,7 +138,7 @@ def test_train_step_draws_dropout_from_its_step_key(mesh):
         return step_lib.cross_entropy(logits, soft)
 
     expected, other = float(loss_with(step)), float(loss_with(step + 1))
-    _, metrics = fn(state, devices.shard_batch(mesh, batch))
+    _, metrics = fn(state, devices.shard_batch(mesh, batch), step)
     assert abs(float(metrics["loss"]) - expected) < 1e-5 * max(1.0, abs(expected))
     assert abs(other - expected) > 1e-3  # The test can tell the keys apart.
 
@@ -158,3 +160,27 @@ def test_head_dropout_acts_before_the_output_layer():
         rngs={"dropout": jax.random.key(k)}))
     assert not np.allclose(run(True), run(False))
     assert not np.allclose(run(True, 0), run(True, 1))
+
+
+def test_tracing_the_step_runs_only_code_on_the_road_in(mesh):
+    """Every function of ours that runs while the full step is traced (augmentation,
+    normalisation, the model, the loss, the update) lives in a file of the README's road in, so
+    a reader who follows those files sees the whole step."""
+    repo = Path(__file__).resolve().parent.parent
+    _, _, state, fn = setup_step(tiny_config(), mesh)
+    batch = devices.shard_batch(mesh, fake_batch())
+    ran: set[str] = set()
+
+    def profile(frame, event, arg):
+        path = Path(frame.f_code.co_filename)
+        if event == "call" and path.is_relative_to(repo / "cifar_flax"):
+            ran.add(path.relative_to(repo).as_posix())
+
+    sys.setprofile(profile)
+    try:
+        fn.lower(state, batch, 0)
+    finally:
+        sys.setprofile(None)
+    assert {"cifar_flax/train.py", "cifar_flax/data/preprocessing.py",
+            "cifar_flax/models.py"} <= ran, ran  # The profile saw the step being traced.
+    assert ran <= set(road_in()), f"the step runs code outside the road in: {ran - set(road_in())}"

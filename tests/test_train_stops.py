@@ -14,14 +14,14 @@ import jax
 import numpy as np
 import pytest
 from train_utils import (command_status, default_sigint, enable_compilation_cache,
-                         interrupted_at, state_at, steps_saved, tiny_config)
+                         interrupted_at, saved_step, state_at, steps_saved, tiny_config)
 
 from cifar_flax import UserError, cli, main, train
 from cifar_flax.config import phase
 from cifar_flax.main import run as train_and_evaluate
-from cifar_flax.training import interrupts, optim
-from cifar_flax.training.checkpoints import Checkpointer
-from cifar_flax.training.metrics import read_metrics
+from cifar_flax.run import divergence, interrupts
+from cifar_flax.run.checkpoints import Checkpointer
+from cifar_flax.run.metrics import read_metrics
 
 enable_compilation_cache()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,9 +49,9 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_p
     assert not (workdir / "report").exists()  # Nothing that looks like a finished result.
     ckpt = Checkpointer(str(workdir))
     assert max(ckpt.managers["latest"].all_steps()) == good  # The diverged steps were never saved.
+    assert ckpt.latest_meta()["position"]["step"] == good
     ckpt.close()
     state = state_at(str(workdir))
-    assert int(state["step"]) == good
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
     # The metrics show the divergence coming: a finite but exploding loss after the lr jump.
     losses = [r["loss"] for r in read_metrics(str(workdir), "train")]
@@ -84,7 +84,7 @@ def test_ctrl_c_saves_exits_130_and_the_rerun_is_bit_identical(tmp_path, smoke_r
     done = subprocess.run(_smoke(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     resumed, straight = state_at(str(tmp_path)), state_at(str(smoke_run))
-    assert int(resumed["step"]) == int(straight["step"]) == 18
+    assert saved_step(str(tmp_path)) == saved_step(str(smoke_run)) == 18
     leaves_r, leaves_s = jax.tree.leaves(resumed), jax.tree.leaves(straight)
     assert len(leaves_r) == len(leaves_s) > 30
     for a, b in zip(leaves_r, leaves_s):
@@ -93,7 +93,7 @@ def test_ctrl_c_saves_exits_130_and_the_rerun_is_bit_identical(tmp_path, smoke_r
 
 _TWO_CTRL_C = """
 import os, signal, sys, time
-from cifar_flax.training import interrupts
+from cifar_flax.run import interrupts
 signal.signal(signal.SIGINT, signal.default_int_handler)  # As in a foreground shell.
 with interrupts.StopRequest() as stop:
     os.kill(os.getpid(), signal.SIGINT)
@@ -192,18 +192,18 @@ def test_any_non_finite_loss_or_gradient_norm_stops_the_run(metrics, what):
     c = _early_stop_config()
     pending = [{"loss": 1.0, "grad_norm": 1.0}, metrics, {"loss": 1.0, "grad_norm": 1.0}]
     with pytest.raises(UserError) as e:
-        train._check_finite(pending, 7, c, 1, _NoCheckpoints())
+        divergence.Watch(c, 4, _NoCheckpoints(), []).check(pending, None, 7, 1)
     msg = str(e.value)
     assert f"diverged at step 6 in phase 1 (all): {what}" in msg
     assert "last good checkpoint (step 4)" in msg and "--config.phases[1].lr" in msg
-    train._check_finite([{"loss": 1e30, "grad_norm": 1e30}], 7, c, 1, _NoCheckpoints())
+    divergence.Watch(c, 4, _NoCheckpoints(), []).check([{"loss": 1e30, "grad_norm": 1e30}], None, 7, 1)
 
 
 def test_the_divergence_line_names_the_rates_the_batch_made():
     c = _early_stop_config()
     c.lr_batch_size = 32  # Batch 16: phase "all" (lr 0.05) trains at 0.025.
     with pytest.raises(UserError) as e:
-        train._check_finite([{"loss": np.nan, "grad_norm": 1.0}], 7, c, 1, _NoCheckpoints())
+        divergence.Watch(c, 4, _NoCheckpoints(), []).check([{"loss": np.nan, "grad_norm": 1.0}], None, 7, 1)
     assert ("--config.phases[1].lr, now 0.05: peak lr 0.025 (the config's rates are for "
             "--config.lr_batch_size=32, x 16/32 at batch_size 16)") in str(e.value)
 
@@ -223,7 +223,7 @@ def test_a_resumed_run_scales_its_rates_once_and_remembers_it_was_unstable(tmp_p
     results = train_and_evaluate(c, str(tmp_path))
     assert first.count("unstable run:") == 1 and "unstable run:" not in caplog.text
     assert "peak lr 1000 (the config's rates are for --config.lr_batch_size=32" in first
-    halved = optim.make_schedule(c.phases[0], 1e3, 8, 3)
+    halved = train.make_schedule(c.phases[0], 1e3, 8, 3)
     records = read_metrics(str(tmp_path), "train")
     assert [r["step"] for r in records] == list(range(1, 9))
     for r in records:
@@ -292,8 +292,8 @@ def test_unstable_is_the_first_training_or_validation_loss_above_100_ln_classes(
                {"step": 3, "kind": "phase", "index": 1, "name": "b"},
                {"step": 4, "kind": "train", "loss": 200.0},
                {"step": 4, "kind": "eval", "val_loss": 240.0}]
-    assert train.unstable_loss(history, 10) == {
+    assert divergence.unstable_loss(history, 10) == {
         "step": 4, "phase": 1, "what": "validation loss", "value": 240.0,
         "limit": pytest.approx(100 * np.log(10)), "chance_loss": pytest.approx(np.log(10))}
-    assert train.unstable_loss(history, 4)["what"] == "training loss"  # 200 > 138.6.
-    assert train.unstable_loss(history[:3], 4) is None
+    assert divergence.unstable_loss(history, 4)["what"] == "training loss"  # 200 > 138.6.
+    assert divergence.unstable_loss(history[:3], 4) is None

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from cifar_flax import UserError
-from cifar_flax.training.workdir import LOCK_NAME, WorkdirLock, check_workdir, move_aside
+from cifar_flax.run.workdir import LOCK_NAME, WorkdirLock, check_workdir, move_aside
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,7 +57,7 @@ def test_a_lock_from_another_host_is_never_taken(tmp_path):
 def test_of_many_processes_starting_at_once_exactly_one_gets_the_lock(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
-        from cifar_flax.training.workdir import WorkdirLock
+        from cifar_flax.run.workdir import WorkdirLock
         from cifar_flax import UserError
         time.sleep(max(0.0, {__import__('time').time() + 3.0} - time.time()))  # Start together.
         try:

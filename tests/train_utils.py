@@ -13,8 +13,9 @@ from conftest import COMPILATION_CACHE_DIR
 from cifar_flax import train as step_lib
 from cifar_flax.config import default_config, phase
 from cifar_flax.data.preprocessing import SIMPLE
-from cifar_flax.training import devices, optim
-from cifar_flax.training.initialize import build_model
+from cifar_flax.run import devices
+from cifar_flax.run.checkpoints import Checkpointer
+from cifar_flax.run.model_setup import build_model
 
 
 def enable_compilation_cache() -> None:
@@ -79,14 +80,18 @@ def state_at(workdir: str, step: int | None = None, kind: str = "latest") -> dic
     holds at ``step`` (default: the newest), as numpy, restored without a target (as saved)."""
     import orbax.checkpoint as ocp
 
-    from cifar_flax.training.checkpoints import Checkpointer
-
     ckpt = Checkpointer(workdir)
     mngr = ckpt.managers[kind]
     step = mngr.latest_step() if step is None else step
     out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     ckpt.close()
     return jax.device_get(out["state"])
+
+
+def saved_step(workdir: str) -> int:
+    """The step of ``<workdir>``'s newest latest checkpoint, from the position it saved."""
+    with Checkpointer(workdir) as ckpt:
+        return ckpt.latest_meta()["position"]["step"]
 
 
 def make_image_tree(root, counts: dict, pixels=None, size=(6, 6), sizes=None) -> dict:
@@ -116,15 +121,14 @@ def make_image_tree(root, counts: dict, pixels=None, size=(6, 6), sizes=None) ->
 
 
 def setup_step(config, mesh, num_classes: int = 4, phase_index: int = 0, seed: int = 0):
-    """(model, plan, state, jitted step) for ``config`` on ``mesh``."""
+    """(model, plan, state, jitted step ``(state, batch, step)``) for ``config`` on ``mesh``."""
     model = build_model(config, num_classes)
     variables = init_variables(model, config.augment.resolution, seed)
-    plan = optim.build_phase(config, variables["params"], phase_index, steps_per_epoch=10)
+    plan = step_lib.build_phase(config, variables["params"], phase_index, steps_per_epoch=10)
     state = devices.replicate(
         mesh, step_lib.create_train_state(variables, plan.tx, jax.random.key(seed + 1))
     )
-    fn = step_lib.make_train_step(model, plan, mesh, config.augment, SIMPLE, num_classes,
-                                  config.sync_batchnorm)
+    fn = step_lib.make_train_step(model, plan, mesh, config.augment, SIMPLE, config.sync_batchnorm)
     return model, plan, state, fn
 
 
@@ -140,7 +144,7 @@ def interrupted_at(config, workdir: str, stop_after_steps: int) -> int:
     import pytest
 
     from cifar_flax import main
-    from cifar_flax.training.interrupts import Interrupted
+    from cifar_flax.run.interrupts import Interrupted
 
     with pytest.raises(Interrupted) as stopped:
         main.run(config, workdir, stop_after_steps=stop_after_steps)

@@ -23,11 +23,11 @@ import dataclasses
 from typing import Any
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from scipy import optimize, special
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy import optimize, special  # noqa: E402
+matplotlib.use("Agg")  # Files only, no display (pyplot picks its backend at the first figure).
 
 BINS = 15
 LOG_T_BOUNDS = (np.log(1e-2), np.log(1e2))  # T in [0.01, 100]; a fit at a bound says so.
@@ -101,7 +101,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def from_validation(validation: dict[str, Any] | None) -> Temperature:
     """The temperature fitted on an evaluation of the validation split (``{"labels",
-    "logits"}``, training.evaluation.Evaluator with ``keep_logits``); none without one."""
+    "logits"}``, run.evaluation.Evaluator with ``keep_logits``); none without one."""
     if validation is None or len(validation["labels"]) == 0:
         return Temperature(None, "no validation split: no temperature fitted")
     labels = np.asarray(validation["labels"])

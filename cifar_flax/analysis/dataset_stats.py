@@ -13,15 +13,15 @@ import json
 from typing import Any
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from etils import epath
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from etils import epath  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from cifar_flax.data import input_pipeline, sources
+from cifar_flax.data.sources import DatasetInfo
 
-from cifar_flax.data import input_pipeline, sources  # noqa: E402
-from cifar_flax.data.sources import DatasetInfo  # noqa: E402
+matplotlib.use("Agg")  # Files only, no display (pyplot picks its backend at the first figure).
 
 CHANNELS = ("R", "G", "B")
 WRITTEN_BY = "cifar_flax.eda"  # stats.json's mark of an EDA output (eda --force replaces it).

@@ -17,19 +17,19 @@ import json
 from typing import Any, Sequence
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from etils import epath  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from sklearn.metrics import (  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from etils import epath
+from matplotlib.ticker import MaxNLocator
+from sklearn.metrics import (
     ConfusionMatrixDisplay,
     classification_report,
     confusion_matrix,
 )
 
-from cifar_flax.analysis import calibration  # noqa: E402
+from cifar_flax.analysis import calibration
+
+matplotlib.use("Agg")  # Files only, no display (pyplot picks its backend at the first figure).
 
 
 def _series(history: Sequence[dict], kind: str, key: str) -> tuple[list[int], list[float]]:

@@ -15,11 +15,11 @@ from __future__ import annotations
 from typing import Any
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from etils import epath
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from etils import epath  # noqa: E402
+matplotlib.use("Agg")  # Files only, no display (pyplot picks its backend at the first figure).
 
 HEATMAP, BY_SEVERITY = "corruption_heatmap.png", "accuracy_by_severity.png"
 FILES = (HEATMAP, BY_SEVERITY)

@@ -10,23 +10,18 @@ host input pipeline (input_pipeline.train_batches) is measured separately for th
 reader sees whether the input keeps up with the step (``--input_steps=0`` leaves it out).
 """
 
-from cifar_flax import cli
+import json
+import os
+import sys
+import time
+from typing import Any, Iterator
 
-if __name__ == "__main__":  # Before the imports below: Ctrl-C as one line, TensorFlow quiet.
-    cli.start()
+from absl import flags
 
-import json  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from typing import Any, Iterator  # noqa: E402
-
-from absl import flags  # noqa: E402
-
-from cifar_flax import UserError  # noqa: E402
-from cifar_flax import config as config_lib  # noqa: E402
-from cifar_flax.bench.frameworks import run_worker  # noqa: E402
-from cifar_flax.bench.workload import (  # noqa: E402
+from cifar_flax import UserError, cli
+from cifar_flax import config as config_lib
+from cifar_flax.bench.frameworks import run_worker
+from cifar_flax.bench.workload import (
     define_workload_flags,
     FRAMEWORKS,
     TINY_STAGES,
@@ -35,8 +30,8 @@ from cifar_flax.bench.workload import (  # noqa: E402
     missing_reason,
     stage_sizes,
 )
-from cifar_flax.data import input_pipeline  # noqa: E402
-from cifar_flax.models import CONV_IMPLS  # noqa: E402
+from cifar_flax.data import input_pipeline
+from cifar_flax.models import CONV_IMPLS
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_list("frameworks", list(FRAMEWORKS), f"Rows to run, a subset of "

@@ -8,29 +8,24 @@
    phase speedup for ``--epochs`` epochs counts that one-off cost.
 2. Partially frozen (stage4 + head train): images/s against all layers training, same size.
 
-Both use the real train.py step (bench/train_step.build: optim.build_phase freezing, shard_map)
+Both use the real train.py step (bench/project_step.build: train.build_phase freezing, shard_map)
 on a synthetic batch already on the device, compiled before timing; SGD momentum, ResNet50 v1.5.
 The cached side uses what train.py's cached phase (feature_cache.CachedPhase) runs: its feature
 function (make_feature_fn + train_augment_fn) and its head step (train.make_head_step).
 """
 
-from cifar_flax import cli
+import json
+import math
+import os
+from typing import Any, Sequence
 
-if __name__ == "__main__":  # Before the imports below: Ctrl-C as one line, TensorFlow quiet.
-    cli.start()
+import jax
+import numpy as np
+from absl import flags
 
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import flags  # noqa: E402
-
-from cifar_flax import UserError, train  # noqa: E402
-from cifar_flax.bench import train_step  # noqa: E402
-from cifar_flax.bench.workload import (  # noqa: E402
+from cifar_flax import UserError, cli, train
+from cifar_flax.bench import project_step
+from cifar_flax.bench.workload import (
     NUM_CLASSES,
     TINY_STAGES,
     Workload,
@@ -38,7 +33,7 @@ from cifar_flax.bench.workload import (  # noqa: E402
     stage_sizes,
     time_steps,
 )
-from cifar_flax.training import feature_cache  # noqa: E402
+from cifar_flax.run import feature_cache
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_integer("size", 32, "Image height = width.", lower_bound=1, flag_values=FLAGS)
@@ -58,25 +53,26 @@ flags.DEFINE_string("json", "", "Also write the report here.", flag_values=FLAGS
 
 
 def _config(w: Workload, trainable: Sequence[str] | None, **kw) -> Any:
-    return train_step.bench_config(w.size, w.batch, "float32", w.stage_sizes, trainable, **kw)
+    return project_step.bench_config(w.size, w.batch, "float32", w.stage_sizes, trainable, **kw)
 
 
 def _train_step_s(w: Workload, trainable: Sequence[str] | None, **kw) -> float:
-    """Seconds per step of the real train.py step (train_step.build), ``trainable`` groups."""
-    fn, state, batch, _ = train_step.build(_config(w, trainable, **kw))
-    return compile_then_time(fn, state, batch, warmup=w.warmup, steps=w.steps,
+    """Seconds per step of the real train.py step (project_step.build), ``trainable`` groups."""
+    fn, state, batch, _ = project_step.build(_config(w, trainable, **kw))
+    return compile_then_time(fn, state, batch, project_step.STEP, warmup=w.warmup, steps=w.steps,
                              loss_of=lambda m: m["loss"])["s_per_step"]
 
 
 def measure_frozen_backbone(w: Workload, head_steps: int, train_examples: int,
                             epochs: int) -> dict[str, Any]:
-    """Baseline phase (head only, seed's 256-unit head with dropout 0.5, no augmentation):
+    """Baseline phase (head only, the original notebook's 256-unit head with dropout 0.5, no
+    augmentation):
     train.py's step every epoch vs features cached once + the cached phase's head step, over
     ``epochs`` epochs of ``train_examples`` (``head_steps`` timed head steps)."""
     head = {"head_hidden": (256,), "head_dropout": 0.5, "augment": False}
     uncached_s = _train_step_s(w, ("head",), **head)
     config = _config(w, ("head",), **head)
-    _, state, batch, parts = train_step.build(config)
+    _, state, batch, parts = project_step.build(config)
     model, variables, plan = parts["model"], parts["variables"], parts["plan"]
     images = np.asarray(batch["image"])
     labels = np.asarray(batch["label"])
@@ -86,12 +82,12 @@ def measure_frozen_backbone(w: Workload, head_steps: int, train_examples: int,
     extract_s = compile_then_time(feat_fn, variables, images, key, warmup=w.warmup,
                                   steps=w.steps, carry=False)["s_per_step"]
     feats = np.asarray(feat_fn(variables, images, key))
-    head_step = train.make_head_step(model, plan, parts["mesh"], state.params, NUM_CLASSES)
-    hs = {"head": state.params["head"], "opt": state.opt_state, "step": state.step}
+    head_step = train.make_head_step(model, plan, parts["mesh"], state.params)
+    hs = {"head": state.params["head"], "opt": state.opt_state}
 
     def head_one():  # CachedPhase.step without the host-side row gather
-        hs["head"], hs["opt"], hs["step"], m = head_step(
-            hs["head"], hs["opt"], hs["step"], state.rng, feats, labels)
+        hs["head"], hs["opt"], m = head_step(
+            hs["head"], hs["opt"], project_step.STEP, state.rng, feats, labels)
         return m["loss"]
 
     head_s = time_steps(head_one, lambda o: o.block_until_ready(), 5, head_steps)["s_per_step"]

@@ -8,44 +8,23 @@ TensorFlow only in the `flax` (its input pipeline's import) and `keras` rows, to
 line ``BENCH_RESULT <json>`` that :func:`run_worker` (the comparison's side) parses; a framework
 that is not installed is a ``skipped`` row::
 
-    python -m cifar_flax.bench.frameworks --framework=torch --size=32 --batch=128 --steps=10
+    python -m cifar_flax.bench.frameworks --framework=keras --size=32 --batch=128 --steps=10
+
+The rows that never use TensorFlow (ROWS_WITHOUT_TENSORFLOW) are started with
+``CIFAR_FLAX_WITHOUT_TENSORFLOW=1`` in their environment, which keeps it out of their process.
 """
 
+import json
+import os
+import subprocess
 import sys
+from typing import Any, Callable
 
-from cifar_flax import cli
+from absl import flags
 
-ROWS_WITHOUT_TENSORFLOW = ("flax_bare", "torch")
-
-
-def _framework(argv: list[str]) -> str | None:
-    """The ``--framework`` of a command line, read before the flags are parsed."""
-    value = None
-    for i, arg in enumerate(argv):
-        if arg.startswith("--framework="):
-            value = arg.split("=", 1)[1]
-        elif arg == "--framework" and i + 1 < len(argv):
-            value = argv[i + 1]
-    return value
-
-
-if __name__ == "__main__":  # Before the imports below: Ctrl-C as one line, TensorFlow quiet.
-    if _framework(sys.argv) in ROWS_WITHOUT_TENSORFLOW:
-        # cli.start() imports TensorFlow when installed (~700 MB of resident memory that this
-        # row's peak_rss_mb would count); these rows never use it, so its import fails here.
-        sys.modules["tensorflow"] = None
-    cli.start()
-
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-from typing import Any, Callable  # noqa: E402
-
-from absl import flags  # noqa: E402
-
-from cifar_flax import UserError  # noqa: E402
-from cifar_flax.bench import bare_step, keras_resnet  # noqa: E402
-from cifar_flax.bench.workload import (  # noqa: E402
+from cifar_flax import UserError, cli
+from cifar_flax.bench import bare_step, keras_resnet
+from cifar_flax.bench.workload import (
     define_workload_flags,
     FRAMEWORKS,
     Workload,
@@ -53,9 +32,14 @@ from cifar_flax.bench.workload import (  # noqa: E402
     peak_rss_mb,
     stage_sizes,
 )
-from cifar_flax.models import CONV_IMPLS  # noqa: E402
+from cifar_flax.models import CONV_IMPLS
+from cifar_flax.run import startup
 
 RESULT_PREFIX = "BENCH_RESULT "
+# The rows that never use TensorFlow: run_worker starts them with $CIFAR_FLAX_WITHOUT_TENSORFLOW
+# set, so the command's start-up (run/startup.py) keeps TensorFlow out instead of importing it
+# (~700 MB of resident memory that the row's peak_rss_mb would count; its import fails there).
+ROWS_WITHOUT_TENSORFLOW = ("flax_bare", "torch")
 LOADED = ("jax", "tensorflow", "keras", "torch")  # The frameworks a row's result says it holds.
 
 FLAGS = flags.FlagValues()
@@ -70,9 +54,9 @@ flags.mark_flag_as_required("framework", flag_values=FLAGS)
 
 
 def _run_flax(w: Workload) -> dict:
-    from cifar_flax.bench import train_step  # Loads TensorFlow, kept out of the other rows' RSS.
+    from cifar_flax.bench import project_step  # Loads TensorFlow, kept out of the other rows' RSS.
 
-    return train_step.run(w)
+    return project_step.run(w)
 
 
 def _run_torch(w: Workload) -> dict:
@@ -132,6 +116,7 @@ def run_worker(framework: str, w: Workload, env: dict | None = None,
            f"--warmup={w.warmup}", f"--dtype={w.dtype}", f"--conv_impl={w.conv_impl}",
            f"--stage_sizes={','.join(map(str, w.stage_sizes))}"]
     full_env = {**os.environ, **(env or {})}
+    full_env[startup.WITHOUT_TENSORFLOW] = "1" if framework in ROWS_WITHOUT_TENSORFLOW else "0"
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
     except subprocess.TimeoutExpired:

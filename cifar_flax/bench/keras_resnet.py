@@ -81,7 +81,8 @@ def run(w: Workload) -> dict:
 
 def _give_tensorflow_the_accelerators(tf: Any) -> None:
     """Make every device visible to TensorFlow again: the commands keep it on the CPU (there it
-    only feeds the input pipeline, cli.hide_accelerators), but here it is the framework measured.
-    Possible until TensorFlow has run its first op, which nothing in this process did yet."""
+    only feeds the input pipeline, run/startup.hide_accelerators), but here it is the framework
+    measured. Possible until TensorFlow has run its first op, which nothing in this process did
+    yet."""
     with contextlib.suppress(RuntimeError, ValueError):  # Already initialised: it keeps those.
         tf.config.set_visible_devices(tf.config.list_physical_devices())

@@ -33,13 +33,6 @@ from absl import logging
 from cifar_flax import UserError
 from cifar_flax.data.sources import DatasetInfo, SplitSource, data_key, source_for_key
 
-__all__ = [
-    "get_info", "local_batch_size", "train_batches", "eval_batches",
-    "steps_per_epoch", "num_eval_batches", "host_indices", "host_dataset", "clear_caches",
-    "epoch_order", "indices_digest", "resize_example", "eval_positions", "train_positions",
-    "check_train_classes",
-]
-
 SPLITS = ("train", "validation", "test")
 Shard = tuple[int, int]  # (index of this host, number of hosts)
 

@@ -284,11 +284,10 @@ def _tfds_prepared(name: str, data_dir: str) -> Any:
     Without a network the download would retry for minutes before it fails: when a host it
     needs does not resolve (DNS), this fails at once instead, naming the host. Errors name tfds'
     root data_dir (what ``--config.data_dir`` takes), not its ``<root>/<name>/<version>``."""
-    try:
-        builder = tfds.builder(name, data_dir=data_dir or None)
-    except Exception as e:  # noqa: BLE001 - tfds raises several types for unknown names.
-        raise UserError(f"config.dataset={name!r} is not a tfds dataset ({brief(e)}); use "
-                        "a tfds name, imagefolder:<dir> or synthetic.") from None
+    builder, problem = _tfds_builder(name, data_dir)
+    if builder is None:
+        raise UserError(f"config.dataset={name!r} is not a tfds dataset ({problem}); use "
+                        "a tfds name, imagefolder:<dir> or synthetic.")
     host = _unresolved_host(builder)
     try:
         if host is None:
@@ -302,6 +301,15 @@ def _tfds_prepared(name: str, data_dir: str) -> Any:
         raise UserError(_not_prepared(builder, f"its download host {host} cannot be resolved "
                                       "(DNS): this machine seems to be offline"))
     return builder
+
+
+def _tfds_builder(name: str, data_dir: str) -> tuple[Any, str]:
+    """``(builder, "")`` of the tfds dataset ``name`` in ``data_dir``, or ``(None, why)`` when
+    tfds has no such dataset (it raises several types for unknown names)."""
+    try:
+        return tfds.builder(name, data_dir=data_dir or None), ""
+    except Exception as e:  # noqa: BLE001 - any of them means: not a tfds dataset here.
+        return None, brief(e)
 
 
 def _not_prepared(builder: Any, why: str) -> str:
@@ -318,11 +326,8 @@ def unprepared(config: Any) -> str | None:
     name = config.dataset
     if not name or name == "synthetic" or name.startswith("imagefolder:"):
         return None
-    try:
-        builder = tfds.builder(name, data_dir=config.data_dir or None)
-    except Exception:  # noqa: BLE001 - tfds raises several types; get_source says which.
-        return None
-    if _mocked() or builder.is_prepared():
+    builder, _ = _tfds_builder(name, config.data_dir)
+    if builder is None or _mocked() or builder.is_prepared():  # (get_source says what is wrong.)
         return None
     return (f"tfds dataset {name!r} is not prepared in data_dir "
             f"{os.fspath(builder.data_dir_root)!r}")
@@ -348,13 +353,20 @@ def _unresolved_host(builder: Any) -> str | None:
         if any(p.exists() for p in cached):
             continue
         host = _resolving_host(url)
-        try:
-            socket.getaddrinfo(host, urllib.parse.urlsplit(url).port or 443)
-        except socket.gaierror:
+        if does_not_resolve(host, urllib.parse.urlsplit(url).port or 443):
             return host
-        except OSError:  # Not a DNS answer: let the download itself decide.
-            pass
     return None
+
+
+def does_not_resolve(host: str, port: int = 443) -> bool:
+    """Whether DNS says that ``host`` does not resolve (socket.gaierror: this machine is offline,
+    or the name is wrong). Any other failure to ask is no DNS answer: False, and the download or
+    request itself decides."""
+    try:
+        socket.getaddrinfo(host, port)
+    except OSError as e:
+        return isinstance(e, socket.gaierror)
+    return False
 
 
 def _resolving_host(url: str) -> str:

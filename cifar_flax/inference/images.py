@@ -2,7 +2,7 @@
 
 Inputs are image files, folders (searched recursively; hidden entries ignored) or ``.npy`` files
 of uint8 images (N, H, W, 3) or (H, W, 3). Files are decoded by the pipeline's own decoder
-(data/types.decode: JPEG/PNG/BMP/GIF; grayscale becomes RGB, an alpha channel is dropped) and
+(data/sources.decode: JPEG/PNG/BMP/GIF; grayscale becomes RGB, an alpha channel is dropped) and
 every image whose size differs from the run's input shape is resized with the pipeline's own host
 resize (antialiased bilinear, rounded to uint8; data/input_pipeline.resize_example). The model
 step then applies the run's evaluation preprocessing (resize to ``augment.resolution``,
@@ -123,15 +123,24 @@ def resize_like_pipeline(image: np.ndarray, height: int, width: int) -> np.ndarr
 
 def decode_file(path: epath.Path) -> np.ndarray:
     """One image file as uint8 (h, w, 3); UserError when it is not a decodable image."""
+    image, problem = _decoded(path)
+    if image is None:
+        raise UserError(problem)
+    return image
+
+
+def _decoded(path: epath.Path) -> tuple[np.ndarray | None, str]:
+    """``(uint8 (h, w, 3), "")``, or ``(None, why)`` when ``path`` is not a decodable image
+    (the line that names it): the caller raises it, or with --skip_bad counts the file."""
     if not path.name.lower().endswith(IMAGE_EXTENSIONS):
-        raise UserError(f"{path} is not an image file (expected {'/'.join(IMAGE_EXTENSIONS)} "
-                         "or .npy); remove it or pass --skip_bad to skip bad files.")
+        return None, (f"{path} is not an image file (expected {'/'.join(IMAGE_EXTENSIONS)} "
+                      "or .npy); remove it or pass --skip_bad to skip bad files.")
     try:
-        return decode(tf.constant(path.read_bytes())).numpy()
+        return decode(tf.constant(path.read_bytes())).numpy(), ""
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError, OSError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} cannot be decoded as an image ({reason[:120]}); fix or "
-                         "remove it, or pass --skip_bad to skip bad files.") from None
+        return None, (f"{path} cannot be decoded as an image ({reason[:120]}); fix or "
+                      "remove it, or pass --skip_bad to skip bad files.")
 
 
 class ImageInputs:
@@ -154,12 +163,13 @@ class ImageInputs:
                 for i, image in enumerate(load_npy(f)):
                     yield f"{f}[{i}]", image
                 continue
-            try:
-                yield str(f), decode_file(f)
-            except UserError:
-                if not self.skip_bad:
-                    raise
+            image, problem = _decoded(f)
+            if image is not None:
+                yield str(f), image
+            elif self.skip_bad:
                 self.skipped.append(str(f))
+            else:
+                raise UserError(problem)
 
     def batches(self, batch_size: int) -> Iterator[tuple[list[str], np.ndarray]]:
         """(names, uint8 (n, H, W, 3)) with n <= batch_size, in input order."""

@@ -6,7 +6,7 @@ the user passes nothing the run already knows and the data need not be on this m
 that is still training can be read: a step folder it deletes (rotates away) before or while it is
 read is replaced by the newest step left. Runs trained before ``run_info.json`` existed fall back
 to re-reading the dataset's info (which needs the data) and say so. :class:`Predictor` runs
-images through the evaluation's logits step (training.evaluation.make_logits_step: eval
+images through the evaluation's logits step (run.evaluation.make_logits_step: eval
 preprocessing, inference-mode BatchNorm, no dropout), sharded over the mesh's devices; a batch is
 padded to a multiple of the device count and the padding dropped from the result.
 """
@@ -29,11 +29,11 @@ from cifar_flax import UserError
 from cifar_flax.config import default_config, phase
 from cifar_flax.data import input_pipeline
 from cifar_flax.data.preprocessing import Preprocessing
-from cifar_flax.training import checkpoints, devices
-from cifar_flax.training.checkpoints import RunCheckpoint
-from cifar_flax.training.evaluation import make_logits_step
-from cifar_flax.training.initialize import build_model, input_preprocessing
-from cifar_flax.training.workdir import read_run_info
+from cifar_flax.run import checkpoints, devices
+from cifar_flax.run.checkpoints import RunCheckpoint
+from cifar_flax.run.evaluation import make_logits_step
+from cifar_flax.run.model_setup import build_model, input_preprocessing
+from cifar_flax.run.workdir import read_run_info
 
 
 @dataclasses.dataclass
@@ -149,10 +149,9 @@ def _restore_newest(run: str, which: str, ckpt: RunCheckpoint, mesh: Mesh,
                         "there?); reading the newest one left.", ckpt.path)
         if len(vanished) == MAX_VANISHED:
             raise _vanished_error(run, vanished, "a run saving faster than they can be read")
-        try:
-            ckpt = checkpoints.find_checkpoint(run, which)
-        except UserError:
-            raise _vanished_error(run, vanished, "no other is left") from None
+        ckpt = checkpoints.newest_checkpoint(run, which)
+        if ckpt is None:
+            raise _vanished_error(run, vanished, "no other is left")
 
 
 def _deleted(path: epath.Path, wait: bool) -> bool:

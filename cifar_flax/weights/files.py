@@ -29,7 +29,6 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 import zipfile
 from typing import Any, Iterator
 
@@ -39,7 +38,7 @@ import safetensors.numpy
 from etils import epath
 from tqdm import tqdm
 
-from cifar_flax import UserError, brief
+from cifar_flax import UserError, atomic_file, brief
 from cifar_flax.weights import torch_pickle
 
 _H5_SUFFIXES = (".h5", ".hdf5")
@@ -166,38 +165,32 @@ def download(
 ) -> epath.Path:
     """Download ``url`` to ``dest`` (progress bar), verify its hash, and return ``dest``.
 
-    The bytes go to a temporary file beside ``dest`` that is renamed only after the hash matched,
-    so an interrupted or corrupt download never looks like a cached file. ``local_hint`` says how
-    to pass a local copy instead (a sentence); it ends the error messages. A host name that does
-    not resolve (DNS: the machine is offline) fails at once, naming the host.
+    The bytes go to a temporary file beside ``dest`` (atomic_file) that replaces it only after
+    the hash matched, so an interrupted or corrupt download never looks like a cached file.
+    ``local_hint`` says how to pass a local copy instead (a sentence); it ends the error
+    messages. A host name that does not resolve (DNS: the machine is offline) fails at once,
+    naming the host.
     """
     dest = as_path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.part"
     h = hashlib.new(algorithm)
-    try:
-        with tmp.open("wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=60) as resp:
-                    total = int(resp.headers.get("Content-Length") or 0) or None
-                    with tqdm(total=total, unit="B", unit_scale=True,
-                              desc=dest.name) as bar:
-                        for chunk in iter(lambda: resp.read(1 << 20), b""):
-                            out.write(chunk)
-                            h.update(chunk)
-                            bar.update(len(chunk))
-            except (urllib.error.URLError, OSError, ValueError) as e:
-                raise UserError(_download_failed(url, e, local_hint)) from e
+    with atomic_file(dest) as tmp, tmp.open("wb") as out:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as resp:
+                total = int(resp.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
+                    for chunk in iter(lambda: resp.read(1 << 20), b""):
+                        out.write(chunk)
+                        h.update(chunk)
+                        bar.update(len(chunk))
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise UserError(_download_failed(url, e, local_hint)) from e
         if h.hexdigest() != expected:
             raise UserError(
                 f"Checksum mismatch for {url}: {algorithm} {h.hexdigest()}, expected {expected}; "
                 f"the download was discarded. Try again, or {local_hint[0].lower()}{local_hint[1:]}"
             )
-        tmp.replace(dest)
-        return dest
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    return dest
 
 
 def _resolving_host(url: str) -> tuple[str, bool]:

@@ -34,9 +34,9 @@ from absl import logging
 
 from cifar_flax import UserError
 from cifar_flax.models import create_model
-from cifar_flax.training import checkpoints
-from cifar_flax.training.devices import AXIS
-from cifar_flax.training.workdir import read_run_info
+from cifar_flax.run import checkpoints
+from cifar_flax.run.devices import AXIS
+from cifar_flax.run.workdir import read_run_info
 from cifar_flax.weights.convert import merge_into
 from cifar_flax.weights.registry import source_spec
 from cifar_flax.weights.store import load_pretrained

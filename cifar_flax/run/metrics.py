@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 import tensorflow as tf
 from absl import logging
 from etils import epath
@@ -154,7 +155,8 @@ class Throughput:
     def restart(self) -> None:
         self.t0, self.steps = time.perf_counter(), 0
 
-    def window(self) -> float | None:
+    def window(self, metrics: Any = None) -> float | None:
+        jax.block_until_ready(metrics)  # The steps that produce ``metrics`` are done.
         dt = time.perf_counter() - self.t0
         rate = self.steps * self.batch / dt if dt > 0 and self.steps else None
         self.images += self.steps * self.batch
@@ -162,6 +164,12 @@ class Throughput:
         self.restart()
         return rate
 
-    @property
-    def overall(self) -> float | None:
+    def overall_rate(self, history: list[dict]) -> float | None:
+        """Mean training images/s over the logged windows of all sessions, else over this
+        session's timed steps; None when no step was timed (each phase's first step compiles,
+        and is not)."""
+        rates = [r["images_per_sec"] for r in history
+                 if r["kind"] == "train" and r.get("images_per_sec")]
+        if rates:
+            return float(np.mean(rates))
         return self.images / self.seconds if self.seconds else None

@@ -2,7 +2,7 @@
 
 The mesh has one ``data`` axis over all devices (of all hosts); the state is replicated, batches
 are split on ``data`` (``config.batch_size`` is global and must divide by the device count).
-Several processes (hosts) join one JAX runtime from ``config.distributed`` (:func:`initialize`,
+Several processes (hosts) join one JAX runtime from ``config.distributed`` (:func:`join_processes`,
 before anything touches a device): each runs the same command with its own ``process_id`` (or lets
 ``jax.distributed.initialize()`` detect everything, as on TPU pods, SLURM and GKE);
 ``jax.devices()`` then lists the devices of every process and the mesh spans them. A process that
@@ -84,7 +84,7 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
 
 
-def initialize(d: Any) -> None:
+def join_processes(d: Any) -> None:
     """``jax.distributed.initialize`` with the group's fields when ``d.enabled``; call it first,
     before anything touches a device, on a group that config.validate_distributed accepted.
 

@@ -25,24 +25,24 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from cifar_flax.data import augment, input_pipeline
+from cifar_flax.data import input_pipeline, preprocessing
 from cifar_flax.data.preprocessing import Preprocessing
 from cifar_flax.data.sources import DatasetInfo
-from cifar_flax.training import devices
-from cifar_flax.training.devices import AXIS
+from cifar_flax.run import devices
+from cifar_flax.run.devices import AXIS
 
 
 def make_logits_step(
-    model: Any, mesh: Mesh, aug_config: Any, preprocessing: Preprocessing
+    model: Any, mesh: Mesh, aug_config: Any, prep: Preprocessing
 ) -> Callable[[Any, jax.Array], jax.Array]:
     """Jitted ``(variables, images) -> logits`` in inference mode: uint8 NHWC ``images`` sharded
-    on ``data`` (parallel.shard_batch) -> float logits (N, C) sharded on ``data``.
+    on ``data`` (devices.shard_batch) -> float logits (N, C) sharded on ``data``.
 
-    Preprocessing is augment.eval_preprocess (resize to ``aug_config.resolution``, normalise):
-    what evaluation and prediction apply to every image."""
+    Preprocessing is preprocessing.eval_preprocess with ``prep`` (resize to
+    ``aug_config.resolution``, normalise): what evaluation and prediction apply to every image."""
 
     def per_device(variables: Any, images: jax.Array) -> jax.Array:
-        x = augment.eval_preprocess(images, aug_config, preprocessing)
+        x = preprocessing.eval_preprocess(images, aug_config, prep)
         return model.apply(variables, x, train=False)
 
     mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
@@ -71,9 +71,9 @@ class Evaluator:
     """
 
     def __init__(self, config: Any, info: DatasetInfo, model: Any, mesh: Mesh,
-                 preprocessing: Preprocessing) -> None:
+                 prep: Preprocessing) -> None:
         self.config, self.info, self.mesh = config, info, mesh
-        self.logits_fn = make_logits_step(model, mesh, config.augment, preprocessing)
+        self.logits_fn = make_logits_step(model, mesh, config.augment, prep)
 
     def __call__(self, variables: Any, split: str, keep_logits: bool = False) -> dict[str, Any]:
         totals, logits, labels = None, [], []

@@ -8,12 +8,13 @@ again), logs, evaluates, checkpoints, stops and resumes as usual, and marks the 
 metrics.jsonl (``"feature_cache": true/false``). The final test runs the full model.
 ``configs/baseline.py`` qualifies. Speed-ups (81x per epoch at 32x32): experiments/README.md.
 
-When no backbone parameter trains and frozen BatchNorm runs in inference mode (the seed's
-baseline phase: frozen ResNet50 + dense head), the backbone computes the same function of each
-image in every epoch. Computing the pooled features once per split and training the head on them
-gives exactly the same training (with augmentation off) at the cost of the head alone; with
+When no backbone parameter trains and frozen BatchNorm runs in inference mode (the original
+notebook's baseline phase: frozen ResNet50 + dense head), the backbone computes the same function
+of each image in every epoch. Computing the pooled features once per split and training the head on
+them gives exactly the same training (with augmentation off) at the cost of the head alone; with
 augmentation on, ``num_passes`` augmented copies of the training set are cached and epoch ``e``
-uses pass ``e % num_passes`` (an approximation: a fixed set of augmentations instead of fresh ones).
+uses pass ``e % num_passes`` (an approximation: a fixed set of augmentations instead of fresh
+ones).
 
 Public API (train.py uses CachedPhase and cache_decision; config.feature_cache)::
 
@@ -54,10 +55,11 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cifar_flax.data import augment, input_pipeline
-from cifar_flax.training.evaluation import batch_sums
+from cifar_flax.data import input_pipeline, preprocessing
+from cifar_flax.run.evaluation import batch_sums
 
 PreprocessFn = Callable[[jnp.ndarray], jnp.ndarray]  # uint8-valued images -> normalised float
 AugmentFn = Callable[[jax.Array, jnp.ndarray], jnp.ndarray]  # (rng, images) -> images
@@ -65,9 +67,9 @@ AugmentFn = Callable[[jax.Array, jnp.ndarray], jnp.ndarray]  # (rng, images) -> 
 
 def backbone_frozen(trainable: Any, bn_train_modules: Any) -> bool:
     """True when caching features is exact: nothing outside ``head`` trains and no BatchNorm runs
-    in training mode (``bn_train_modules`` as in optim.PhasePlan: ``()`` = none; ``None`` = all).
+    in training mode (``bn_train_modules`` as in train.PhasePlan: ``()`` = none; ``None`` = all).
 
-    ``trainable`` is a param-shaped tree of bools (optim.PhasePlan.trainable).
+    ``trainable`` is a param-shaped tree of bools (train.PhasePlan.trainable).
     """
     if bn_train_modules is None or tuple(bn_train_modules):
         return False
@@ -216,10 +218,10 @@ def augmented(aug_config: Any) -> bool:
 
 def train_augment_fn(config: Any, num_classes: int, prep: Any) -> AugmentFn:
     """The train cache's ``augment_fn``: the train step's augmentation and preprocessing
-    (augment.train_augment: crops/flips when on, resize, normalise); labels are not needed."""
+    (preprocessing.train_augment: crops/flips when on, resize, normalise); labels are not needed."""
     def fn(rng, images):
         labels = jnp.zeros(images.shape[:1], jnp.int32)
-        return augment.train_augment(images, labels, rng, config.augment, num_classes, prep)[0]
+        return preprocessing.train_augment(images, labels, rng, config.augment, num_classes, prep)[0]
 
     return fn
 
@@ -275,7 +277,7 @@ class CachedPhase:
         if info.split_sizes.get("validation", 0) > 0:
             self.val = build_cache(
                 model, variables, lambda p: input_pipeline.eval_batches(config, info, "validation"),
-                lambda im: augment.eval_preprocess(im, config.augment, prep), sharding=sharding,
+                lambda im: preprocessing.eval_preprocess(im, config.augment, prep), sharding=sharding,
                 should_stop=should_stop)
         self.fn = head_step
         self.cut_short = should_stop()  # A stop request: the loop stops before using the cache.
@@ -291,10 +293,21 @@ class CachedPhase:
     def step(self, state: Any, s: int) -> tuple[Any, dict]:
         """One head step on the cached batch of global step ``s``; the state keeps its type."""
         features, labels = self._rows(s)
-        head, opt_state, step, metrics = self.fn(
-            state.params["head"], state.opt_state, state.step, state.rng, features, labels)
-        params = {**state.params, "head": head}
-        return state.replace(params=params, opt_state=opt_state, step=step), metrics
+        head, opt_state, metrics = self.fn(
+            state.params["head"], state.opt_state, s, state.rng, features, labels)
+        return state.replace(params={**state.params, "head": head}, opt_state=opt_state), metrics
+
+    def log(self, writer: Any, plan: Any, why: str, step: int) -> None:
+        """Say (log line and metrics record) that phase ``plan`` trains on this cache, and why."""
+        if self.cut_short:
+            return  # A stop request ended the extraction: the loop stops before the next step.
+        n, passes = self.cache.num_examples, self.cache.num_passes
+        logging.info("Phase %d (%s) trains on cached backbone features (%s): %d train examples "
+                     "x %d passes extracted in %.1f s", plan.index, plan.name, why, n, passes,
+                     self.extract_seconds)
+        writer.write(step, "feature_cache", {"phase": plan.index, "train_examples": n,
+                                             "extract_seconds": self.extract_seconds,
+                                             "passes": passes})
 
     def validate(self, state: Any) -> dict[str, float]:
         """Validation loss/accuracy of the current head on the cached validation features."""

@@ -1,6 +1,6 @@
 """The `flax` benchmark row: the real training step, built exactly as train.py builds it.
 
-initialize.build_model (synchronised BatchNorm over the ``data`` axis), optim.build_phase (regex
+model_setup.build_model (synchronised BatchNorm over the ``data`` axis), train.build_phase (regex
 parameter groups -> optax.multi_transform), train.make_train_step (jax.shard_map over a mesh of
 all devices inside jax.jit, on-device augmentation: padded random crop + flip, soft-label
 cross-entropy, pmean of the gradients) and devices.shard_batch (uint8 images on the mesh).
@@ -19,9 +19,10 @@ import numpy as np
 from cifar_flax import config as config_lib
 from cifar_flax import train
 from cifar_flax.bench.workload import LR, MOMENTUM, NUM_CLASSES, Workload, compile_then_time
-from cifar_flax.training import devices, initialize, optim
+from cifar_flax.run import devices, model_setup
 
 GROUPS = ("stem", "stage1", "stage2", "stage3", "stage4", "head")
+STEP = np.int32(0)  # The global step the timed step is told (it draws its keys from it).
 
 
 def bench_config(size: int, batch: int, dtype: str, stage_sizes: Sequence[int],
@@ -47,17 +48,16 @@ def bench_config(size: int, batch: int, dtype: str, stage_sizes: Sequence[int],
 
 
 def build(config: ml_collections.ConfigDict, seed: int = 0) -> tuple[Any, Any, Any, dict]:
-    """(jitted step fn, replicated state, sharded synthetic uint8 batch, parts) where ``parts``
+    """(jitted step fn ``(state, batch, step)``, replicated state, sharded synthetic uint8 batch, parts) where ``parts``
     holds model, variables, plan, prep (preprocessing), mesh (for the fast-path benchmarks)."""
-    model = initialize.build_model(config, NUM_CLASSES)
-    variables = initialize.init_variables(config, model, load_weights=False)
-    prep = initialize.input_preprocessing(config)
-    plan = optim.build_phase(config, variables["params"], 0, steps_per_epoch=100)
+    model = model_setup.build_model(config, NUM_CLASSES)
+    variables = model_setup.init_variables(config, model, load_weights=False)
+    prep = model_setup.input_preprocessing(config)
+    plan = train.build_phase(config, variables["params"], 0, steps_per_epoch=100)
     mesh = devices.make_mesh()
     state = devices.replicate(mesh, train.create_train_state(
         variables, plan.tx, jax.random.PRNGKey(seed)))
-    fn = train.make_train_step(model, plan, mesh, config.augment, prep, NUM_CLASSES,
-                               config.sync_batchnorm)
+    fn = train.make_train_step(model, plan, mesh, config.augment, prep, config.sync_batchnorm)
     rng = np.random.default_rng(seed)
     size = config.augment.resolution
     batch = devices.shard_batch(mesh, {
@@ -71,7 +71,7 @@ def run(w: Workload) -> dict:
     """Compile, then time the real step on one synthetic batch already on the device(s)."""
     config = bench_config(w.size, w.batch, w.dtype, w.stage_sizes, conv_impl=w.conv_impl)
     fn, state, batch, _ = build(config)
-    out = compile_then_time(fn, state, batch, warmup=w.warmup, steps=w.steps,
+    out = compile_then_time(fn, state, batch, STEP, warmup=w.warmup, steps=w.steps,
                             loss_of=lambda metrics: metrics["loss"])
     return {
         "layout": "v1.5 (NHWC)",

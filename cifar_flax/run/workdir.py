@@ -18,7 +18,7 @@
   its cosine schedule depends on its length.
 - :func:`move_aside`: ``--config.resume=replace`` keeps the old run's files in
   ``<workdir>/previous/<UTC time>/`` instead of deleting them.
-- ``run_info.json`` (:func:`write_run_info`, :func:`read_run_info`): what a trained run's users
+- ``run_info.json`` (:func:`write_run_files`, :func:`read_run_info`): what a trained run's users
   need besides its config (class names in label order, the uint8 image shape the pipeline fed
   the model), so predict, evaluate and export work where the training data is not.
 - :func:`check_output_folder` / :func:`output_folder` (export, evaluate, eda) and
@@ -47,8 +47,8 @@ from etils import epath
 
 from cifar_flax import UserError, atomic_file, brief
 from cifar_flax.config import default_config
-from cifar_flax.data.sources import DatasetInfo
-from cifar_flax.training import checkpoints, devices, interrupts
+from cifar_flax.data.sources import DatasetInfo, does_not_resolve
+from cifar_flax.run import checkpoints, devices, interrupts
 
 LOCK_NAME = ".lock"
 RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "report", "config.json",
@@ -96,13 +96,11 @@ def _check_storage_host(workdir: str) -> None:
     Storage's host does not resolve; an emulator (STORAGE_EMULATOR_HOST) is not checked."""
     if not workdir.startswith("gs://") or os.environ.get("STORAGE_EMULATOR_HOST"):
         return
-    try:
-        socket.getaddrinfo("storage.googleapis.com", 443)
-    except socket.gaierror:
+    if does_not_resolve("storage.googleapis.com"):
         raise UserError(f"--workdir {workdir}: Google Cloud Storage (storage.googleapis.com) "
                         "cannot be resolved: this machine seems to be offline; use a local "
                         "--workdir, or connect and authenticate (gcloud auth "
-                        "application-default login).") from None
+                        "application-default login).")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -185,11 +183,11 @@ class WorkdirLock:
     def _take_over(self, stale: dict) -> None:
         """Move a dead run's lock aside (atomic rename) so the next _create can succeed."""
         aside = self.path.parent / f"{LOCK_NAME}.stale.{stale['pid']}.{os.getpid()}"
-        try:
+        with contextlib.suppress(FileNotFoundError):  # Another starter moved it first.
             self.path.rename(aside)
-        except FileNotFoundError:
-            return  # Another starter moved it first; retry the create.
-        if read_json(aside) != stale:  # We moved a fresh lock taken meanwhile: put it back.
+        # Not the stale lock: nothing moved (``aside`` is missing), or we moved a fresh lock
+        # taken meanwhile, which goes back.
+        if read_json(aside) != stale:
             with contextlib.suppress(OSError):  # Someone took the lock meanwhile: theirs.
                 os.link(os.fspath(aside), os.fspath(self.path))
             aside.unlink(missing_ok=True)
@@ -362,12 +360,9 @@ def output_file(output: str) -> Iterator[epath.Path]:
     """``with output_file(out) as tmp:`` write the file ``tmp`` (next to ``out``); when the block
     ends without an exception it replaces ``out`` in one rename, so ``out`` is never half
     written. On an exception or a signal that ends the process, ``tmp`` is removed."""
-    with atomic_file(_absolute(output)) as tmp:
-        forget = interrupts.on_abort(lambda: tmp.unlink(missing_ok=True))
-        try:
-            yield tmp
-        finally:
-            forget()
+    with atomic_file(_absolute(output)) as tmp, contextlib.ExitStack() as stack:
+        stack.callback(interrupts.on_abort(lambda: tmp.unlink(missing_ok=True)))  # Then forgotten.
+        yield tmp
 
 
 # Fields whose change cannot alter the trained parameters or the data (prefix match on the key).
@@ -476,10 +471,7 @@ def check_previous_run(config: ml_collections.ConfigDict, info: DatasetInfo, wor
     moved to ``<workdir>/previous/<time>/`` and this run starts fresh. Harmless differences
     (HARMLESS) resume and are logged."""
     with checkpoints.Checkpointer(workdir, async_save=False) as ckpt:
-        try:
-            saved, problem = ckpt.any_meta(), None
-        except UserError as e:  # Steps whose meta does not read: only "replace" goes on.
-            saved, problem = None, e
+        saved, problem = ckpt.any_meta()  # A problem (no meta reads): only "replace" goes on.
     old, current = (saved or {}).get("fingerprint"), fingerprint(config, info)
     if config.resume == "replace" and (problem or old and serious(differences(old, current))):
         if jax.process_index() == 0:

@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cifar_flax import UserError, brief
-from cifar_flax.training import devices
+from cifar_flax.run import devices
 
 BEST_KEEP = 2  # The previous best is the fallback when the newest best is unreadable.
 
@@ -174,10 +174,8 @@ class Checkpointer:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        try:
+        with contextlib.closing(self):  # Closed even when a background save failed.
             self.wait()
-        finally:
-            self.close()
 
     # ---- saving ----
     def save(self, kind: str, step: int, state: Any, meta: dict) -> None:
@@ -247,22 +245,21 @@ class Checkpointer:
         args = ocp.args.Composite(meta=ocp.args.JsonRestore())
         return dict(self.managers["latest"].restore(step, args=args)["meta"])
 
-    def any_meta(self) -> dict | None:
-        """The meta of the newest latest step whose meta reads (arrays not checked; nothing
-        moved): what the run in this workdir was, for the checks before resuming. None when it
-        has no step; UserError when steps exist but no meta reads."""
+    def any_meta(self) -> tuple[dict | None, UserError | None]:
+        """``(meta, None)``: the meta of the newest latest step whose meta reads (arrays not
+        checked; nothing moved), what the run in this workdir was, for the checks before
+        resuming. ``(None, None)`` when it has no step; ``(None, problem)`` when steps exist but
+        no meta reads (the UserError to raise, unless the caller replaces the run)."""
         mngr = self.managers["latest"]
         steps = sorted(mngr.all_steps(), reverse=True)
         why = ""
         args = ocp.args.Composite(meta=ocp.args.JsonRestore())
         for step in steps:
             try:
-                return dict(mngr.restore(step, args=args)["meta"])
+                return dict(mngr.restore(step, args=args)["meta"]), None
             except Exception as e:  # noqa: BLE001 - try the next older step.
                 why = why or f"{type(e).__name__}: {brief(e)}"
-        if steps:
-            raise _none_readable(mngr.directory, steps, why)
-        return None
+        return None, _none_readable(mngr.directory, steps, why) if steps else None
 
     def best_step(self) -> int | None:
         """The step restore("best") restores (the newest readable best), or None."""
@@ -327,9 +324,22 @@ def find_checkpoint(run: str, which: str = "best") -> RunCheckpoint:
     inference.trained_run.load_run, which then asks again)."""
     if which not in KINDS:
         raise UserError(f"--checkpoint={which!r} must be one of {KINDS}.")
-    path = _path(run)  # Orbax reads no relative path (``--workdir run`` from its parent).
+    path = _path(run)
     if not path.exists():
         raise UserError(f"{run} does not exist; pass the --workdir of a training run.")
+    found = newest_checkpoint(run, which)
+    if found is None:
+        raise UserError(
+            f"{run} has no finished checkpoint (expected {path / 'checkpoints' / which}/<step>); "
+            "train it first or pass the workdir of a run that saved one.")
+    return found
+
+
+def newest_checkpoint(run: str, which: str = "best") -> RunCheckpoint | None:
+    """What :func:`find_checkpoint` names (``which``: one of KINDS), or None where it has no
+    finished checkpoint to name (``run`` gone, or none saved): for a reader that asks again
+    after a step it was reading was deleted (inference.trained_run)."""
+    path = _path(run)  # Orbax reads no relative path (``--workdir run`` from its parent).
     if (path / "state").is_dir():  # A step folder.
         kind = path.parent.name if path.parent.name in KINDS else ""
         return RunCheckpoint(path, int(path.name) if path.name.isdigit() else 0, kind)
@@ -341,10 +351,7 @@ def find_checkpoint(run: str, which: str = "best") -> RunCheckpoint:
         steps = _steps(path / "checkpoints" / kind)
         if steps:
             return RunCheckpoint(path / "checkpoints" / kind / str(steps[-1]), steps[-1], kind)
-    raise UserError(
-        f"{run} has no finished checkpoint (expected {path / 'checkpoints' / which}/<step>); "
-        "train it first or pass the workdir of a run that saved one."
-    )
+    return None
 
 
 def read_meta(ckpt: RunCheckpoint) -> dict[str, Any]:

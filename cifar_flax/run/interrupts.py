@@ -1,9 +1,10 @@
 """Ctrl-C (SIGINT) and SIGTERM (preemption): the one place that handles them.
 
-Every command installs :func:`exit_on_signal` first. Outside the training steps (start-up,
-compilation, feature extraction, the test evaluation, the EDA) a signal ends the process at once
-with one line, ``Interrupted (Ctrl-C): ...``, and status 130 (SIGINT) or 143 (SIGTERM). It exits
-with ``os._exit``: no exception travels through library code (TensorFlow's import swallows
+Every command installs :func:`exit_on_signal` first (run/startup.py, as Python launches it; again
+with the command's own line in cli.run). Outside the training steps (start-up, compilation,
+feature extraction, the test evaluation, the EDA) a signal ends the process at once with one line,
+``Interrupted (Ctrl-C): ...``, and status 130 (SIGINT) or 143 (SIGTERM). It exits with
+``os._exit``: no exception travels through library code (TensorFlow's import swallows
 exceptions, a GC callback cannot raise, interpreter teardown with XLA's threads can crash), and
 what the process holds is released first (:func:`on_abort`: the workdir lock).
 
@@ -28,6 +29,7 @@ from typing import Any, Callable
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # The shell's status for a signalled process.
 NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+NOTHING_WRITTEN = "stopped before it wrote anything"  # Every command's line until it runs.
 
 
 class Interrupted(Exception):
@@ -44,7 +46,7 @@ class Interrupted(Exception):
 class _Exit:
     """What an immediate exit on a signal needs (one per process: signal handlers are too)."""
 
-    message: str = "stopped before it wrote anything"  # Set by each command (cli.start).
+    message: str = NOTHING_WRITTEN  # Set by each command as it runs (cli.run's interrupted).
     stderr: int = 2  # A copy of the user's stderr (fd 2 is silenced while TF is imported).
     releases: list[Callable[[], None]] = dataclasses.field(default_factory=list)
 

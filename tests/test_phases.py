@@ -8,9 +8,10 @@ import numpy as np
 import optax
 import pytest
 
-from cifar_flax.config import default_config, phase
+from cifar_flax import train
+from cifar_flax.config import assign_groups, default_config, peak_learning_rates, phase
 from cifar_flax.models import create_model
-from cifar_flax.training import optim, workdir
+from cifar_flax.run import workdir
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +22,8 @@ def params():
 
 
 def test_default_groups_cover_every_parameter_once(params):
-    assignment = optim.assign_groups(params, dict(default_config().groups))
-    assert set(assignment) == set(optim.flat_paths(params))
+    assignment = assign_groups(train.flat_paths(params), dict(default_config().groups))
+    assert set(assignment) == set(train.flat_paths(params))
     assert set(assignment.values()) == {"stem", "stage1", "stage2", "stage3", "stage4", "head"}
     assert assignment["stage4/block1/conv2/kernel"] == "stage4"
     assert assignment["head/hidden1/bias"] == "head"
@@ -31,55 +32,55 @@ def test_default_groups_cover_every_parameter_once(params):
 def test_phase_plan_freezes_untrained_groups(params):
     c = default_config()
     c.phases = [phase("upper", trainable=("stage4", "head"), lr=0.01, group_lr={"head": 0.1})]
-    plan = optim.build_phase(c, params, 0, steps_per_epoch=10)
-    flat = optim.flat_paths(plan.labels)
-    assert flat["stem/conv/kernel"] == optim.FROZEN
+    plan = train.build_phase(c, params, 0, steps_per_epoch=10)
+    flat = train.flat_paths(plan.labels)
+    assert flat["stem/conv/kernel"] == train.FROZEN
     assert flat["stage4/block1/conv1/kernel"] == "stage4"
     assert set(plan.schedules) == {"stage4", "head"}
     assert plan.bn_train_modules == ("stage4",)
     # Frozen groups have no optimizer state; a step leaves them at zero update.
     grads = jax.tree.map(jnp.ones_like, params)
     updates, _ = plan.tx.update(grads, plan.tx.init(params), params)
-    up = optim.flat_paths(updates)
+    up = train.flat_paths(updates)
     assert not np.any(up["stage3/block1/conv1/kernel"])
     assert np.all(up["stage4/block1/conv1/kernel"] < 0)
-    lr = optim.learning_rates(plan, 0)
+    lr = train.learning_rates(plan, 0)
     assert lr["head"] == pytest.approx(0.1) and lr["stage4"] == pytest.approx(0.01)
 
 
 def test_bn_train_modules_switch(params):
     c = default_config()
     c.phases = [phase("head", trainable=("head",))]
-    assert optim.build_phase(c, params, 0, 10).bn_train_modules == ()
+    assert train.build_phase(c, params, 0, 10).bn_train_modules == ()
     c.frozen_bn_inference = False
-    assert optim.build_phase(c, params, 0, 10).bn_train_modules is None
+    assert train.build_phase(c, params, 0, 10).bn_train_modules is None
 
 
 def test_schedules_warmup_cosine_and_constant():
     p = phase("x", warmup_epochs=1.0, schedule="cosine")
-    s = optim.make_schedule(p, 0.2, total_steps=100, steps_per_epoch=10)
+    s = train.make_schedule(p, 0.2, total_steps=100, steps_per_epoch=10)
     assert float(s(0)) == 0.0
     assert float(s(5)) == pytest.approx(0.1)
     assert float(s(10)) == pytest.approx(0.2)
     assert float(s(55)) == pytest.approx(0.1, rel=1e-3)  # Half-way through the cosine.
     assert float(s(100)) == pytest.approx(0.0, abs=1e-7)
-    c = optim.make_schedule(phase("y", schedule="constant", warmup_epochs=0.5), 0.3, 100, 10)
+    c = train.make_schedule(phase("y", schedule="constant", warmup_epochs=0.5), 0.3, 100, 10)
     assert float(c(0)) == 0.0 and float(c(5)) == pytest.approx(0.3) and float(c(99)) == pytest.approx(0.3)
 
 
 def test_phase_steps_from_epochs_or_steps():
-    assert optim.phase_steps(phase("a", epochs=2.5), 10) == 25
-    assert optim.phase_steps(phase("b", epochs=2.5, steps=7), 10) == 7
+    assert train.phase_steps(phase("a", epochs=2.5), 10) == 25
+    assert train.phase_steps(phase("b", epochs=2.5, steps=7), 10) == 7
 
 
 @pytest.mark.parametrize("opt", ["sgd", "adamw"])
 def test_weight_decay_only_on_kernels(params, opt):
     c = default_config()
     c.phases = [phase("all", optimizer=opt, lr=0.1, weight_decay=0.5, momentum=0.0 if opt == "sgd" else 0.9)]
-    plan = optim.build_phase(c, params, 0, 10)
+    plan = train.build_phase(c, params, 0, 10)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = plan.tx.update(zeros, plan.tx.init(params), params)
-    new = optim.flat_paths(optax.apply_updates(params, updates))
+    new = train.flat_paths(optax.apply_updates(params, updates))
     assert np.all(new["stage1/block1/conv1/kernel"] < 1.0)  # Decayed.
     assert np.all(new["stage1/block1/bn1/scale"] == 1.0)  # Not decayed.
     assert np.all(new["head/out/bias"] == 1.0)
@@ -95,23 +96,23 @@ def test_every_rate_scales_linearly_with_the_batch(params):
     plans = {}
     for batch in (128, 64):
         c.batch_size = batch
-        plans[batch] = optim.build_phase(c, params, 0, steps_per_epoch=10)
+        plans[batch] = train.build_phase(c, params, 0, steps_per_epoch=10)
     for group, lr in (("stage4", 0.01), ("head", 0.1)):
-        stated = optim.make_schedule(p, lr, 20, 10)
-        halved = optim.make_schedule(p, lr / 2, 20, 10)
+        stated = train.make_schedule(p, lr, 20, 10)
+        halved = train.make_schedule(p, lr / 2, 20, 10)
         for step in (5, 15):  # In the warmup and in the cosine.
             assert float(plans[128].schedules[group](step)) == float(stated(step))  # Exactly.
             assert float(plans[64].schedules[group](step)) == pytest.approx(float(halved(step)))
             assert float(halved(step)) < float(stated(step))
     c.batch_size = 64
-    assert optim.peak_learning_rates(c, 0) == {"head": 0.05, "stage4": 0.005}
+    assert peak_learning_rates(c, 0) == {"head": 0.05, "stage4": 0.005}
     grads = jax.tree.map(jnp.ones_like, params)
     moved = {}
     for batch, plan in plans.items():  # Plain SGD at step 10 (the peak): update = -lr * grad.
         state = plan.tx.init(params)
         for _ in range(11):
             updates, state = plan.tx.update(grads, state, params)
-        moved[batch] = optim.flat_paths(updates)["head/out/bias"]
+        moved[batch] = train.flat_paths(updates)["head/out/bias"]
     assert np.allclose(moved[64], moved[128] / 2) and np.allclose(moved[128], -0.1)
 
 
