@@ -4,7 +4,7 @@ import contextlib
 import os
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 __version__ = "0.2.0"
 
@@ -14,6 +14,24 @@ class UserError(Exception):
     that diverged): the message is one line naming the thing that is wrong and the fix. The
     commands print it as ``error: <message>`` and exit with status 1 (cli.py); it is the only
     exception they treat as the user's."""
+
+
+@contextlib.contextmanager
+def user_errors(message: Callable[[Exception], str],
+                *exception_types: type[Exception]) -> Iterator[None]:
+    """``with user_errors(lambda e: f"cannot read {path} ({brief(e)})", OSError, ValueError):``
+    one library call at an I/O boundary (a file, an import, a flag's text): an exception of
+    ``exception_types`` it raises becomes the UserError ``message(exception)``: the one line
+    that names what is wrong and the fix, raised ``from None`` (a traceback shows that line, not
+    the library's internals). The one place such an exception turns into the user's error. A
+    UserError raised inside is one already: it passes unchanged, unless UserError is one of
+    ``exception_types`` (to put what was being done before its message)."""
+    try:
+        yield
+    except exception_types as error:
+        if isinstance(error, UserError) and UserError not in exception_types:
+            raise
+        raise UserError(message(error)) from None
 
 
 def brief(text: object, limit: int = 200) -> str:

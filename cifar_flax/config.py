@@ -61,8 +61,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.layout = "v1.5"  # "v1" (Keras) or "v1.5" (torchvision); must match the weights.
     c.model.head_hidden = (256,)  # Hidden Dense widths of the head; () = linear head.
-    # Dropout after each hidden Dense+ReLU (the seed's Dense(256, relu) -> Dropout(0.5) -> Dense),
-    # or on the pooled features for a linear head; training only.
+    # Dropout after each hidden Dense+ReLU (the original notebook's Dense(256, relu) ->
+    # Dropout(0.5) -> Dense), or on the pooled features for a linear head; training only.
     c.model.head_dropout = 0.5
     c.model.zero_init_head = True  # Zero-init the final Dense layer.
     c.model.stage_sizes = (3, 4, 6, 3)  # Blocks per stage; ResNet50's. Smaller only for tests/smoke.
@@ -262,8 +262,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         + _model_errors(config)
         + _group_phase_errors(config)
         + _loop_errors(config)
-        + _feature_cache_errors(config)
-        + _init_from_errors(config)
+        + _feature_cache_errors(config.feature_cache)
+        + _init_from_errors(config.init_from)
         + _slip_errors(config)
         + _distributed_errors(config.distributed)
     )
@@ -271,10 +271,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         raise UserError("\n".join(errors))
 
 
-def validate_distributed(config: ml_collections.ConfigDict) -> None:
-    """Check the ``distributed`` group alone (before jax.distributed.initialize; the rest of the
-    config needs the global device count, known only after it)."""
-    errors = _distributed_errors(config.distributed)
+def validate_distributed(distributed: ml_collections.ConfigDict) -> None:
+    """Check the config's ``distributed`` group alone (before jax.distributed.initialize; the
+    rest of the config needs the global device count, known only after it)."""
+    errors = _distributed_errors(distributed)
     if errors:
         raise UserError("\n".join(errors))
 
@@ -373,13 +373,13 @@ def _phase_errors(p: ml_collections.ConfigDict, groups: dict) -> list[str]:
 
 def _loop_errors(c: ml_collections.ConfigDict) -> list[str]:
     errors = []
-    es = c.early_stopping
-    if es.metric not in ("val_accuracy", "val_loss"):
-        errors.append(f"early_stopping.metric={es.metric!r} must be 'val_accuracy' or 'val_loss'.")
-    if es.patience < 1 or es.min_delta < 0:
-        errors.append(
-            f"early_stopping.patience={es.patience} must be >= 1 and min_delta={es.min_delta} >= 0."
-        )
+    stopping = c.early_stopping
+    if stopping.metric not in ("val_accuracy", "val_loss"):
+        errors.append(f"early_stopping.metric={stopping.metric!r} must be 'val_accuracy' or "
+                      "'val_loss'.")
+    if stopping.patience < 1 or stopping.min_delta < 0:
+        errors.append(f"early_stopping.patience={stopping.patience} must be >= 1 and "
+                      f"min_delta={stopping.min_delta} >= 0.")
     if c.checkpoint.every_steps < 0 or c.checkpoint.keep < 1:
         errors.append(
             f"checkpoint.every_steps={c.checkpoint.every_steps} must be >= 0 and "
@@ -397,8 +397,9 @@ def _loop_errors(c: ml_collections.ConfigDict) -> list[str]:
     return errors
 
 
-def _feature_cache_errors(c: ml_collections.ConfigDict) -> list[str]:
-    fc, errors = c.feature_cache, []
+def _feature_cache_errors(fc: ml_collections.ConfigDict) -> list[str]:
+    """One line per invalid field of the ``feature_cache`` group (empty when valid)."""
+    errors = []
     if not isinstance(fc.enabled, bool):
         errors.append(f"feature_cache.enabled={fc.enabled!r} must be True or False.")
     passes = fc.passes
@@ -482,9 +483,8 @@ def _empty_class_errors(c: ml_collections.ConfigDict) -> list[str]:
             + ": add images, or delete that class's folder from every split."]
 
 
-def _init_from_errors(c: ml_collections.ConfigDict) -> list[str]:
-    """init_from must name an existing run folder (gs:// paths are checked when read)."""
-    path = c.init_from
+def _init_from_errors(path: str) -> list[str]:
+    """config.init_from must name an existing run folder (gs:// paths are checked when read)."""
     if not path or str(path).startswith("gs://") or epath.Path(path).exists():
         return []
     return [f"init_from={path!r} does not exist: give the workdir (or a checkpoint folder) of "

@@ -44,7 +44,7 @@ def main(argv: list[str]) -> str | None:
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}; every input is a --flag.")
     config, workdir = FLAGS.config, FLAGS.workdir
-    config_lib.validate_distributed(config)
+    config_lib.validate_distributed(config.distributed)
     devices.join_processes(config.distributed)  # Before anything touches a device.
     results = run(config, workdir)
     if jax.process_index() != 0:

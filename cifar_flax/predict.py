@@ -25,7 +25,7 @@ import numpy as np
 from absl import flags
 from etils import epath
 
-from cifar_flax import UserError, cli
+from cifar_flax import UserError, cli, user_errors
 from cifar_flax.inference.images import ImageInputs
 from cifar_flax.inference.trained_run import TTA_MODES, Predictor, load_run
 from cifar_flax.run.workdir import check_output_file, output_file
@@ -152,14 +152,12 @@ def check_output(path: str, force: bool = False) -> None:
         raise UserError(f"--output={path}: {blocker} is a file, not a folder; choose another "
                         "--output.")
     check_output_file(path, force, "predict", is_predictions_file, OWN_FOLDER)
-    try:
+    with user_errors(lambda e: f"--output={path}: cannot write into {out.parent} "
+                     f"({type(e).__name__}: {e.strerror or e}); choose another --output.", OSError):
         out.parent.mkdir(parents=True, exist_ok=True)
         probe = out.parent / f".predict_write_test.{id(path)}"
         probe.write_text("")
         probe.unlink()
-    except OSError as e:
-        raise UserError(f"--output={path}: cannot write into {out.parent} ({type(e).__name__}: "
-                        f"{e.strerror or e}); choose another --output.") from None
 
 
 def _file_in_the_way(folder: epath.Path) -> epath.Path | None:

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from cifar_flax import UserError, cli
+from cifar_flax import UserError, cli, user_errors
 from cifar_flax.weights.convert import convert_file
 from cifar_flax.weights.registry import SOURCES
 from cifar_flax.weights.store import extract_features, load_weights, save_weights
@@ -57,10 +57,9 @@ def _convert() -> str:
 
 def _features() -> str:
     weights = load_weights(FLAGS.weights)
-    try:
+    with user_errors(lambda e: f"could not read --images {FLAGS.images!r}: {e}",
+                     OSError, ValueError):
         images = np.load(FLAGS.images, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not read --images {FLAGS.images!r}: {e}") from e
     feats = extract_features(weights, images, FLAGS.batch_size, FLAGS.dtype, progress=True)
     np.save(FLAGS.output, feats)
     return f"Wrote {feats.shape} features to {FLAGS.output}."

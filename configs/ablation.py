@@ -4,7 +4,7 @@
     python -m cifar_flax.main --config configs/ablation.py:full,smoke ...  # synthetic data, tiny net
 
 The progression of the original notebook (the Keras notebook this project started from;
-experiments/seed_ablation.py runs it), each row adding one change: `linear`, `dense` (the
+experiments/notebook_ablation.py runs it), each row adding one change: `linear`, `dense` (the
 notebook's frozen baseline), `top`, `all`, `aug`, `staged` (the notebook's staged unfreezing with
 early stopping). The published alternatives: `full` (every layer from the first step; Kornblith et
 al. 2019, BiT's HyperRule) and `lpft` (a linear probe, then every layer; Kumar et al. 2022).

@@ -24,7 +24,7 @@ import time
 import jax
 import numpy as np
 
-from cifar_flax.bench.project_step import bench_config, build
+from cifar_flax.bench.project_step import STEP, bench_config, build
 from cifar_flax.bench.workload import NUM_CLASSES, compile_then_time
 from cifar_flax.models import STAGE_SIZES
 from cifar_flax.run import devices
@@ -46,7 +46,7 @@ def worker(args: argparse.Namespace) -> None:
         "image": rng.integers(0, 256, (local, args.size, args.size, 3), dtype=np.uint8),
         "label": rng.integers(0, NUM_CLASSES, local).astype(np.int32)})
     to_save = jax.tree.map(lambda x: x.copy(), state)  # The timed steps donate ``state``.
-    timing = compile_then_time(fn, state, batch, warmup=args.warmup, steps=args.steps,
+    timing = compile_then_time(fn, state, batch, STEP, warmup=args.warmup, steps=args.steps,
                                loss_of=lambda metrics: metrics["loss"])
     ckpt = Checkpointer(args.workdir, keep=2, async_save=False)
     saves = []

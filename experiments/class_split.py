@@ -25,9 +25,9 @@ import sys
 from cifar_flax.config import load_module
 from cifar_flax.data.subset import link_subset
 
-# Running a command resumably, shared: seed_ablation.py beside this file, loaded by its path
+# Running a command resumably, shared: notebook_ablation.py beside this file, loaded by its path
 # (experiments/ is no package).
-ablation = load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "seed_ablation.py"))
+ablation = load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "notebook_ablation.py"))
 A_CLASSES = ("airplane", "automobile", "bird", "cat", "deer")
 B_CLASSES = ("dog", "frog", "horse", "ship", "truck")
 TITLE = "pretrained on A (5 classes, from scratch), transfer to B (5 other classes)"

@@ -49,9 +49,9 @@ from cifar_flax.config import load_module
 from cifar_flax.data.corruptions import CORRUPTIONS
 from cifar_flax.data.subset import link_few_shot
 
-# The rows' commands and weights, shared: seed_ablation.py beside this file, loaded by its path
+# The rows' commands and weights, shared: notebook_ablation.py beside this file, loaded by its path
 # (experiments/ is no package; this file also runs loaded by path, as the tests load it).
-ablation = load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "seed_ablation.py"))
+ablation = load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "notebook_ablation.py"))
 ROWS = ("linear", "staged", "full", "lpft", "scratch")
 SMOKE = {"sizes": (2, 6), "seeds": (0, 1), "val_per_class": 2, "classes": 4,
          "train_pool": 10, "test_per_class": 4, "shift_images": 8}

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from cifar_flax.bench import bare_step
-from cifar_flax.bench.project_step import bench_config, build
+from cifar_flax.bench.project_step import STEP, bench_config, build
 from cifar_flax.bench.workload import Workload
 from cifar_flax.models import STAGE_SIZES
 
@@ -37,7 +37,7 @@ def main() -> None:
         config = bench_config(args.size, args.batch, "float32", STAGE_SIZES)
         config.sync_batchnorm = sync
         fn, state, batch, _ = build(config)
-        state, metrics = fn(state, batch)  # Compile.
+        state, metrics = fn(state, batch, STEP)  # Compile.
         jax.block_until_ready(metrics)
         steps[f"ours (sync_batchnorm={sync})"] = [fn, state, batch]
     fn, state, x, y = bare_step.build(Workload(size=args.size, batch=args.batch))
@@ -47,7 +47,7 @@ def main() -> None:
     for _ in range(args.reps):
         for name, entry in steps.items():
             t = time.perf_counter()
-            entry[1], metrics = entry[0](entry[1], entry[2])
+            entry[1], metrics = entry[0](entry[1], entry[2], STEP)
             jax.block_until_ready(metrics)
             times[name].append(time.perf_counter() - t)
         t = time.perf_counter()

@@ -168,7 +168,7 @@ def fresh_caches():
 
 
 # The files whose end-to-end runs take minutes (experiments/README.md, "The test suite's time").
-LONGEST_FILES = ("test_data_efficiency.py", "test_multiprocess.py", "test_seed_ablation.py")
+LONGEST_FILES = ("test_data_efficiency.py", "test_multiprocess.py", "test_notebook_ablation.py")
 
 
 def pytest_collection_modifyitems(items):

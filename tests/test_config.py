@@ -7,9 +7,10 @@ import pytest
 from conftest import ROOT, load_config
 from train_utils import command_status, make_image_tree, tiny_config
 
-from cifar_flax import UserError, train
+from cifar_flax import UserError, train, user_errors
 from cifar_flax.config import (assign_groups, default_config, load_module, peak_learning_rates,
                                phase, validate)
+from cifar_flax.inference.trained_run import config_from_json
 
 ABLATION_ROWS = list(load_module(str(ROOT / "configs" / "ablation.py")).ROWS)
 
@@ -166,3 +167,31 @@ def test_a_warmup_longer_than_its_phase_warns(caplog):
     c.phases = [phase("short", epochs=0.5, warmup_epochs=1.0)]
     validate(c, num_devices=1)
     assert "phases[0] (short): warmup_epochs=1.0 is longer than the phase" in caplog.text
+
+
+def test_user_errors_turns_only_the_listed_exceptions_into_one_user_error():
+    """The one seam where a library's exception at an I/O boundary becomes the user's error."""
+    with pytest.raises(UserError, match=r"^cannot read x \(boom\)$") as e:
+        with user_errors(lambda err: f"cannot read x ({err})", OSError):
+            raise OSError("boom")
+    assert e.value.__suppress_context__  # One line, not the library's traceback.
+    with pytest.raises(KeyError):  # Not listed: a bug, not the user's.
+        with user_errors(lambda err: "never", OSError):
+            raise KeyError("k")
+    with pytest.raises(UserError, match="^inner$"):  # Already the user's: unchanged.
+        with user_errors(lambda err: "never", Exception):
+            raise UserError("inner")
+    with pytest.raises(UserError, match="^init_from=x: inner$"):  # Listed: what was being done.
+        with user_errors(lambda err: f"init_from=x: {err}", UserError):
+            raise UserError("inner")
+
+
+def test_a_run_config_field_whose_type_changed_keeps_todays_default(caplog):
+    """config.json of an older run: a value of another type keeps today's default (with a
+    warning), an int where a float is stored is taken, the other fields are read."""
+    c = config_from_json({"batch_size": "big", "seed": 3,
+                          "early_stopping": {"min_delta": 1, "patience": "x"}})
+    assert c.batch_size == default_config().batch_size and c.seed == 3
+    assert c.early_stopping.min_delta == 1.0
+    assert c.early_stopping.patience == default_config().early_stopping.patience
+    assert "Ignoring config.batch_size='big'" in caplog.text

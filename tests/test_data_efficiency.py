@@ -19,7 +19,7 @@ from cifar_flax.data.subset import link_few_shot
 SCRIPT = ROOT / "experiments" / "data_efficiency.py"
 ROWS = ["linear", "staged", "full", "lpft", "scratch"]
 # The smoke sweep's row: the recipe (rows of two and three phases and the one without weights
-# run end to end in the smoke ablation, tests/test_seed_ablation.py; every row's command and
+# run end to end in the smoke ablation, tests/test_notebook_ablation.py; every row's command and
 # budget split is checked below without running it).
 SMOKE_ROWS = ["full"]
 

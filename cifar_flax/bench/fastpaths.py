@@ -76,8 +76,9 @@ def measure_frozen_backbone(w: Workload, head_steps: int, train_examples: int,
     model, variables, plan = parts["model"], parts["variables"], parts["plan"]
     images = np.asarray(batch["image"])
     labels = np.asarray(batch["label"])
+    augment_fn = feature_cache.train_augment_fn(config.augment, NUM_CLASSES, parts["prep"])
     feat_fn = feature_cache.make_feature_fn(  # CachedPhase's train-cache feature function
-        model, lambda x: x, feature_cache.train_augment_fn(config, NUM_CLASSES, parts["prep"]))
+        model, lambda x: x, augment_fn)
     key = jax.random.PRNGKey(0)
     extract_s = compile_then_time(feat_fn, variables, images, key, warmup=w.warmup,
                                   steps=w.steps, carry=False)["s_per_step"]

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from absl import flags
 
-from cifar_flax import UserError, cli
+from cifar_flax import UserError, cli, user_errors
 from cifar_flax.bench import bare_step, keras_resnet
 from cifar_flax.bench.workload import (
     define_workload_flags,
@@ -95,11 +95,9 @@ def result(framework: str, w: Workload) -> dict:
 
 def workload_from_flags() -> Workload:
     """The Workload the flags describe (``--stage_sizes`` over ``--tiny``)."""
-    try:
+    with user_errors(lambda e: f"--stage_sizes={','.join(FLAGS.stage_sizes)}: give integers, "
+                     "e.g. --stage_sizes=3,4,6,3.", ValueError):
         stages = tuple(int(s) for s in FLAGS.stage_sizes or ())
-    except ValueError:
-        raise UserError(f"--stage_sizes={','.join(FLAGS.stage_sizes)}: give integers, e.g. "
-                        "--stage_sizes=3,4,6,3.") from None
     if any(s < 1 for s in stages):
         raise UserError(f"--stage_sizes={','.join(FLAGS.stage_sizes)}: every stage needs >= 1 "
                         "block.")

@@ -31,6 +31,7 @@ as it is from a ``data_dir`` that has it prepared (never downloaded here: :func:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -48,7 +49,7 @@ from absl import logging
 from etils import epath
 from tqdm import tqdm
 
-from cifar_flax import UserError, atomic_file, brief
+from cifar_flax import UserError, atomic_file, brief, user_errors
 from cifar_flax.data import sources
 from cifar_flax.data.input_pipeline import resize_example
 from cifar_flax.weights.store import cache_root
@@ -73,12 +74,10 @@ RELEASED = "cifar10_corrupted"
 
 def library() -> Any:
     """The ``imagecorruptions`` module; UserError naming the extra to install when missing."""
-    try:
+    with user_errors(lambda e: f"generating corruptions needs the {LIBRARY} package, which is "
+                     f"not installed here ({brief(e)}); install it with: {INSTALL}", ImportError):
         # Optional (the robustness extra) and slow to import (OpenCV, numba): only when used.
         import imagecorruptions
-    except ImportError as e:
-        raise UserError(f"generating corruptions needs the {LIBRARY} package, which is not "
-                        f"installed here ({brief(e)}); install it with: {INSTALL}") from None
     return imagecorruptions
 
 
@@ -115,13 +114,11 @@ def corrupt(image: np.ndarray, corruption: str, severity: int, seed: int) -> np.
     """``image`` (uint8 (h, w, 3)) with ``corruption`` at ``severity``, every draw from ``seed``;
     NumPy's global RNG is left as it was."""
     lib = library()
-    state = np.random.get_state()
-    np.random.seed(seed)
-    try:
-        extra = {"seed": seed} if corruption in _OWN_RNG else {}
+    extra = {"seed": seed} if corruption in _OWN_RNG else {}
+    with contextlib.ExitStack() as restore:  # NumPy's global RNG, however the call ends.
+        restore.callback(np.random.set_state, np.random.get_state())
+        np.random.seed(seed)
         out = lib.corrupt(image, severity=severity, corruption_name=corruption, **extra)
-    finally:
-        np.random.set_state(state)
     if out.shape != image.shape:
         raise ValueError(f"{corruption} changed an image's shape {image.shape} -> {out.shape}.")
     return out
@@ -221,12 +218,11 @@ class GeneratedSet:
         """The corrupted images of one cell (generated first when missing)."""
         path = self.path(corruption, severity)
         self.generate([(corruption, severity)], progress=False)
-        try:
-            with path.open("rb") as f, np.load(f, allow_pickle=False) as z:
-                pixels, shapes = z["pixels"], z["shapes"]
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"the cached corruptions {path} cannot be read ({brief(e)}); delete "
-                            "that file and rerun to generate it again.") from None
+        with (user_errors(lambda e: f"the cached corruptions {path} cannot be read ({brief(e)}); "
+                          "delete that file and rerun to generate it again.",
+                          OSError, ValueError, KeyError),
+              path.open("rb") as f, np.load(f, allow_pickle=False) as z):
+            pixels, shapes = z["pixels"], z["shapes"]
         ends = np.cumsum([np.prod(s) for s in shapes])
         return [p.reshape(s) for p, s in zip(np.split(pixels, ends[:-1]), shapes)]
 

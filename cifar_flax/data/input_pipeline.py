@@ -321,13 +321,13 @@ def _sliced_train_batches(
 
 
 def num_eval_batches(
-    config: Any, info: DatasetInfo, split: str, process_count: int | None = None
+    eval_batch_size: int, info: DatasetInfo, split: str, process_count: int | None = None
 ) -> int:
     """Batches every host yields for one pass over ``split`` (the same on all hosts: one per
-    global batch, see :func:`eval_positions`)."""
+    global batch of config.eval_batch_size, see :func:`eval_positions`)."""
     process_count = process_count or jax.process_count()
-    local_batch_size(config.eval_batch_size, "eval_batch_size", process_count=process_count)
-    return math.ceil(info.split_sizes[split] / config.eval_batch_size)
+    local_batch_size(eval_batch_size, "eval_batch_size", process_count=process_count)
+    return math.ceil(info.split_sizes[split] / eval_batch_size)
 
 
 def eval_batches(
@@ -336,7 +336,7 @@ def eval_batches(
     """One pass over ``split``: ``{"image", "label", "mask"}``, padding masked out."""
     shard = _default_shard(shard)
     batch = local_batch_size(config.eval_batch_size, "eval_batch_size", process_count=shard[1])
-    total = num_eval_batches(config, info, split, shard[1])
+    total = num_eval_batches(config.eval_batch_size, info, split, shard[1])
     ds = host_dataset(config, info, split, shard).batch(batch).prefetch(tf.data.AUTOTUNE)
     empty = {
         "image": np.zeros((batch, *info.image_shape), np.uint8),

@@ -44,7 +44,7 @@ from absl import logging
 from tensorflow_datasets.core.download import resource
 from tqdm import tqdm
 
-from cifar_flax import UserError, brief
+from cifar_flax import UserError, brief, user_errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,14 +262,12 @@ def _tfds_source(name: str, data_dir: str, splits: list[str]) -> Source:
     sizes = frozenset([(h, w)]) if h and w else None
     out = {}
     for split in dict.fromkeys(splits):
-        try:
+        with user_errors(lambda e: f"tfds dataset {name!r} has no split {split!r} ({e}); "
+                         f"available: {sorted(builder.info.splits)}. Fix "
+                         "config.train_split/test_split/val_split.",
+                         Exception):  # tfds raises several types for a bad split.
             full = builder.as_dataset(split=split, shuffle_files=False,
                                       decoders={image_key: tfds.decode.SkipDecoding()})
-        except Exception as e:  # noqa: BLE001 - tfds raises several types for a bad split.
-            raise UserError(
-                f"tfds dataset {name!r} has no split {split!r} ({e}); available: "
-                f"{sorted(builder.info.splits)}. Fix config.train_split/test_split/val_split."
-            ) from None
         n = int(full.cardinality().numpy())
         if n < 0:
             n = builder.info.splits[split].num_examples

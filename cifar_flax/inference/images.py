@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 from etils import epath
 
-from cifar_flax import UserError
+from cifar_flax import UserError, user_errors
 from cifar_flax.data.input_pipeline import resize_example
 from cifar_flax.data.sources import IMAGE_EXTENSIONS, decode
 
@@ -98,11 +98,9 @@ def collect(inputs: Sequence[str], loops: list[str] | None = None) -> list[epath
 
 def load_npy(path: epath.Path) -> np.ndarray:
     """A .npy of uint8 images as (N, H, W, 3); UserError on another dtype or shape."""
-    try:
-        with path.open("rb") as f:
-            array = np.load(f, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise UserError(f"{path} is not a readable .npy file ({e}).") from None
+    with (user_errors(lambda e: f"{path} is not a readable .npy file ({e}).", ValueError, OSError),
+          path.open("rb") as f):
+        array = np.load(f, allow_pickle=False)
     shape = array.shape
     if array.ndim == 3:
         array = array[None]

@@ -67,10 +67,18 @@ def _merge(target: ml_collections.ConfigDict, values: dict) -> None:
             continue
         if isinstance(current, tuple) and isinstance(value, list):
             value = tuple(value)
-        try:
+        if _takes(current, value):
             target[key] = value
-        except (TypeError, ValueError):
+        else:
             logging.warning("Ignoring config.%s=%r of the run (its type changed).", key, value)
+
+
+def _takes(current: Any, value: Any) -> bool:
+    """Whether a ConfigDict field holding ``current`` takes ``value`` (a JSON value; a list for
+    a tuple already made a tuple): ml_collections' type-safety rule, which raises otherwise.
+    None on either side, the same type, or an int for a float."""
+    return (current is None or value is None or isinstance(value, type(current))
+            or (type(current) is float and isinstance(value, int)))
 
 
 def config_from_json(values: dict) -> ml_collections.ConfigDict:

@@ -1,9 +1,9 @@
 """Orbax checkpoints of a run, written by training and read by everything that uses a trained run.
 
 Training writes ``<workdir>/checkpoints/latest`` (keep-N, for resuming) and ``.../best`` with
-:class:`Checkpointer`. Each checkpoint holds the TrainState (params, batch_stats, opt_state, step,
-rng) and a JSON ``meta`` item (phase index and start step, early-stopping state, metrics history,
-the run's fingerprint). The data position is the step itself
+:class:`Checkpointer`. Each checkpoint holds the TrainState (params, batch_stats, opt_state, rng)
+and a JSON ``meta`` item (train.Position: the step, the phase and its start step, early stopping;
+the metrics history, the run's fingerprint, its clocks). The data position is the step itself
 (input_pipeline.train_batches(start_step=step)). Orbax writes into a temporary directory and
 renames it when complete, so a run killed at any moment leaves either the previous checkpoints or
 a complete new one; a save that fails (a full disk) leaves the previous ones as they were and
@@ -80,15 +80,15 @@ def _drop_closed_loop_noise(unraisable: Any) -> None:
 _CLOCKS = ("wall_seconds", "train_seconds")
 
 
-def _same_position(saved: dict | None, meta: dict) -> bool:
+def _same_meta(saved: dict | None, meta: dict) -> bool:
     """Whether ``meta`` says what ``saved`` (the same step's) says, clocks aside. None (saved by
     an earlier session): assume it does."""
     if saved is None:
         return True
-    return saved == _position(meta)
+    return saved == _without_clocks(meta)
 
 
-def _position(meta: dict) -> dict:
+def _without_clocks(meta: dict) -> dict:
     """A snapshot of ``meta`` without its clocks (the history list keeps growing after a save)."""
     return json.loads(json.dumps({k: v for k, v in meta.items() if k not in _CLOCKS}))
 
@@ -186,7 +186,7 @@ class Checkpointer:
         if kind != "latest":
             state = {"params": state.params, "batch_stats": state.batch_stats}
         if mngr.latest_step() == step:
-            if _same_position(self._saved_meta.get(kind), meta):
+            if _same_meta(self._saved_meta.get(kind), meta):
                 return  # Already saved at this step (e.g. epoch end coincides with every_steps).
             mngr.wait_until_finished()  # Same step, new position (a phase boundary): replace.
             mngr.delete(step)
@@ -194,7 +194,7 @@ class Checkpointer:
         with _save_errors(mngr, step):
             mngr.save(step, args=args, force=True)
         self._usable[kind] = step  # Written by us: no need to read it back.
-        self._saved_meta[kind] = _position(meta)
+        self._saved_meta[kind] = _without_clocks(meta)
 
     # ---- finding a readable step ----
     def _usable_step(self, kind: str) -> int | None:

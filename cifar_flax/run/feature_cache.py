@@ -27,7 +27,7 @@ and the parts it is built from (tests and bench/fastpaths.py use them directly):
 
     backbone_frozen(trainable, bn_train_modules) -> bool
     make_feature_fn(model, preprocess_fn, augment_fn=None) -> jitted (variables, images, rng)
-    train_augment_fn(config, num_classes, prep) -> the train cache's augment_fn
+    train_augment_fn(config.augment, num_classes, prep) -> the train cache's augment_fn
     build_cache(model, variables, make_batches, preprocess_fn, num_passes=1, augment_fn=None,
                 rng=None, sharding=None) -> FeatureCache
     FeatureCache.take(epoch, rows) -> (features, labels) of pass ``epoch % num_passes``
@@ -216,12 +216,13 @@ def augmented(aug_config: Any) -> bool:
     return bool(aug_config.crop_padding > 0 or aug_config.flip or aug_config.random_resized_crop)
 
 
-def train_augment_fn(config: Any, num_classes: int, prep: Any) -> AugmentFn:
-    """The train cache's ``augment_fn``: the train step's augmentation and preprocessing
-    (preprocessing.train_augment: crops/flips when on, resize, normalise); labels are not needed."""
+def train_augment_fn(aug_config: Any, num_classes: int, prep: Any) -> AugmentFn:
+    """The train cache's ``augment_fn``: the train step's augmentation (``aug_config``:
+    config.augment) and preprocessing (preprocessing.train_augment: crops/flips when on, resize,
+    normalise); labels are not needed."""
     def fn(rng, images):
         labels = jnp.zeros(images.shape[:1], jnp.int32)
-        return preprocessing.train_augment(images, labels, rng, config.augment, num_classes, prep)[0]
+        return preprocessing.train_augment(images, labels, rng, aug_config, num_classes, prep)[0]
 
     return fn
 
@@ -271,7 +272,7 @@ class CachedPhase:
         self.cache = build_cache(
             model, variables, lambda p: input_pipeline.eval_batches(config, info, "train"),
             lambda x: x, max(1, config.feature_cache.passes) if augmented(config.augment) else 1,
-            train_augment_fn(config, info.num_classes, prep),
+            train_augment_fn(config.augment, info.num_classes, prep),
             jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xFCACE), sharding, should_stop)
         self.val = None
         if info.split_sizes.get("validation", 0) > 0:

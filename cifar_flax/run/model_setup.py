@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cifar_flax import UserError
+from cifar_flax import UserError, user_errors
 from cifar_flax.models import create_model
 from cifar_flax.run import checkpoints
 from cifar_flax.run.devices import AXIS
@@ -110,11 +110,9 @@ def variables_from_run(config: ml_collections.ConfigDict, variables: dict, run: 
     head, said in one log line). The head fits when its shapes match and, where both are known,
     the earlier run's class names are ``class_names``: a head trained on other classes (a class
     split with the same count) maps features to the wrong labels."""
-    try:
+    with user_errors(lambda e: f"init_from={run!r}: {e}", UserError):
         ckpt = checkpoints.find_checkpoint(run, "best")
         stored = checkpoints.stored_shapes(ckpt)
-    except UserError as e:
-        raise UserError(f"init_from={run!r}: {e}") from None
     _check_preprocessing(config, ckpt)
     target = {k: variables[k] for k in ("params", "batch_stats")}
     backbone = lambda tree: {k: {m: v for m, v in tree[k].items() if m != "head"}  # noqa: E731

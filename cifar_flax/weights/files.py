@@ -38,7 +38,7 @@ import safetensors.numpy
 from etils import epath
 from tqdm import tqdm
 
-from cifar_flax import UserError, atomic_file, brief
+from cifar_flax import UserError, atomic_file, brief, user_errors
 from cifar_flax.weights import torch_pickle
 
 _H5_SUFFIXES = (".h5", ".hdf5")
@@ -84,16 +84,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             f"{path!r}: unsupported weight file type {suffix!r}; expected one of "
             f"{', '.join(SUPPORTED_SUFFIXES)}."
         )
-    try:
-        with _local_copy(as_path(path)) as local:
-            return readers[suffix](local)
-    except UserError:
-        raise
-    except Exception as e:  # Each library raises its own types for truncated/corrupt files.
-        raise UserError(
-            f"{path!r} could not be read as a {suffix} weight file (truncated or corrupt "
-            f"download?): {type(e).__name__}: {brief(e)}. Delete it and download it again."
-        ) from e
+    with (user_errors(lambda e: f"{path!r} could not be read as a {suffix} weight file (truncated "
+                      f"or corrupt download?): {type(e).__name__}: {brief(e)}. Delete it and "
+                      "download it again.", Exception),  # Each library raises its own types.
+          _local_copy(as_path(path)) as local):
+        return readers[suffix](local)
 
 
 def _put(out: dict[str, np.ndarray], name: str, value: Any, path: str) -> None:
@@ -144,11 +139,10 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except zipfile.BadZipFile as e:
-        raise UserError(f"{path!r} is not a valid .npz archive (truncated?): {e}.") from e
+    with (user_errors(lambda e: f"{path!r} is not a valid .npz archive (truncated?): {e}.",
+                      zipfile.BadZipFile),
+          np.load(path, allow_pickle=False) as z):
+        return {k: z[k] for k in z.files}
 
 
 def file_hash(path: str | os.PathLike, algorithm: str) -> str:

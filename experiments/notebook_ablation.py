@@ -1,11 +1,11 @@
 """The original notebook's experiment as one command: every row of configs/ablation.py, one table.
 
-    python experiments/seed_ablation.py --weights torchvision --out runs/ablation
-    python experiments/seed_ablation.py --weights keras --out runs/ablation_keras \
+    python experiments/notebook_ablation.py --weights torchvision --out runs/ablation
+    python experiments/notebook_ablation.py --weights keras --out runs/ablation_keras \
         --dataset imagefolder:/tmp/cifar10-jpeg --train-per-class 1000 --epochs-scale 0.5
-    python experiments/seed_ablation.py --weights runs/A --out runs/ablation_B \
+    python experiments/notebook_ablation.py --weights runs/A --out runs/ablation_B \
         --dataset imagefolder:/tmp/cifar10-split/B --resolution 32      # an earlier run's weights
-    python experiments/seed_ablation.py --smoke --out /tmp/ablation    # synthetic, tiny, minutes
+    python experiments/notebook_ablation.py --smoke --out /tmp/ablation    # synthetic, tiny, minutes
 
 Each row is a real ``python -m cifar_flax.main`` run in ``OUT/<row>`` (its own checkpoints and
 report; rerunning the script resumes an interrupted row, and a finished row only re-reads its
@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABLATION_CONFIG = os.path.join(ROOT, "configs", "ablation.py")
 SMOKE_CONFIG = os.path.join(ROOT, "configs", "smoke.py")
 # The original notebook (Keras ResNet50, ImageNet weights, CIFAR-10): frozen baseline, fine-tuned.
-SEED_FIGURES = {"original notebook, frozen baseline": 0.3176,
+NOTEBOOK_FIGURES = {"original notebook, frozen baseline": 0.3176,
                 "original notebook, fine-tuned": 0.8882}
 WEIGHT_SOURCES = {
     "torchvision": ["--config.pretrained.source=torchvision",
@@ -235,7 +235,7 @@ def plot(results: list[dict], out: str, title: str) -> None:
     accs = [100 * r["test_accuracy"] for r in results]
     bars = ax.bar(names, accs, color=["#888" if n == "scratch" else "#3b75af" for n in names])
     ax.bar_label(bars, fmt="%.1f%%", padding=2)
-    for (label, value), style in zip(SEED_FIGURES.items(), ("--", ":")):
+    for (label, value), style in zip(NOTEBOOK_FIGURES.items(), ("--", ":")):
         ax.axhline(100 * value, color="#c44", linestyle=style, linewidth=1.2,
                    label=f"{label}: {100 * value:.2f}%")
     ax.set_ylim(0, 100)

@@ -1,4 +1,4 @@
-"""experiments/seed_ablation.py and configs/ablation.py: the original notebook's progression,
+"""experiments/notebook_ablation.py and configs/ablation.py: the original notebook's progression,
 row by row.
 
 The row configs are checked against configs/finetune.py (each row adds one change); the script's
@@ -24,7 +24,7 @@ from cifar_flax.config import assign_groups, load_module
 from cifar_flax.data.subset import link_subset
 from cifar_flax.run.model_setup import build_model
 
-SCRIPT = ROOT / "experiments" / "seed_ablation.py"
+SCRIPT = ROOT / "experiments" / "notebook_ablation.py"
 ROWS = ["linear", "dense", "top", "all", "aug", "staged", "scratch"]  # The notebook's progression.
 # The smoke ablation's rows: one of each kind (cached head; two phases; three phases with early
 # stopping; random init). Every row's config is checked above without running it.
