@@ -112,6 +112,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Test the run's best checkpoint (by the metric, over all phases), not the last weights; and
     # restore each phase's best weights (params and BatchNorm statistics, checkpoints/phase_best)
     # before the next phase, like Keras' restore_best_weights (a "restore_best" metrics record).
+    # checkpoints/best is written only then: without it evaluate, predict and export read the
+    # last weights, the ones the run tested.
     c.early_stopping.restore_best = True
     # Cached backbone features (feature_cache.py): a phase whose whole backbone is frozen (and its
     # BatchNorm in inference mode) trains the head on pooled features computed once per phase.

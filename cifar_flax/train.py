@@ -418,7 +418,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 if val is not None:
                     improved, done = _record_validation(val, pos, writer, progress,
                                                         stopping.enabled)
-                    if improved:
+                    if improved and stopping.restore_best:  # Only the test reads it.
                         save(state, "best")
                     if ckpt.keeps_phase_best and pos.stopper.phase_best_step == pos.step:
                         save(state, "phase_best")

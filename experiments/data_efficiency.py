@@ -22,7 +22,7 @@ run's own report holds its calibration (ECE raw and after the temperature fitted
 
 Writes ``OUT/summary.json`` (``{"runs": [{"row", "per_class", "seed", "test_accuracy", "mca",
 "relative_robustness", "ece", "ece_scaled", "best_val_accuracy", "steps", "wall_seconds",
-"command"}], "budgets", "rows", ...}``; paths in commands as ``$OUT``, ``$DATA`` and
+"command"}], "budgets", "rows", ...}``; paths in commands as ``$OUT``, ``$DATASET`` and
 ``$WEIGHTS``, so they run as written from the repository root once those are set), ``OUT/table.md``
 (mean +- standard deviation per row and size, one table per measure), ``OUT/data_efficiency.png``
 (test accuracy against images per class, log x axis, one line per row, error bars) and
@@ -118,18 +118,6 @@ def shift_command(row: str, per_class: int, seed: int, args: argparse.Namespace)
             f"--num_images={args.shift_images}"]
 
 
-def portable(cmd: list[str], args: argparse.Namespace) -> str:
-    """``cmd`` as a reader reruns it from the repository root: ``python``, and the machine's
-    folders as ``$OUT``, ``$DATA`` (the dataset) and ``$WEIGHTS`` (the pretrained run)."""
-    names = [(args.out, "$OUT"), (args.dataset.split(":", 1)[-1], "$DATA"),
-             (args.weights, "$WEIGHTS"), (ablation.ROOT + os.sep, "")]
-    text = shlex.join(["python"] + cmd[1:])
-    for path, name in names:
-        if path and os.path.isabs(path):
-            text = text.replace(path.rstrip(os.sep) if name else path, name)
-    return text
-
-
 def run_once(cmd: list[str], workdir: str, env: dict) -> float:
     """Run one command unless its workdir has a report; its log in ``workdir/run.log``. Returns
     the seconds it took (0 when it had finished before)."""
@@ -151,8 +139,11 @@ def run_once(cmd: list[str], workdir: str, env: dict) -> float:
 
 def result(row: str, per_class: int, seed: int, cmd: list[str], args: argparse.Namespace
            ) -> dict:
-    """One run's line of summary.json: its report's accuracy and calibration, and the mCA of its
-    shift evaluation (None where it was not measured)."""
+    """One run's line of summary.json: its report's accuracy and calibration, the mCA of its
+    shift evaluation (None where it was not measured), and its commands as a reader reruns them
+    (ablation.portable: ``$OUT``, ``$DATASET`` for the --dataset folder, ``$WEIGHTS``)."""
+    folders = {args.out: "$OUT", args.dataset.split(":", 1)[-1]: "$DATASET",
+               args.weights: "$WEIGHTS"}
     with open(os.path.join(run_dir(args.out, row, per_class, seed), "report",
                            "results.json")) as f:
         r = json.load(f)
@@ -172,8 +163,8 @@ def result(row: str, per_class: int, seed: int, cmd: list[str], args: argparse.N
             "temperature": calib.get("temperature"),
             "best_val_accuracy": r.get("best_val_accuracy"), "tested": r["tested_checkpoint"],
             "steps": r["steps"], "wall_seconds": r["wall_seconds"],
-            "unstable": r.get("unstable"), "command": portable(cmd, args),
-            "shift_command": portable(shift_command(row, per_class, seed, args), args)
+            "unstable": r.get("unstable"), "command": ablation.portable(cmd, folders),
+            "shift_command": ablation.portable(shift_command(row, per_class, seed, args), folders)
             if shift else None}
 
 

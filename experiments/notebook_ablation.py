@@ -10,8 +10,8 @@
 Each row is a real ``python -m cifar_flax.main`` run in ``OUT/<row>`` (its own checkpoints and
 report; rerunning the script resumes an interrupted row, and a finished row only re-reads its
 results; the rows share one JAX compilation cache, OUT/jax_cache). Then it writes ``OUT/ablation.md`` (row, what changed, test accuracy on every test
-image, best validation accuracy, steps, wall time, images/s, the exact command),
-``OUT/ablation.json`` and ``OUT/ablation.png`` (bars, with the two accuracies the original
+image, best validation accuracy, steps, wall time, images/s, the exact command: its folders as
+``$OUT``, ``$DATASET`` and ``$WEIGHTS``, see :func:`portable`), ``OUT/ablation.json`` and ``OUT/ablation.png`` (bars, with the two accuracies the original
 notebook, the Keras notebook this project started from, published as reference lines).
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -39,6 +40,11 @@ WEIGHT_SOURCES = {
     "keras": ["--config.pretrained.source=keras", "--config.pretrained.variant=",
               "--config.model.layout=v1"],
 }
+# Where a folder's path starts in a command or text (as tests/test_committed_results.py finds
+# absolute paths: at the start, after a space, a quote, "=", ":", a bracket or a comma), and where
+# it ends (a "/", or a character no file name goes on with).
+_PATH_START = r"(?<![^\s\"'`=:(\[{,<|])"
+_PATH_END = r"(?=[/\s\"'`,;:)\]}]|$)"
 
 
 class AblationError(Exception):
@@ -179,6 +185,48 @@ def pretrain_smoke(out: str) -> str:
     return workdir
 
 
+def portable(cmd: list[str] | str, folders: dict[str, str]) -> str:
+    """What a results file says of ``cmd`` (a command's argv, or text such as a title), so that
+    a reader reruns it as written from the repository root once the placeholders are set
+    (experiments/README.md, "Paths in the results"): each absolute folder of ``folders``
+    (``{args.out: "$OUT", ...}``) as its placeholder, paths inside the repository relative to it,
+    and a command's interpreter (``sys.executable``) as ``python``.
+
+    A folder counts only whole (``/tmp/run`` is no part of ``/tmp/run2``); a folder inside
+    another one of ``folders`` is named by whichever comes first (``$OUT/pretrain``), the
+    repository last. Relative and empty folders are left as they are. Only for what is written:
+    the commands run keep their absolute paths."""
+    names = {f.rstrip(os.sep): name for f, name in folders.items()
+             if os.path.isabs(f) and f.strip(os.sep)}  # "/" is no folder to name.
+    names.setdefault(ROOT + os.sep, "")
+    names.setdefault(ROOT, ".")
+    pattern = re.compile(_PATH_START + "(" + "|".join(
+        re.escape(f) + ("" if f.endswith(os.sep) else _PATH_END) for f in names) + ")")
+    if isinstance(cmd, str):
+        return pattern.sub(lambda m: names[m.group(1)], cmd)
+    return " ".join(_shell_word(pattern.split(token), names) for token in ["python", *cmd[1:]])
+
+
+def _shell_word(parts: list[str], names: dict[str, str]) -> str:
+    """One argument of a written command from its ``parts`` (text, folder, text, ...): quoted as
+    shlex.join quotes it, but with its placeholders where the shell expands them (unquoted, or in
+    double quotes)."""
+    text = "".join(names[p] if i % 2 else p for i, p in enumerate(parts))
+    if not any(names[p].startswith("$") for p in parts[1::2]):
+        return shlex.quote(text)
+    if all(shlex.quote(p) == p for p in parts[0::2] if p):
+        return text
+    return '"' + "".join(names[p] if i % 2 else re.sub(r'([\\"$`])', r"\\\1", p)
+                         for i, p in enumerate(parts)) + '"'
+
+
+def placeholders(args: argparse.Namespace, weights: str) -> dict[str, str]:
+    """This ablation's folders that its results name by placeholder: ``$OUT`` (--out),
+    ``$DATASET`` (the --dataset folder) and ``$WEIGHTS`` (the run the rows start from)."""
+    run = os.path.abspath(weights) if weights and weights not in WEIGHT_SOURCES else ""
+    return {args.out: "$OUT", args.dataset.split(":", 1)[-1]: "$DATASET", run: "$WEIGHTS"}
+
+
 def _run(cmd: list[str], workdir: str, env: dict[str, str]) -> None:
     print("$ " + shlex.join(cmd), flush=True)
     rc = subprocess.call(cmd, cwd=ROOT, env=env)
@@ -187,15 +235,16 @@ def _run(cmd: list[str], workdir: str, env: dict[str, str]) -> None:
                             f"failed (its workdir {workdir} resumes when you rerun the script).")
 
 
-def row_result(row: str, cmd: list[str], what: str, out: str) -> dict:
-    """One table row from the row's report/results.json."""
+def row_result(row: str, cmd: list[str], what: str, out: str, folders: dict[str, str]) -> dict:
+    """One table row from the row's report/results.json; its command as :func:`portable` writes
+    it with ``folders``."""
     with open(os.path.join(out, row, "report", "results.json")) as f:
         r = json.load(f)
     return {"row": row, "what": what, "test_accuracy": r["test_accuracy"],
             "test_examples": r["test_examples"], "tested": r["tested_checkpoint"],
             "best_val_accuracy": r.get("best_val_accuracy"),
             "steps": r["steps"], "wall_seconds": r["wall_seconds"],
-            "images_per_sec": r["images_per_sec"], "command": shlex.join(cmd[1:])}
+            "images_per_sec": r["images_per_sec"], "command": portable(cmd, folders)}
 
 
 def write_table(results: list[dict], out: str, title: str) -> None:
@@ -215,7 +264,7 @@ def write_table(results: list[dict], out: str, title: str) -> None:
               "stopping is on (`tested`); wall = the row's whole run (start-up, training, "
               "validation, test, report); images/s = training throughput.", "",
               "Commands (run from the repository root):", ""]
-    lines += [f"- {r['row']}: `python {r['command']}`" for r in results]
+    lines += [f"- {r['row']}: `{r['command']}`" for r in results]
     with open(os.path.join(out, "ablation.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out, "ablation.json"), "w") as f:
@@ -253,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     what = _ablation_module().ROWS
     try:
-        weights = args.weights
+        weights = args.weights  # A run by its absolute path, as init_from names it.
+        if weights and weights not in WEIGHT_SOURCES:
+            weights = os.path.abspath(weights)
         if args.smoke and not weights and not args.dry_run:
             weights = pretrain_smoke(args.out)
         data = capped_dataset(args, args.out)
@@ -269,12 +320,15 @@ def main(argv: list[str] | None = None) -> int:
                                     "same command to resume it.")
         if args.dry_run:
             return 0
-        results = [row_result(row, cmd, what[row], args.out) for row, cmd in commands.items()]
+        folders = placeholders(args, weights)
+        results = [row_result(row, cmd, what[row], args.out, folders)
+                   for row, cmd in commands.items()]
     except AblationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    title = (f"Seed ablation: weights {weights or 'torchvision'}, dataset "
-             f"{data or 'the config default'}" + (" (smoke)" if args.smoke else ""))
+    title = portable(f"The original notebook's ablation: weights {weights or 'torchvision'}, dataset "
+                     f"{data or 'the config default'}" + (" (smoke)" if args.smoke else ""),
+                     folders)
     write_table(results, args.out, title)
     plot(results, args.out, title)
     print(open(os.path.join(args.out, "ablation.md")).read())

@@ -139,7 +139,7 @@ def smoke_sweep(smoke_run, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_smoke_sweep_summary_holds_every_run(smoke_sweep, script):
+def test_smoke_sweep_summary_holds_every_run(smoke_sweep, script, smoke_run):
     out, stdout, _ = smoke_sweep
     summary = json.loads((out / "summary.json").read_text())
     runs = summary["runs"]
@@ -164,9 +164,14 @@ def test_smoke_sweep_summary_holds_every_run(smoke_sweep, script):
         assert sorted(shift["accuracy"]) == ["fog", "gaussian_noise"]
         assert r["ece"] == results["calibration"]["raw"]["ece"]
         # Commands as a reader reruns them: the machine's folders are named, not spelled out.
+        assert r["shift_command"].startswith("python -m cifar_flax.evaluate ")
         for command in (r["command"], r["shift_command"]):
             assert str(out) not in command and str(ROOT) not in command and "$OUT/" in command
         assert "$WEIGHTS" in r["command"] and "$DATA" not in r["command"]
+    for name in ("summary.json", "table.md"):  # No folder of this machine anywhere.
+        text = (out / name).read_text()
+        for folder in (out, smoke_run, ROOT, sys.executable):
+            assert str(folder) not in text, (name, folder)
     table = (out / "table.md").read_text()
     for row in SMOKE_ROWS:
         assert f"| {row} |" in table and f"| {row} |" in stdout

@@ -11,8 +11,10 @@ import pytest
 import tensorflow_datasets as tfds
 from conftest import load_config
 from inference_utils import image_folder
+from train_utils import steps_saved, tiny_config
 
-from cifar_flax import UserError, evaluate
+from cifar_flax import UserError, evaluate, main
+from cifar_flax.config import phase
 from cifar_flax.data import sources
 
 
@@ -161,3 +163,20 @@ def test_the_temperature_is_decided_before_the_evaluation(smoke_run, tmp_path, m
     for shift in (None, evaluate.Corruptions(released=True)):
         with pytest.raises(UserError, match="the temperature step"):
             evaluate.evaluate(str(smoke_run), str(tmp_path / "eval"), shift=shift)
+
+
+def test_a_run_that_tests_its_last_weights_is_read_with_them(tmp_path):
+    """restore_best=False (configs/finetune.py's choice): the run tests its last weights, keeps no
+    best checkpoint, and evaluate (like predict and export) reads those last weights: its
+    accuracy on the run's test split is the run's. A best checkpoint here would be read instead
+    of the tested one."""
+    c = tiny_config()
+    c.phases = [phase("all", steps=6, lr=0.05, schedule="constant")]
+    c.early_stopping.enabled = c.early_stopping.restore_best = False
+    c.eval_every_steps = 2
+    run = tmp_path / "run"
+    results = main.run(c, str(run))
+    assert results["tested_checkpoint"] == "last" and steps_saved(str(run), "best") == []
+    out = evaluate.evaluate(str(run), str(tmp_path / "ev"))
+    assert out["tested_step"] == results["steps"] == 6
+    assert out["test_accuracy"] == results["test_accuracy"]

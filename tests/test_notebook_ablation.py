@@ -126,6 +126,49 @@ def test_commands_carry_weights_budget_and_the_run_network(smoke_run, tmp_path):
     assert "--config.pretrained.source=keras" in keras and "--config.model.layout=v1" in keras
 
 
+def test_portable_names_each_folder_whole_and_runs_from_the_root():
+    """The one function the experiment scripts write their commands and paths with: set the
+    placeholders to the folders, and the written command is the command run (bash expands it)."""
+    portable = _script().portable
+    folders = {"/tmp/x/run": "$OUT", "/tmp/x/run2/": "$DATASET", "/tmp/x/run/pre": "$WEIGHTS",
+               "runs/rel": "$DATA", "": "$DATA"}  # Relative or empty: left as they are.
+    cmd = [sys.executable, "-m", "cifar_flax.main", "--workdir=/tmp/x/run/full",
+           "--config.dataset=imagefolder:/tmp/x/run2/B", "--config.init_from=/tmp/x/run/pre",
+           f"--config={ROOT}/configs/ablation.py:full", str(ROOT), "--rel=runs/rel/a",
+           "/tmp/x/runs", "--title=a b", "--title=runs in /tmp/x/run2 ($5)"]
+    written = portable(cmd, folders)
+    # A folder inside another is named by the first listed ($OUT/pre); /tmp/x/run2 is no
+    # $OUT + "2"; a quoted argument keeps its placeholder outside single quotes.
+    assert written == (
+        "python -m cifar_flax.main --workdir=$OUT/full --config.dataset=imagefolder:$DATASET/B "
+        "--config.init_from=$OUT/pre --config=configs/ablation.py:full . --rel=runs/rel/a "
+        "/tmp/x/runs '--title=a b' \"--title=runs in $DATASET (\\$5)\"")
+    assert sys.executable not in written and str(ROOT) not in written
+    env = {"OUT": "/tmp/x/run", "DATASET": "/tmp/x/run2", "PATH": os.environ["PATH"]}
+    p = subprocess.run(["bash", "-c", "printf '%s\\n' " + written.removeprefix("python ")],
+                       env=env, capture_output=True, text=True, check=True)
+    relative = {f"--config={ROOT}/configs/ablation.py:full": "--config=configs/ablation.py:full",
+                str(ROOT): "."}
+    assert p.stdout.splitlines() == [relative.get(a, a) for a in cmd[1:]]
+    assert portable(cmd[:6], {"/tmp/x/run/pre": "$WEIGHTS", **folders}).endswith(
+        "--config.init_from=$WEIGHTS")  # Listed first, the inner folder wins.
+    assert portable("weights /tmp/x/run/pre, dataset imagefolder:/tmp/x/run2/", folders) == (
+        "weights $OUT/pre, dataset imagefolder:$DATASET/")  # Text: a title, a path.
+
+
+def test_the_written_commands_name_the_ablations_folders(smoke_run, tmp_path):
+    s = _script()
+    args = s.parse_args(["--out", str(tmp_path), "--dataset", "imagefolder:/data/B"])
+    folders = s.placeholders(args, str(smoke_run))
+    top = s.portable(s.row_command("top", args, args.dataset, str(smoke_run)), folders)
+    assert top.startswith("python -m cifar_flax.main --config=configs/ablation.py:top "
+                          "--workdir=$OUT/top ")
+    assert "--config.init_from=$WEIGHTS" in top and "--config.dataset=imagefolder:$DATASET" in top
+    assert str(tmp_path) not in top and str(smoke_run) not in top
+    relative = s.placeholders(args, os.path.relpath(smoke_run))  # As init_from names it.
+    assert relative[str(smoke_run)] == "$WEIGHTS"
+
+
 def test_bad_arguments_are_one_line(tmp_path, capsys):
     s = _script()
     with pytest.raises(SystemExit):
@@ -207,6 +250,19 @@ def test_smoke_ablation_table_matches_every_row_run(smoke_ablation, smoke_run):
     assert steps["linear"] == steps["scratch"] and steps["top"] < steps["scratch"]
     assert "| staged |" in stdout  # The table is printed too.
     assert not (out / "jax_cache").exists()  # The session's cache (conftest.py) was kept.
+    # Written for readers: every command from the repository root, the folders by placeholder.
+    lines = (out / "ablation.md").read_text().splitlines()
+    assert [line.split("`")[1] for line in lines if line.startswith("- ")] == [
+        r["command"] for r in table]
+    for r in table:
+        assert r["command"].startswith("python -m cifar_flax.main --config=configs/ablation.py:"
+                                       f"{r['row']},smoke --workdir=$OUT/{r['row']} "), r
+        assert ("--config.init_from=$WEIGHTS" in r["command"]) == (r["row"] != "scratch"), r
+    for name in ("ablation.json", "ablation.md"):
+        text = (out / name).read_text()
+        for folder in (out, smoke_run, ROOT, sys.executable):
+            assert str(folder) not in text, (name, folder)
+    assert "weights $WEIGHTS, " in lines[0]  # The title.
 
 
 @pytest.mark.slow
