@@ -57,16 +57,22 @@ SMOKE = {"sizes": (2, 6), "seeds": (0, 1), "val_per_class": 2, "classes": 4,
          "train_pool": 10, "test_per_class": 4, "shift_images": 8}
 
 
+SHORT_RUN_STEPS = 300  # Runs shorter than this save "latest" only at phase boundaries.
+
+
 def budget(per_class: int, num_classes: int, smoke: bool = False) -> dict:
     """The training budget at a data size, the same for every row: ``steps`` =
     600 * sqrt(per_class / 1000), at least 100 (600 at 1,000 images per class: the 15 epochs of
     the class-split ablation; 190 at 100; 100 at 10, where an epoch is one step); ``batch_size`` =
-    128, or the largest power of two that fits the training set; validation 20 times per run."""
+    128, or the largest power of two that fits the training set; validation 20 times per run.
+    ``save_at_evaluations``: a run of fewer than SHORT_RUN_STEPS steps (minutes) saves "latest"
+    at its phase boundaries only, not at each of its 20 validations (9 s of a 77 s 10-per-class
+    run, experiments/README.md); killed, it repeats at most its current phase."""
     n = per_class * num_classes
     batch = min(128, 2 ** int(math.log2(n)))
     steps = 6 if smoke else max(100, round(600 * math.sqrt(per_class / 1000)))
     return {"steps": steps, "batch_size": batch, "eval_every_steps": max(1, steps // 20),
-            "steps_per_epoch": n // batch}
+            "steps_per_epoch": n // batch, "save_at_evaluations": steps >= SHORT_RUN_STEPS}
 
 
 def phase_overrides(config, b: dict) -> list[str]:
@@ -96,6 +102,8 @@ def run_command(row: str, per_class: int, seed: int, args: argparse.Namespace, d
     cmd += [f"--config.dataset=imagefolder:{data}", "--config.val_split=val",
             f"--config.seed={seed}", f"--config.batch_size={b['batch_size']}",
             f"--config.eval_every_steps={b['eval_every_steps']}"]
+    if not b["save_at_evaluations"]:
+        cmd.append("--config.checkpoint.at_epoch_end=False")
     if args.resolution:
         cmd.append(f"--config.augment.resolution={args.resolution}")
     return cmd + phase_overrides(config, b)
@@ -279,7 +287,7 @@ def plot_shift(summary: dict, out: str, title: str) -> None:
     ax.plot([0, top], [0, top], color="gray", linewidth=0.8, linestyle=":", label="mCA = clean")
     ax.set_xlabel("clean accuracy on the shift subset (%)")
     ax.set_ylabel("mean corruption accuracy, mCA (%)")
-    ax.set_title(textwrap.fill(f"{title}. {summary.get('shift', '')}", 110), fontsize=8)
+    ax.set_title(textwrap.fill(f"{title}. {summary.get('shift', '')}", 95), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2, loc="upper left")
     fig.tight_layout()

@@ -326,9 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     except AblationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    title = portable(f"The original notebook's ablation: weights {weights or 'torchvision'}, dataset "
-                     f"{data or 'the config default'}" + (" (smoke)" if args.smoke else ""),
-                     folders)
+    title = portable(f"The original notebook's ablation: weights {weights or 'torchvision'}, "
+                     f"dataset {data or 'the config default'}"
+                     + (" (smoke)" if args.smoke else ""), folders)
     write_table(results, args.out, title)
     plot(results, args.out, title)
     print(open(os.path.join(args.out, "ablation.md")).read())

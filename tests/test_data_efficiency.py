@@ -35,6 +35,17 @@ def test_budget_grows_with_the_data_and_the_batch_fits(script):
     assert [b[pc]["batch_size"] for pc in (10, 100, 1000)] == [32, 128, 128]
     for pc, x in b.items():
         assert x["batch_size"] <= 5 * pc and x["steps"] // x["eval_every_steps"] in (20, 21)
+    # The minutes-long runs save "latest" at phase boundaries only, the 1,000-per-class ones at
+    # each validation too.
+    assert [b[pc]["save_at_evaluations"] for pc in (10, 100, 1000)] == [False, False, True]
+
+
+def test_a_short_run_saves_only_at_phase_boundaries(script, tmp_path):
+    args = script.parse_args(["--weights", "torchvision", "--dataset", "imagefolder:/data/b",
+                              "--out", str(tmp_path), "--rows", "full"])
+    for pc, saves in ((10, False), (1000, True)):
+        cmd = script.run_command("full", pc, 0, args, "/data/b", script.budget(pc, 5))
+        assert ("--config.checkpoint.at_epoch_end=False" not in cmd) == saves
 
 
 @pytest.mark.parametrize("row", ROWS)
