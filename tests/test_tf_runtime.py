@@ -12,6 +12,8 @@ import subprocess
 import sys
 import types
 
+from train_utils import default_sigint
+
 from cifar_flax import cli
 from cifar_flax.run import startup
 
@@ -71,7 +73,8 @@ def _state_after(*command: str, env: dict | None = None) -> list[str]:
     check = ("import signal, sys; print('STATE', signal.getsignal(signal.SIGINT).__name__, "
              "sys.modules.get('tensorflow', 'absent'))")
     p = subprocess.run([sys.executable, "-i", *command], input=check, capture_output=True,
-                       text=True, timeout=300, cwd=ROOT, env={**os.environ, **(env or {})})
+                       text=True, timeout=300, cwd=ROOT, env={**os.environ, **(env or {})},
+                       preexec_fn=default_sigint)  # As in a shell, even under a background job.
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("STATE")]
     assert p.returncode == 0 and len(lines) == 1, (p.stdout, p.stderr[-2000:])
     return lines[0].split(None, 2)[1:]
