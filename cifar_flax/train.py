@@ -393,7 +393,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             throughput.expect_compile()
             why_stop = _stop_reason(stop, pos.step, stop_after_steps, config.log_every_steps)
             # ---- steps: train; at a log, validation, save or stop: check, record, save ----
-            end, pending = pos.phase_start + plan.steps, []
+            end, pending, every = pos.phase_start + plan.steps, [], config.checkpoint.every_steps
             done = stopping.enabled and pos.stopper.exhausted  # Stopped before the save.
             while pos.step < end and not done and not why_stop:
                 state, m = train_step(state, pos.step)
@@ -403,7 +403,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 progress.update()
                 log_now = pos.step % config.log_every_steps == 0
                 eval_now = pos.step % eval_every == 0 or pos.step == end
-                every = config.checkpoint.every_steps
                 save_now = (every and pos.step % every == 0) or (
                     eval_now and config.checkpoint.at_epoch_end and pos.step != end)
                 why_stop = _stop_reason(stop, pos.step, stop_after_steps, config.log_every_steps)
