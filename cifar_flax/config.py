@@ -251,8 +251,6 @@ def lr_text(config: ml_collections.ConfigDict, index: int) -> str:
             f"batch_size {config.batch_size})")
 
 
-
-
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Check a config before any work starts; raise UserError with one line per invalid field.
 

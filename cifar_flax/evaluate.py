@@ -210,7 +210,7 @@ _SHIFT_FLAGS = ("corruptions", "severities", "num_images", "corruption_seed", "c
 
 def corruption_flags(flag_values: flags.FlagValues) -> Corruptions | None:
     """The request of ``--shift=corruptions`` (None without it), checked: UserError on an
-    unknown corruption, a severity outside 1-5, a negative count, or its flags without it."""
+    unknown corruption, a severity outside 1-5, a negative count or seed, or its flags without it."""
     f = flag_values
     if f.shift != "corruptions":
         given = [n for n in _SHIFT_FLAGS if f[n].present]
@@ -230,6 +230,8 @@ def corruption_flags(flag_values: flags.FlagValues) -> Corruptions | None:
                         "e.g. --severities=1,3,5.")
     if f.num_images < 0:
         raise UserError(f"--num_images={f.num_images}: give a count of images, or 0 for all.")
+    if f.corruption_seed < 0:
+        raise UserError(f"--corruption_seed={f.corruption_seed}: give a seed of 0 or more.")
     return Corruptions(tuple(dict.fromkeys(f.corruptions)), tuple(dict.fromkeys(severities)),
                        f.num_images, f.corruption_seed, f.corruption_set == "released")
 
@@ -276,6 +278,10 @@ def _released(run: TrainedRun, request: Corruptions, config: ml_collections.Conf
     if run.num_classes != 10:
         raise UserError(f"--corruption_set=released is CIFAR-10's; the run has {run.num_classes} "
                         "classes: use --corruption_set=generated.")
+    if config.test_split != "test":
+        raise UserError(f"--corruption_set=released corrupts CIFAR-10's test split, and split "
+                        f"{config.test_split!r} is another: pass --split=test, or use "
+                        "--corruption_set=generated.")
     load = corruptions.released(config, request.cells, indices, labels)
     return load, {"set": "CIFAR-10-C as released (tfds cifar10_corrupted)",
                   "severity_scale": "CIFAR-10-C's own (the released set)",
@@ -367,13 +373,15 @@ def _main(argv: list[str]) -> str:
         b = r["corruptions"]
         line += (f"; under corruption (mean of {len(shift.cells)} cells, {b['set']}: "
                  f"{b['severity_scale']}) {b['mca']:.4f}, relative robustness "
-                 f"{b['relative_robustness'] or 0:.4f}")
+                 + ("undefined (no clean image right)" if b["relative_robustness"] is None
+                    else f"{b['relative_robustness']:.4f}"))
     return f"{line}; report in {FLAGS.output}"
 
 
 def main(argv: list[str] | None = None) -> int:
     """The command; ``argv`` (without the program name) for a call in-process. Its status."""
-    return cli.run(_main, FLAGS, argv)
+    return cli.run(_main, FLAGS, argv, interrupted="stopped; nothing was written to --output "
+                   "(corruptions it generated stay in their cache for the rerun)")
 
 
 if __name__ == "__main__":

@@ -172,3 +172,28 @@ def test_no_temperature_is_fitted_on_non_finite_validation_logits():
     bad = {"labels": np.array([0, 1]), "logits": np.array([[0.0, np.nan], [1.0, 0.0]])}
     t = calibration.from_validation(bad)
     assert t.value is None and "non-finite" in t.fitted_on
+
+
+def test_a_fit_at_the_searchs_bound_is_no_temperature_and_says_why():
+    """A validation NLL with no minimum inside [0.01, 100] gives no temperature, with the
+    reason: every prediction right (sharpening only helps; T = 0.01 would make the test
+    predictions' NLL explode), or one confidently wrong example among good ones (T = 100
+    flattens everything to pay for it, as in the data-efficiency sweep's `linear` rows)."""
+    logits, labels = _sampled(400, 5, 1.0, seed=4)
+    right = logits.argmax(-1)
+    sharpen = calibration.from_validation({"labels": right, "logits": logits})
+    assert sharpen.value is None
+    assert "T = 0.01" in sharpen.fitted_on and "every validation prediction is right" in (
+        sharpen.fitted_on)
+    wrong = logits.copy()
+    wrong[7] = 0.0
+    wrong[7, (right[7] + 1) % 5] = 5000.0  # One example: sure and wrong, loss 5000.
+    flatten = calibration.from_validation({"labels": right, "logits": wrong})
+    assert flatten.value is None
+    assert "T = 100" in flatten.fitted_on and "example 7 of 400 has a loss of 5000.0" in (
+        flatten.fitted_on)
+    block = calibration.summary(logits, labels, flatten)
+    assert block["scaled"] is None and block["note"] == flatten.fitted_on
+    inside = calibration.from_validation({"labels": labels, "logits": logits})
+    assert inside.value == pytest.approx(1.0, rel=0.2) and inside.fitted_on.startswith(
+        "validation (400 examples)")

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import matplotlib.image
 import numpy as np
@@ -168,6 +169,27 @@ def test_a_failed_write_leaves_neither_the_file_nor_a_temporary(tmp_path, monkey
     assert len(generated.load("contrast", 1)) == len(images)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "other images"])
+def test_a_damaged_cache_file_is_named_with_the_fix(tmp_path, damage):
+    """A cell file damaged outside the project (a bad copy, another set's file under its name)
+    is a UserError naming the file and saying to delete it; the rerun then regenerates it."""
+    images, indices = _images()
+    generated = corruptions.GeneratedSet(tmp_path, images, indices, seed=5)
+    generated.generate([("contrast", 1)], progress=False)
+    path = generated.path("contrast", 1)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    else:
+        other = corruptions.GeneratedSet(tmp_path / "other", images[:2], indices[:2], seed=5)
+        other.generate([("contrast", 1)], progress=False)
+        path.write_bytes(other.path("contrast", 1).read_bytes())
+    with pytest.raises(UserError, match="delete that file and rerun") as e:
+        generated.load("contrast", 1)
+    assert str(path) in str(e.value)
+    path.unlink()
+    assert len(generated.load("contrast", 1)) == len(images)
+
+
 def test_small_images_and_a_missing_library_are_one_line(tmp_path, monkeypatch):
     images, indices = _images()
     with pytest.raises(UserError, match="smaller than 32x32"):
@@ -205,10 +227,22 @@ def test_the_released_set_is_read_as_it_is_with_the_clean_labels(tmp_path, monke
             shuffled("glass_blur", 2)
 
 
+def test_the_released_set_is_refused_for_a_split_other_than_test():
+    """cifar10_corrupted holds corrupted copies of CIFAR-10's test split only: another split's
+    indices would read other images (or none), so it is refused before anything is read."""
+    run = types.SimpleNamespace(num_classes=10)
+    config = default_config()
+    config.dataset, config.test_split = "cifar10", "train"
+    with pytest.raises(UserError, match="split 'train' is another: pass --split=test"):
+        evaluate._released(run, evaluate.Corruptions(released=True), config,
+                           np.arange(3), np.zeros(3, int))
+
+
 @pytest.mark.parametrize("args, text", [
     (["--shift=corruptions", "--corruptions=fgo"], "unknown ['fgo']"),
     (["--shift=corruptions", "--severities=0,6"], "severities from 1 to 5"),
     (["--num_images=10"], "--num_images applies only with --shift=corruptions"),
+    (["--shift=corruptions", "--corruption_seed=-1"], "--corruption_seed=-1: give a seed"),
 ])
 def test_bad_corruption_flags_are_one_line(smoke_run, tmp_path, capsys, args, text):
     argv = ["--workdir", str(smoke_run), "--output", str(tmp_path / "out"), *args]

@@ -11,7 +11,10 @@ reliability diagram (Guo et al., "On Calibration of Modern Neural Networks", ICM
   ``scale_by_half=False``, which it has only from 1.7 and which halves two classes by default).
 - Temperature: one scalar T > 0 dividing the logits, fitted by minimising the NLL of the
   *validation* split (never the test split); the predicted class never changes. NLL is convex
-  in 1/T, so a bounded 1-D search on log T finds the one minimum.
+  in 1/T, so a bounded 1-D search on log T finds the one minimum. A fit at the search's bound
+  (T = 0.01 or 100) means the validation NLL has no minimum there: every prediction right, or a
+  few confidently wrong ones dominating the loss; then there is no temperature, and the report
+  says which.
 
 :func:`summary` is results.json's ``calibration`` block, raw and after the temperature;
 :func:`reliability_figure` draws accuracy against confidence per bin, before and after.
@@ -30,7 +33,7 @@ from scipy import optimize, special
 matplotlib.use("Agg")  # Files only, no display (pyplot picks its backend at the first figure).
 
 BINS = 15
-LOG_T_BOUNDS = (np.log(1e-2), np.log(1e2))  # T in [0.01, 100]; a fit at a bound says so.
+LOG_T_BOUNDS = (np.log(1e-2), np.log(1e2))  # T in [0.01, 100]; a fit at a bound is none.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +110,29 @@ def from_validation(validation: dict[str, Any] | None) -> Temperature:
     labels = np.asarray(validation["labels"])
     if not np.all(np.isfinite(validation["logits"])):
         return Temperature(None, "non-finite validation logits: no temperature fitted")
-    return Temperature(fit_temperature(validation["logits"], labels),
-                       f"validation ({len(labels)} examples)")
+    logits = np.asarray(validation["logits"])
+    t = fit_temperature(logits, labels)
+    bound = min(np.exp(LOG_T_BOUNDS), key=lambda b: abs(np.log(b / t)))
+    if abs(np.log(bound / t)) < 1e-3:  # No minimum inside: the fit would only say "flatten".
+        return Temperature(None, _at_bound(logits, labels, bound))
+    return Temperature(t, f"validation ({len(labels)} examples)")
+
+
+def _at_bound(logits: np.ndarray, labels: np.ndarray, bound: float) -> str:
+    """Why the validation NLL has no minimum inside the search, for the report's note."""
+    n = len(labels)
+    if bound < 1:
+        why = ("every validation prediction is right, so sharpening only lowers the loss"
+               if np.all(logits.argmax(-1) == labels) else "its loss keeps falling")
+    else:
+        losses = -special.log_softmax(logits.astype(np.float64), -1)[np.arange(n), labels]
+        worst = int(np.argmax(losses))
+        why = (f"validation example {worst} of {n} has a loss of {losses[worst]:.1f} (mean "
+               f"{losses.mean():.2f}): a few confidently wrong predictions make flattening "
+               "every prediction pay")
+    return (f"no temperature: the NLL of the validation split ({n} examples) keeps falling "
+            f"towards T = {bound:g}, the search's bound ({why}); a temperature there would not "
+            "calibrate the test predictions")
 
 
 def metrics(logits: np.ndarray, labels: np.ndarray, temperature: float | None = None,

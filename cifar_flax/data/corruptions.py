@@ -39,6 +39,7 @@ import importlib.metadata
 import json
 import os
 import sys
+import zipfile
 from typing import Any, Callable, Iterable, Sequence
 
 import ml_collections
@@ -220,11 +221,14 @@ class GeneratedSet:
         self.generate([(corruption, severity)], progress=False)
         with (user_errors(lambda e: f"the cached corruptions {path} cannot be read ({brief(e)}); "
                           "delete that file and rerun to generate it again.",
-                          OSError, ValueError, KeyError),
+                          OSError, ValueError, KeyError, zipfile.BadZipFile),
               path.open("rb") as f, np.load(f, allow_pickle=False) as z):
             pixels, shapes = z["pixels"], z["shapes"]
-        ends = np.cumsum([np.prod(s) for s in shapes])
-        return [p.reshape(s) for p, s in zip(np.split(pixels, ends[:-1]), shapes)]
+            ends = np.cumsum([np.prod(s) for s in shapes])
+            if len(shapes) != len(self.images) or (len(ends) and ends[-1] != pixels.size):
+                raise ValueError(f"{len(shapes)} images of {pixels.size} pixels in all, where "
+                                 f"{len(self.images)} images were cached")
+            return [p.reshape(s) for p, s in zip(np.split(pixels, ends[:-1]), shapes)]
 
 
 def _write(path: epath.Path, images: list[np.ndarray]) -> None:
