@@ -162,6 +162,8 @@ def _from_report(run: TrainedRun) -> calibration.Temperature | None:
     try:
         block = saved["calibration"]
         t = block["temperature"]
+        if t is not None and calibration.at_bound(t):  # Fitted before a bound meant none.
+            return None
         return calibration.Temperature(t, f"the run's {block['fitted_on']}, from its report"
                                        if t is not None else f"the run's report: {block['note']}")
     except (KeyError, TypeError, ValueError):

@@ -4,13 +4,15 @@ fitted on the validation split only, and the training report's calibration block
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
 import sklearn
+from etils import epath
 from sklearn.metrics import brier_score_loss, log_loss
 
-from cifar_flax import main
+from cifar_flax import evaluate, main
 from cifar_flax.analysis import calibration
 from cifar_flax.analysis.calibration import Temperature
 
@@ -197,3 +199,16 @@ def test_a_fit_at_the_searchs_bound_is_no_temperature_and_says_why():
     inside = calibration.from_validation({"labels": labels, "logits": logits})
     assert inside.value == pytest.approx(1.0, rel=0.2) and inside.fitted_on.startswith(
         "validation (400 examples)")
+
+
+@pytest.mark.parametrize("t, reused", [(2.0, True), (99.99995, False), (0.0100001, False)])
+def test_evaluate_reuses_a_reports_temperature_only_inside_the_search(tmp_path, t, reused):
+    """A run's report from before a fit at the bound meant "none" (T = 100 in the sweep's
+    `linear` rows) is not reused: evaluate fits again, under today's rule."""
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "results.json").write_text(json.dumps({
+        "tested_step": 5, "calibration": {"temperature": t, "fitted_on": "validation (9)"}}))
+    run = types.SimpleNamespace(workdir=epath.Path(tmp_path), checkpoint=types.SimpleNamespace(
+        step=5))
+    got = evaluate._from_report(run)
+    assert (got is not None and got.value == t) if reused else got is None

@@ -112,10 +112,15 @@ def from_validation(validation: dict[str, Any] | None) -> Temperature:
         return Temperature(None, "non-finite validation logits: no temperature fitted")
     logits = np.asarray(validation["logits"])
     t = fit_temperature(logits, labels)
-    bound = min(np.exp(LOG_T_BOUNDS), key=lambda b: abs(np.log(b / t)))
-    if abs(np.log(bound / t)) < 1e-3:  # No minimum inside: the fit would only say "flatten".
+    if bound := at_bound(t):  # No minimum inside the search: T would only say "flatten".
         return Temperature(None, _at_bound(logits, labels, bound))
     return Temperature(t, f"validation ({len(labels)} examples)")
+
+
+def at_bound(t: float) -> float | None:
+    """The search's bound (0.01 or 100) that ``t`` lies at, if it does: a fit there is none."""
+    bound = min(np.exp(LOG_T_BOUNDS), key=lambda b: abs(np.log(b / t)))
+    return float(bound) if abs(np.log(bound / t)) < 1e-3 else None
 
 
 def _at_bound(logits: np.ndarray, labels: np.ndarray, bound: float) -> str:
@@ -130,7 +135,7 @@ def _at_bound(logits: np.ndarray, labels: np.ndarray, bound: float) -> str:
         why = (f"validation example {worst} of {n} has a loss of {losses[worst]:.1f} (mean "
                f"{losses.mean():.2f}): a few confidently wrong predictions make flattening "
                "every prediction pay")
-    return (f"no temperature: the NLL of the validation split ({n} examples) keeps falling "
+    return (f"the NLL of the validation split ({n} examples) keeps falling "
             f"towards T = {bound:g}, the search's bound ({why}); a temperature there would not "
             "calibrate the test predictions")
 
