@@ -212,7 +212,8 @@ _SHIFT_FLAGS = ("corruptions", "severities", "num_images", "corruption_seed", "c
 
 def corruption_flags(flag_values: flags.FlagValues) -> Corruptions | None:
     """The request of ``--shift=corruptions`` (None without it), checked: UserError on an
-    unknown corruption, a severity outside 1-5, a negative count or seed, or its flags without it."""
+    unknown corruption, a severity outside 1-5, a negative count or seed, or its flags without
+    it."""
     f = flag_values
     if f.shift != "corruptions":
         given = [n for n in _SHIFT_FLAGS if f[n].present]

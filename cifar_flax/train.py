@@ -370,8 +370,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if saved is None:
         state = _start_phase(config, state, pos, writer, mesh, epoch_steps)
     else:
-        logging.info("Resuming from step %d (phase %d%s) in %s", pos.step, pos.phase, "" if pos.phase
-                     >= len(config.phases) else ", " + config_lib.lr_text(config, pos.phase), workdir)
+        rates = config_lib.lr_text(config, pos.phase) if pos.phase < len(config.phases) else "done"
+        logging.info("Resuming from step %d (phase %d, %s) in %s", pos.step, pos.phase, rates,
+                     workdir)
     # ---- phases: each a fresh optimizer state, on cached features or the full step ----
     with ckpt, writer, interrupts.StopRequest() as stop, metrics.Progress(
             total, min(pos.step, total), config.progress_bar) as progress:

@@ -27,7 +27,8 @@ from cifar_flax.data.subset import link_subset
 
 # Running a command resumably, shared: notebook_ablation.py beside this file, loaded by its path
 # (experiments/ is no package).
-ablation = load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "notebook_ablation.py"))
+ablation = load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                    "notebook_ablation.py"))
 A_CLASSES = ("airplane", "automobile", "bird", "cat", "deer")
 B_CLASSES = ("dog", "frog", "horse", "ship", "truck")
 TITLE = "pretrained on A (5 classes, from scratch), transfer to B (5 other classes)"

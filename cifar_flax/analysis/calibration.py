@@ -107,23 +107,21 @@ def from_validation(validation: dict[str, Any] | None) -> Temperature:
     "logits"}``, run.evaluation.Evaluator with ``keep_logits``); none without one."""
     if validation is None or len(validation["labels"]) == 0:
         return Temperature(None, "no validation split: no temperature fitted")
-    labels = np.asarray(validation["labels"])
-    if not np.all(np.isfinite(validation["logits"])):
+    labels, logits = np.asarray(validation["labels"]), np.asarray(validation["logits"])
+    if not np.all(np.isfinite(logits)):
         return Temperature(None, "non-finite validation logits: no temperature fitted")
-    logits = np.asarray(validation["logits"])
     t = fit_temperature(logits, labels)
     if bound := at_bound(t):  # No minimum inside the search: T would only say "flatten".
-        return Temperature(None, _at_bound(logits, labels, bound))
+        return Temperature(None, _why_no_minimum(logits, labels, bound))
     return Temperature(t, f"validation ({len(labels)} examples)")
 
 
 def at_bound(t: float) -> float | None:
     """The search's bound (0.01 or 100) that ``t`` lies at, if it does: a fit there is none."""
-    bound = min(np.exp(LOG_T_BOUNDS), key=lambda b: abs(np.log(b / t)))
-    return float(bound) if abs(np.log(bound / t)) < 1e-3 else None
+    return next((float(np.exp(b)) for b in LOG_T_BOUNDS if abs(np.log(t) - b) < 1e-3), None)
 
 
-def _at_bound(logits: np.ndarray, labels: np.ndarray, bound: float) -> str:
+def _why_no_minimum(logits: np.ndarray, labels: np.ndarray, bound: float) -> str:
     """Why the validation NLL has no minimum inside the search, for the report's note."""
     n = len(labels)
     if bound < 1:

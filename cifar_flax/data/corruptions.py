@@ -225,7 +225,7 @@ class GeneratedSet:
               path.open("rb") as f, np.load(f, allow_pickle=False) as z):
             pixels, shapes = z["pixels"], z["shapes"]
             ends = np.cumsum([np.prod(s) for s in shapes])
-            if len(shapes) != len(self.images) or (len(ends) and ends[-1] != pixels.size):
+            if len(shapes) != len(self.images) or sum(ends[-1:]) != pixels.size:
                 raise ValueError(f"{len(shapes)} images of {pixels.size} pixels in all, where "
                                  f"{len(self.images)} images were cached")
             return [p.reshape(s) for p, s in zip(np.split(pixels, ends[:-1]), shapes)]
